@@ -1,0 +1,3 @@
+from evomerge.zoo.build import main
+
+main()

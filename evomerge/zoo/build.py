@@ -1,0 +1,197 @@
+"""Build the embedded toy zoo: a character tokenizer, a tiny pre-trained Llama base and
+two experts fine-tuned from it on distinct skills. Deterministic for a given config and
+cached on disk, so the default experiment needs no hub access.
+
+    python -m evomerge.zoo [--out DIR] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import shutil
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from evomerge.zoo.tasks import examples, held_out_prompts, noise_text
+
+log = logging.getLogger(__name__)
+PAD, EOS = "<pad>", "<eos>"
+CHARS = string.digits + string.ascii_lowercase + string.ascii_uppercase + " +-=:?.,\n"
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Sizes and budgets of the toy zoo (the cache key is a hash of this)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    max_length: int = 32
+    pretrain_steps: int = 600
+    finetune_steps: int = 500
+    batch_size: int = 64
+    pretrain_lr: float = 3e-3
+    finetune_lr: float = 1e-3
+    # share of each skill in the base's pre-training mix; the rest is generic text
+    pretrain_skill_share: float = 0.05
+    experts: dict[str, str] = field(default_factory=lambda: {"math": "math", "lang": "lang"})
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+TINY = ZooConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, pretrain_steps=60, finetune_steps=60, batch_size=32)
+
+
+@dataclass(frozen=True)
+class Zoo:
+    root: Path
+    base: Path
+    experts: dict[str, Path]
+    tokenizer: Path
+
+
+def build_tokenizer(folder: Path):
+    """A character-level ``PreTrainedTokenizerFast`` (every character is one token)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {PAD: 0, EOS: 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    fast.model_max_length = 256
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def _new_model(cfg: ZooConfig, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_length * 2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _batches(sample: Callable[[], str], tokenizer, cfg: ZooConfig):
+    while True:
+        texts = [sample() for _ in range(cfg.batch_size)]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        yield enc["input_ids"], enc["attention_mask"], labels
+
+
+def _train(model, sample: Callable[[], str], tokenizer, cfg: ZooConfig, steps: int, lr: float, label: str) -> float:
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    model.train()
+    loss_value = float("nan")
+    started = time.time()
+    for step, (ids, mask, labels) in zip(range(steps), _batches(sample, tokenizer, cfg)):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = float(loss)
+        if step % 100 == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %.3f (%.0fs)", label, step + 1, steps, loss_value, time.time() - started)
+    model.eval()
+    return loss_value
+
+
+def _skill_sampler(skill: str, seed: int, held_out: set[str]) -> Callable[[], str]:
+    stream = examples(skill, seed)
+
+    def sample() -> str:
+        for ex in stream:
+            if ex.prompt not in held_out:
+                return ex.text
+        raise RuntimeError("unreachable")
+
+    return sample
+
+
+def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), force: bool = False) -> Zoo:
+    """Build (or reuse from ``out_dir/<config hash>``) the tokenizer, base and experts."""
+    root = Path(out_dir).expanduser() / f"zoo-{cfg.key()}"
+    zoo = Zoo(root, root / "base", {name: root / f"expert_{name}" for name in cfg.experts}, root / "base")
+    if (root / "DONE").is_file() and not force:
+        return zoo
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = build_tokenizer(tmp / "base")
+    held_out = held_out_prompts()
+    rng = random.Random(f"pretrain:{cfg.seed}")
+    skills = {s: _skill_sampler(s, cfg.seed, held_out) for s in set(cfg.experts.values())}
+
+    def pretrain_sample() -> str:
+        if rng.random() < cfg.pretrain_skill_share:
+            return skills[rng.choice(sorted(skills))]()
+        return noise_text(rng)
+
+    model = _new_model(cfg, len(tokenizer))
+    losses = {"base": _train(model, pretrain_sample, tokenizer, cfg, cfg.pretrain_steps, cfg.pretrain_lr, "base")}
+    model.save_pretrained(str(tmp / "base"))
+    for name, skill in cfg.experts.items():
+        from transformers import AutoModelForCausalLM
+
+        expert = AutoModelForCausalLM.from_pretrained(str(tmp / "base"))
+        fine = _skill_sampler(skill, cfg.seed + 1, held_out)
+        losses[name] = _train(expert, fine, tokenizer, cfg, cfg.finetune_steps, cfg.finetune_lr, f"expert {name}")
+        expert.save_pretrained(str(tmp / f"expert_{name}"))
+        tokenizer.save_pretrained(str(tmp / f"expert_{name}"))
+    (tmp / "zoo.json").write_text(json.dumps({"config": asdict(cfg), "final_losses": losses}, indent=2))
+    (tmp / "DONE").write_text("ok\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)  # atomic publish: a killed build never leaves a half zoo behind
+    return zoo
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the evomerge toy zoo")
+    parser.add_argument("--out", default=str(default_cache_dir()), help="cache folder")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test-sized zoo")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    zoo = build_zoo(args.out, TINY if args.tiny else ZooConfig(), force=args.force)
+    print(zoo.root)
+
+
+if __name__ == "__main__":
+    main()
