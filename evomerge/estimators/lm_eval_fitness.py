@@ -1,0 +1,177 @@
+"""lm-eval-harness fitness: one objective per task, scored on the live merged model.
+
+The model is wrapped in lm-eval's HFLM once and the task dict is built once; per
+candidate only ``evaluator.evaluate`` runs. lm-eval's result cache is never enabled
+(it is keyed on the request, not the weights, and would return the previous genome's
+answers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.estimators.tasks import find_tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitnessTask:
+    """One objective: an lm-eval task and the metric key to read (higher is better)."""
+
+    name: str
+    task: str
+    metric: str
+
+
+def quiet_libraries() -> None:
+    """Silence lm-eval, datasets and transformers progress bars and log noise."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lm-eval", "lm_eval", "datasets", "transformers", "evaluate", "httpx", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _quiet_hflm_class():
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        """HFLM whose request loops never draw progress bars (lm-eval passes
+        ``disable_tqdm`` explicitly, so TQDM_DISABLE alone does not help)."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+def choose_subset(n_docs: int, size: int | None, seed: int) -> list[int]:
+    """A fixed, sorted subset of doc ids (sorted: lm-eval mislabels unsorted ``samples``)."""
+    if size is None or size >= n_docs:
+        return list(range(n_docs))
+    if size <= 0:
+        raise ConfigError(f"fitness subset size must be positive, got {size}")
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_docs, size=size, replace=False))
+
+
+class LmEvalFitness:
+    """Scores the current weights of ``model`` on ``tasks`` (one objective each).
+
+    ``subset_size`` picks a fixed, seeded subset of each task's split once; every
+    candidate is scored on the same docs. ``subset`` (task -> ids) overrides it, e.g.
+    when resuming a run with the ids it saved.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        tasks: Sequence[FitnessTask],
+        split: str = "validation",
+        subset_size: int | None = None,
+        subset_seed: int = 0,
+        subset: dict[str, list[int]] | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        include_paths: Iterable[str] = (),
+        quiet: bool = True,
+    ):
+        if not tasks:
+            raise ConfigError("fitness needs at least one task")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"fitness objective names must be unique, got {names}")
+        if quiet:
+            quiet_libraries()
+        from lm_eval.tasks import TaskManager
+
+        self.tasks = list(tasks)
+        self.split = split
+        definitions = find_tasks({t.task for t in tasks}, include_paths)
+        manager = TaskManager(include_defaults=False)
+        with _maybe_silent(quiet):
+            loaded = manager.load([definitions[t].for_split(split) for t in sorted(definitions)])
+        self.task_dict = loaded
+        self.task_objects = loaded["tasks"]
+        if max_length is None:
+            max_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        hflm_cls = _quiet_hflm_class() if quiet else __import__("lm_eval.models.huggingface", fromlist=["HFLM"]).HFLM
+        with _maybe_silent(quiet):
+            self.lm = hflm_cls(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), max_length=int(max_length))
+        if subset is not None:
+            self.subset = {k: sorted(int(i) for i in v) for k, v in subset.items()}
+        else:
+            self.subset = {
+                name: choose_subset(len(list(task.eval_docs)), subset_size, subset_seed + i)
+                for i, (name, task) in enumerate(sorted(self.task_objects.items()))
+            }
+        self.quiet = quiet
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        from lm_eval import evaluator
+
+        with _maybe_silent(self.quiet):
+            results = evaluator.evaluate(
+                lm=self.lm,
+                task_dict=self.task_dict,
+                samples=self.subset,
+                bootstrap_iters=0,
+                log_samples=False,
+                verbosity="ERROR",
+            )
+        if results is None:  # only on non-zero ranks, which we never use
+            raise RuntimeError("lm-eval returned no results")
+        scores: dict[str, float] = {}
+        for t in self.tasks:
+            per_task = results["results"].get(t.task, {})
+            if t.metric not in per_task:
+                raise ConfigError(
+                    f"fitness task '{t.task}' has no metric '{t.metric}'; available: "
+                    + ", ".join(k for k in per_task if k != "alias")
+                )
+            scores[t.name] = float(per_task[t.metric])
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return scores
+
+
+@contextlib.contextmanager
+def _maybe_silent(enabled: bool):
+    """lm-eval prints with print() and draws request-building bars on stderr; swallow both
+    while it runs (exceptions still propagate)."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield

@@ -1,0 +1,336 @@
+"""Wiring a composed config into a search run: pool -> merger -> fitness -> loop -> report."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness, quiet_libraries
+from evomerge.merge.merger import Merger
+from evomerge.merge.recipe import Recipe
+from evomerge.pool import ModelPool
+from evomerge.search.archive import Archive
+from evomerge.search.genome import GenomeSpace
+from evomerge.search.loop import SearchLoop
+from evomerge.search.report import plot_run, write_front, write_recipes
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.yaml"
+
+
+# ---------------------------------------------------------------- config helpers
+
+
+def _get(cfg: DictConfig, key: str, kind: type, positive: bool = False) -> Any:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        raise ConfigError(f"config value '{key}' is missing")
+    try:
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config value '{key}' must be {kind.__name__}, got {value!r}") from None
+    if positive and converted <= 0:
+        raise ConfigError(f"config value '{key}' must be positive, got {value!r}")
+    return converted
+
+
+def _tasks(items: Any, where: str) -> list[FitnessTask]:
+    out = []
+    for item in items or []:
+        try:
+            out.append(FitnessTask(str(item["name"]), str(item["task"]), str(item["metric"])))
+        except (KeyError, TypeError):
+            raise ConfigError(f"each entry of {where} needs name, task and metric, got {item!r}") from None
+    return out
+
+
+def build_pool(cfg: DictConfig) -> tuple[ModelPool, dict[str, str], str]:
+    """The model pool named by ``cfg.modelpool`` (the toy zoo is built on first use)."""
+    kind = OmegaConf.select(cfg, "modelpool.kind")
+    if kind == "toy_zoo":
+        from evomerge.zoo.build import TINY, ZooConfig, build_zoo, default_cache_dir
+
+        size = OmegaConf.select(cfg, "modelpool.size") or "default"
+        if size not in ("default", "tiny"):
+            raise ConfigError(f"modelpool.size must be default or tiny, got {size!r}")
+        cache = OmegaConf.select(cfg, "modelpool.cache_dir") or default_cache_dir()
+        print(f"toy zoo: building or reusing in {cache} ...", file=sys.stderr, flush=True)
+        zoo = build_zoo(cache, TINY if size == "tiny" else ZooConfig())
+        experts = {k: str(v) for k, v in zoo.experts.items()}
+        base = str(zoo.base)
+    elif kind == "paths":
+        base = OmegaConf.select(cfg, "modelpool.base")
+        experts = OmegaConf.to_container(cfg.modelpool.experts) if OmegaConf.select(cfg, "modelpool.experts") else None
+        if not base or base == "???":
+            raise ConfigError("modelpool.base must be set to the base model's path")
+        if not isinstance(experts, dict) or not experts:
+            raise ConfigError("modelpool.experts must map expert names to paths, e.g. modelpool.experts.math=/path")
+        experts = {str(k): str(v) for k, v in experts.items()}
+    else:
+        raise ConfigError(f"modelpool.kind must be toy_zoo or paths, got {kind!r}")
+    return ModelPool(base, experts, dtype=OmegaConf.select(cfg, "dtype") or "float32"), experts, str(base)
+
+
+def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str]) -> GenomeSpace:
+    g = OmegaConf.to_container(cfg.genome, resolve=True)
+    if not isinstance(g, dict):
+        raise ConfigError("genome config must be a mapping")
+    allowed = {"methods", "layer_groups", "split_attn_mlp", "separate_embed_head", "search_lambda", "ranges"}
+    unknown = set(g) - allowed
+    if unknown:
+        raise ConfigError(f"unknown genome option {sorted(unknown)[0]!r}; known: {', '.join(sorted(allowed))}")
+    try:
+        return GenomeSpace(
+            n_experts=merger.n_experts,
+            n_layers=merger.n_layers,
+            expert_names=expert_names,
+            methods=tuple(g.get("methods", ["ties"])),
+            layer_groups=int(g.get("layer_groups", 1)),
+            split_attn_mlp=bool(g.get("split_attn_mlp", False)),
+            separate_embed_head=bool(g.get("separate_embed_head", True)),
+            search_lambda=bool(g.get("search_lambda", False)),
+            ranges=dict(g.get("ranges") or {}),
+            seed=_get(cfg, "seed", int),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid genome config: {exc}") from None
+
+
+def build_strategy(cfg: DictConfig, space: GenomeSpace):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        factory = instantiate(cfg.algorithm)
+    except InstantiationException as exc:
+        raise ConfigError(f"invalid algorithm config: {str(exc).splitlines()[0]}") from None
+    kwargs = {"space": space} if "space" in inspect.signature(factory.func).parameters else {}
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"invalid algorithm option: {exc}") from None
+
+
+@dataclass
+class Session:
+    """Everything heavy for one run: built once, reused for every candidate."""
+
+    cfg: DictConfig
+    pool: ModelPool
+    experts: dict[str, str]
+    base: str
+    merger: Merger
+    fitness: LmEvalFitness
+    objectives: list[str]
+
+    def evaluate(self, recipe: Recipe) -> tuple[dict[str, float], float, float]:
+        timing = self.merger.apply(recipe)
+        started = time.perf_counter()
+        scores = self.fitness()
+        return scores, timing.seconds, time.perf_counter() - started
+
+
+def open_session(cfg: DictConfig, run_dir: Path) -> Session:
+    pool, experts, base = build_pool(cfg)
+    device = OmegaConf.select(cfg, "device") or "auto"
+    merger = Merger(pool, device=device)
+    objectives = _tasks(OmegaConf.select(cfg, "fitness.objectives"), "fitness.objectives")
+    extra = _tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
+    if not objectives:
+        raise ConfigError("fitness.objectives must list at least one task")
+    subset_file = run_dir / "subset.json"
+    saved = json.loads(subset_file.read_text()) if subset_file.exists() else None
+    subset_size = OmegaConf.select(cfg, "fitness.subset_size")
+    fitness = LmEvalFitness(
+        merger.model,
+        merger.tokenizer,
+        objectives + extra,
+        split=str(OmegaConf.select(cfg, "fitness.split") or "validation"),
+        subset_size=None if subset_size is None else _get(cfg, "fitness.subset_size", int, positive=True),
+        subset_seed=_get(cfg, "fitness.subset_seed", int),
+        subset=saved,
+        batch_size=_get(cfg, "fitness.batch_size", int, positive=True),
+        max_length=OmegaConf.select(cfg, "fitness.max_length"),
+        include_paths=list(OmegaConf.select(cfg, "fitness.include_paths") or []),
+    )
+    if saved is None:
+        subset_file.write_text(json.dumps(fitness.subset))
+    return Session(cfg, pool, experts, base, merger, fitness, [t.name for t in objectives])
+
+
+def reference_recipes(n_experts: int, names: list[str], n_layers: int) -> dict[str, Recipe]:
+    refs = {"base": Recipe.uniform("task_arithmetic", {"weight": [0.0] * n_experts}, n_layers)}
+    for i, name in enumerate(names):
+        w = [0.0] * n_experts
+        w[i] = 1.0
+        refs[f"expert:{name}"] = Recipe.uniform("task_arithmetic", {"weight": w}, n_layers)
+    return refs
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """Fresh run: snapshot the resolved config. Resume: load the snapshot instead."""
+    resume = OmegaConf.select(cfg, "resume")
+    if resume:
+        run_dir = Path(resume)
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"cannot resume: {saved} not found (is {run_dir} an evomerge run directory?)")
+        loaded = OmegaConf.load(saved)
+        assert isinstance(loaded, DictConfig)
+        loaded.resume = str(run_dir)
+        return loaded
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "archive.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass resume={run_dir} to continue it")
+    cfg_copy = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg_copy)))
+    return cfg
+
+
+def run_search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    quiet_libraries()
+    cfg = prepare_run_dir(cfg, run_dir)
+    if OmegaConf.select(cfg, "resume"):
+        run_dir = Path(cfg.resume)
+    seed = _get(cfg, "seed", int)
+    max_evals = _get(cfg, "search.max_evals", int, positive=True)
+    session = open_session(cfg, run_dir)
+    space = build_space(cfg, session.merger, list(session.experts))
+    strategy = build_strategy(cfg, space)
+    ref_point = OmegaConf.select(cfg, "search.ref_point")
+    loop = SearchLoop(
+        space,
+        strategy,
+        session.objectives,
+        run_dir,
+        max_evals=max_evals,
+        seed=seed,
+        ref_point=None if ref_point is None else list(ref_point),
+        progress=bool(OmegaConf.select(cfg, "search.progress")),
+    )
+    print(
+        f"search: {strategy.name} over {space.n_var} genes ({len(space.slots)} groups, methods {', '.join(space.methods)}), "
+        f"{max_evals} evaluations, objectives {', '.join(session.objectives)}; run dir {run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    for label, recipe in reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers).items():
+        rec = loop.evaluate_reference(label, recipe, session.evaluate)
+        print(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()), file=sys.stderr)
+    loop.run(session.evaluate)
+    return finish_run(cfg, run_dir, session, loop)
+
+
+def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoop) -> dict[str, Any]:
+    summary = write_front(run_dir, session.objectives, loop.archive, loop.ref_point)
+    chosen = write_recipes(run_dir, session.objectives, loop.archive, session.base, session.experts)
+    summary["chosen"] = chosen
+    search = loop.archive.search_records()
+    if search:
+        summary["mean_merge_s"] = float(np.mean([r.merge_s for r in search]))
+        summary["mean_eval_s"] = float(np.mean([r.eval_s for r in search]))
+    summary["hypervolume_history"] = [{"n_evals": h["n_evals"], "hypervolume": h["hypervolume"]} for h in loop.state.history]
+    if OmegaConf.select(cfg, "fitness.test_rescore"):
+        summary["test"] = rescore_on_test(cfg, session, loop.archive, chosen)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if OmegaConf.select(cfg, "report.plots") is not False:
+        plot_run(run_dir, session.objectives, loop.archive, loop.state.history)
+    _print_summary(summary, run_dir)
+    return summary
+
+
+def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen: dict[str, int]) -> dict[str, Any]:
+    """Score the chosen points and the references on the held-out test split (full)."""
+    tasks = _tasks(OmegaConf.select(cfg, "fitness.objectives"), "") + _tasks(OmegaConf.select(cfg, "fitness.extra"), "")
+    test = LmEvalFitness(
+        session.merger.model,
+        session.merger.tokenizer,
+        tasks,
+        split="test",
+        batch_size=_get(cfg, "fitness.batch_size", int, positive=True),
+        max_length=OmegaConf.select(cfg, "fitness.max_length"),
+        include_paths=list(OmegaConf.select(cfg, "fitness.include_paths") or []),
+    )
+    by_id = {r.id: r for r in archive.records}
+    targets = {r.label: r for r in archive.records if r.kind == "reference"}
+    targets.update({name: by_id[i] for name, i in chosen.items()})
+    out = {}
+    for name, rec in targets.items():
+        session.merger.apply(Recipe.from_dict(rec.recipe))
+        out[name] = {"id": rec.id, "scores": test()}
+    return out
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    lines = [f"done: {summary['n_evaluated']} candidates, {len(summary['front'])} on the Pareto front, hypervolume {summary['hypervolume']:.4f}"]
+    for name, scores in summary["references"].items():
+        lines.append(f"  {name:>16}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    for p in summary["front"][:12]:
+        lines.append(f"  front #{p['id']:<9}: " + ", ".join(f"{k}={v:.3f}" for k, v in p["scores"].items()))
+    lines.append(f"outputs in {run_dir} (pareto_front.csv, front.png, progress.png, recipes/)")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_point(run_dir: str | Path, point: str, out: str | Path | None = None) -> Path:
+    """Write archive point ``point`` (an id, ``knee`` or ``best_<objective>``) of a run as an HF folder."""
+    run = Path(run_dir)
+    if not (run / CONFIG_FILE).is_file() or not (run / "archive.jsonl").is_file():
+        raise ConfigError(f"{run} is not an evomerge run directory (no {CONFIG_FILE} / archive.jsonl)")
+    archive = Archive(run / "archive.jsonl")
+    by_id = {str(r.id): r for r in archive.records}
+    by_label = {r.label: r for r in archive.records if r.label}
+    if point in by_id:
+        record = by_id[point]
+    elif point in by_label:
+        record = by_label[point]
+    elif (run / "recipes" / f"{point}.yaml").is_file():
+        rid = Recipe.load(run / "recipes" / f"{point}.yaml").metadata.get("archive_id")
+        record = by_id[str(rid)]
+    else:
+        raise ConfigError(f"no point {point!r} in {run}: use an archive id, knee, best_<objective> or a reference label")
+    if record.error:
+        raise ConfigError(f"point {point} failed during the search ({record.error}); nothing to export")
+    cfg = OmegaConf.load(run / CONFIG_FILE)
+    assert isinstance(cfg, DictConfig)
+    quiet_libraries()
+    pool, experts, base = build_pool(cfg)
+    merger = Merger(pool, device=OmegaConf.select(cfg, "device") or "auto")
+    recipe = Recipe.from_dict(record.recipe)
+    merger.apply(recipe)
+    recipe.base, recipe.experts = base, list(experts)
+    target = Path(out) if out else run / "exports" / f"point-{record.id}"
+    merger.save(target, recipe)
+    return target
+
+
+def raise_user_errors(fn):
+    """Decorator for CLI entry points: user mistakes exit 2 with one line, no traceback."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EvomergeError as exc:
+            print(f"evomerge: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("evomerge: interrupted; resume with resume=<run dir>", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper

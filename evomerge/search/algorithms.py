@@ -1,0 +1,207 @@
+"""Search strategies behind one ask-and-tell interface.
+
+Every Hydra ``algorithm`` config targets one of the factories below (``_partial_``);
+the search loop calls it with the problem size once known. Strategies hold no model
+objects, so the whole strategy (pymoo algorithm state and RNG included) pickles into
+the run checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+
+
+class Strategy:
+    """ask() -> X in [0,1]^(P x n_var); tell(X, F) with F to minimise (P x n_obj)."""
+
+    name = "strategy"
+    multi_objective = True
+
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int) -> None:
+        raise NotImplementedError
+
+    def has_next(self) -> bool:
+        raise NotImplementedError
+
+    def ask(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+def scalarize(F: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
+    """Weighted mean of the objectives, for single-objective algorithms."""
+    w = np.ones(F.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (F.shape[1],):
+        raise ConfigError(f"algorithm.objective_weights needs {F.shape[1]} values, got {list(w)}")
+    return (F @ w / w.sum())[:, None]
+
+
+class PymooStrategy(Strategy):
+    """Adapts a pymoo algorithm (built by ``build(n_obj, n_var)``) to ask-and-tell."""
+
+    def __init__(self, name: str, build: Callable[[int, int], Any], multi_objective: bool, objective_weights=None, mixed_space=None):
+        self.name = name
+        self._build = build
+        self.multi_objective = multi_objective
+        self.objective_weights = objective_weights
+        self.mixed_space = mixed_space  # a GenomeSpace, for MixedVariableGA
+        self.algorithm: Any = None
+        self._pop: Any = None
+
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int) -> None:
+        from pymoo.core.problem import Problem
+
+        n_eff = n_obj if self.multi_objective else 1
+        if self.mixed_space is not None:
+            problem = Problem(vars=self.mixed_space.mixed_variables(), n_obj=n_eff)
+        else:
+            problem = Problem(n_var=n_var, n_obj=n_eff, xl=np.zeros(n_var), xu=np.ones(n_var))
+        self.problem = problem
+        self.algorithm = self._build(n_eff, n_var)
+        self.algorithm.setup(problem, termination=("n_eval", max_evals), seed=seed, verbose=False)
+
+    def has_next(self) -> bool:
+        return bool(self.algorithm.has_next())
+
+    def ask(self) -> np.ndarray:
+        self._pop = self.algorithm.ask()
+        X = self._pop.get("X")
+        if self.mixed_space is not None:
+            return np.stack([self.mixed_space.from_mixed(x) for x in X])
+        return np.asarray(X, dtype=float)
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        from pymoo.problems.static import StaticProblem
+
+        F_eff = F if self.multi_objective else scalarize(F, self.objective_weights)
+        self.algorithm.evaluator.eval(StaticProblem(self.problem, F=F_eff), self._pop)
+        self.algorithm.tell(infills=self._pop)
+        self._pop = None
+
+
+class RandomStrategy(Strategy):
+    """Uniform random genomes: the baseline every algorithm must beat."""
+
+    name = "random"
+
+    def __init__(self, pop_size: int = 16):
+        self.pop_size = int(pop_size)
+
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int) -> None:
+        self.n_var, self.left = n_var, max_evals
+        self.rng = np.random.default_rng(seed)
+
+    def has_next(self) -> bool:
+        return self.left > 0
+
+    def ask(self) -> np.ndarray:
+        return self.rng.random((min(self.pop_size, self.left), self.n_var))
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        self.left -= len(X)
+
+
+class GridStrategy(Strategy):
+    """A full grid over the unit cube with as many points per axis as the budget allows
+    (use with a small genome, e.g. model-wise task-arithmetic weights)."""
+
+    name = "grid"
+
+    def __init__(self, pop_size: int = 16, points_per_axis: int | None = None):
+        self.pop_size = int(pop_size)
+        self.points_per_axis = points_per_axis
+
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int) -> None:
+        p = self.points_per_axis or max(2, int(math.floor(max_evals ** (1.0 / n_var) + 1e-9)))
+        if p**n_var > max_evals and self.points_per_axis is None:
+            raise ConfigError(f"a grid over {n_var} genes needs at least {2**n_var} evaluations; raise search.max_evals or use a smaller genome")
+        axis = np.linspace(0.0, 1.0, p)
+        self.points = np.array(list(itertools.product(axis, repeat=n_var)))[:max_evals]
+        self.next = 0
+
+    def has_next(self) -> bool:
+        return self.next < len(self.points)
+
+    def ask(self) -> np.ndarray:
+        batch = self.points[self.next : self.next + self.pop_size]
+        return batch
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        self.next += len(X)
+
+
+# ---------------------------------------------------------------- factories (Hydra targets)
+
+
+def nsga2(pop_size: int = 16) -> Strategy:
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+
+    return PymooStrategy("nsga2", lambda n_obj, n_var: NSGA2(pop_size=pop_size), True)
+
+
+def nsga3(pop_size: int = 16, n_partitions: int = 6) -> Strategy:
+    from pymoo.algorithms.moo.nsga3 import NSGA3
+    from pymoo.util.ref_dirs import get_reference_directions
+
+    def build(n_obj: int, n_var: int):
+        ref_dirs = get_reference_directions("das-dennis", n_obj, n_partitions=n_partitions)
+        return NSGA3(ref_dirs=ref_dirs, pop_size=max(pop_size, len(ref_dirs)))
+
+    return PymooStrategy("nsga3", build, True)
+
+
+def smsemoa(pop_size: int = 16) -> Strategy:
+    from pymoo.algorithms.moo.sms import SMSEMOA
+
+    return PymooStrategy("smsemoa", lambda n_obj, n_var: SMSEMOA(pop_size=pop_size), True)
+
+
+def agemoea(pop_size: int = 16) -> Strategy:
+    from pymoo.algorithms.moo.age import AGEMOEA
+
+    return PymooStrategy("agemoea", lambda n_obj, n_var: AGEMOEA(pop_size=pop_size), True)
+
+
+def ga(pop_size: int = 16, objective_weights: Sequence[float] | None = None) -> Strategy:
+    from pymoo.algorithms.soo.nonconvex.ga import GA
+
+    return PymooStrategy("ga", lambda n_obj, n_var: GA(pop_size=pop_size, eliminate_duplicates=True), False, objective_weights)
+
+
+def de(pop_size: int = 16, objective_weights: Sequence[float] | None = None) -> Strategy:
+    from pymoo.algorithms.soo.nonconvex.de import DE
+
+    return PymooStrategy("de", lambda n_obj, n_var: DE(pop_size=pop_size), False, objective_weights)
+
+
+def cmaes(sigma: float = 1 / 6, pop_size: int | None = None, objective_weights: Sequence[float] | None = None) -> Strategy:
+    from pymoo.algorithms.soo.nonconvex.cmaes import CMAES
+
+    def build(n_obj: int, n_var: int):
+        return CMAES(x0=np.full(n_var, 0.5), sigma=sigma, popsize=pop_size, restarts=0)
+
+    return PymooStrategy("cmaes", build, False, objective_weights)
+
+
+def mixed_ga(space, pop_size: int = 16) -> Strategy:
+    """pymoo's MixedVariableGA (method genes as true categorical variables), multi-objective."""
+    from pymoo.core.mixed import MixedVariableGA
+    from pymoo.algorithms.moo.nsga2 import RankAndCrowding
+
+    return PymooStrategy("mixed_ga", lambda n_obj, n_var: MixedVariableGA(pop_size=pop_size, survival=RankAndCrowding()), True, mixed_space=space)
+
+
+def random_search(pop_size: int = 16) -> Strategy:
+    return RandomStrategy(pop_size)
+
+
+def grid(pop_size: int = 16, points_per_axis: int | None = None) -> Strategy:
+    return GridStrategy(pop_size, points_per_axis)

@@ -1,0 +1,135 @@
+"""Run outputs: Pareto front (CSV/JSON), plots, best/knee recipes (evomerge + mergekit YAML)."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.recipe import Recipe
+from evomerge.search.archive import Archive, Record
+from evomerge.search.pareto import hypervolume, knee_point, nondominated
+
+log = logging.getLogger(__name__)
+
+
+def front(records: Sequence[Record]) -> list[Record]:
+    ok = [r for r in records if r.error is None]
+    if not ok:
+        return []
+    return [ok[i] for i in nondominated(np.array([r.losses for r in ok]))]
+
+
+def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_point: np.ndarray) -> dict[str, Any]:
+    search = archive.search_records()
+    pareto = sorted(front(search), key=lambda r: r.losses)
+    extras = sorted({k for r in archive.records for k in r.scores} - set(objectives))
+    with (run_dir / "pareto_front.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", *objectives, *extras, "methods"])
+        for r in pareto:
+            methods = sorted({g["method"] for g in r.recipe["groups"]})
+            w.writerow([r.id, *(r.scores[o] for o in objectives), *(r.scores.get(e, "") for e in extras), "+".join(methods)])
+    F = np.array([r.losses for r in pareto]) if pareto else np.zeros((0, len(objectives)))
+    summary: dict[str, Any] = {
+        "objectives": list(objectives),
+        "ref_point_losses": ref_point.tolist(),
+        "hypervolume": hypervolume(F, ref_point),
+        "n_evaluated": len(search),
+        "n_failed": sum(r.error is not None for r in search),
+        "front": [{"id": r.id, "scores": r.scores} for r in pareto],
+        "references": {r.label: r.scores for r in archive.records if r.kind == "reference"},
+    }
+    (run_dir / "pareto_front.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, base: str, experts: dict[str, str]) -> dict[str, int]:
+    """best_<objective>.yaml and knee.yaml (+ .mergekit.yaml where mergekit can express it)."""
+    out = run_dir / "recipes"
+    out.mkdir(exist_ok=True)
+    pareto = front(archive.search_records())
+    chosen: dict[str, int] = {}
+    if not pareto:
+        return chosen
+    for i, o in enumerate(objectives):
+        chosen[f"best_{o}"] = min(pareto, key=lambda r: (r.losses[i], sum(r.losses))).id
+    chosen["knee"] = pareto[knee_point(np.array([r.losses for r in pareto]))].id
+    by_id = {r.id: r for r in archive.records}
+    for name, rid in chosen.items():
+        recipe = Recipe.from_dict(by_id[rid].recipe)
+        recipe.base, recipe.experts = base, list(experts)
+        recipe.metadata = {"archive_id": rid, "scores": by_id[rid].scores}
+        recipe.save(out / f"{name}.yaml")
+        try:
+            import yaml
+
+            cfg = recipe.to_mergekit(base=base, experts=list(experts.values()))
+            (out / f"{name}.mergekit.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        except EvomergeError as exc:
+            (out / f"{name}.mergekit.txt").write_text(f"not exported: {exc}\n")
+    return chosen
+
+
+def plot_run(run_dir: Path, objectives: Sequence[str], archive: Archive, history: list[dict[str, Any]], extra_fronts: dict[str, list[Record]] | None = None) -> list[Path]:
+    """front.png (every objective pair) and progress.png (HV and best-so-far)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    search = [r for r in archive.search_records() if r.error is None]
+    refs = [r for r in archive.records if r.kind == "reference" and r.error is None]
+    pareto = front(search)
+    pairs = list(itertools.combinations(range(len(objectives)), 2)) or [(0, 0)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.8), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        xi, yj = objectives[i], objectives[j]
+        ax.scatter([r.scores[xi] for r in search], [r.scores[yj] for r in search], s=12, c="lightgray", label="evaluated")
+        pts = sorted((r.scores[xi], r.scores[yj]) for r in pareto)
+        if pts:
+            ax.plot(*zip(*pts), "o-", c="tab:blue", ms=5, label="Pareto front (all objectives)")
+        for name, recs in (extra_fronts or {}).items():
+            p2 = sorted((r.scores[xi], r.scores[yj]) for r in front(recs))
+            if p2:
+                ax.plot(*zip(*p2), "s--", ms=4, label=name)
+        for r in refs:
+            ax.scatter(r.scores[xi], r.scores[yj], marker="*", s=160, zorder=5, label=r.label)
+        ax.set_xlabel(f"{xi} (higher is better)")
+        ax.set_ylabel(f"{yj} (higher is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{run_dir.name}: {len(search)} candidates")
+    fig.tight_layout()
+    fig.savefig(run_dir / "front.png", dpi=110)
+    plt.close(fig)
+    written.append(run_dir / "front.png")
+
+    if history:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        n = [h["n_evals"] for h in history]
+        a1.plot(n, [h["hypervolume"] for h in history], "o-")
+        a1.set_xlabel("evaluations")
+        a1.set_ylabel("hypervolume of archive front")
+        a1.grid(alpha=0.3)
+        for o in objectives:
+            a2.plot(n, [h["best"][o] for h in history], "o-", label=f"best {o}")
+        for r in refs:
+            for o in objectives:
+                a2.axhline(r.scores[o], ls=":", lw=0.8, c="gray")
+        a2.set_xlabel("evaluations")
+        a2.set_ylabel("best so far (dotted: base/experts)")
+        a2.legend(fontsize=8)
+        a2.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "progress.png", dpi=110)
+        plt.close(fig)
+        written.append(run_dir / "progress.png")
+    return written
