@@ -157,7 +157,7 @@ class LmEvalFitness:
             if t.metric not in per_task:
                 raise ConfigError(
                     f"fitness task '{t.task}' has no metric '{t.metric}'; available: "
-                    + ", ".join(k for k in per_task if k != "alias")
+                    + ", ".join(k for k in per_task if "," in k and "_stderr" not in k)
                 )
             scores[t.name] = float(per_task[t.metric])
         gc.collect()

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models built in the test session (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The default zoo's shape with half the training (~30 s on 2 cores); its experts still
+# differ clearly (math expert ~0.8 on math, lang expert ~1.0 on lang).
+TEST_ZOO_SETTINGS = dict(pretrain_steps=300, finetune_steps=300, finetune_lr=2e-3)
+
+
+def make_llama(folder: Path, seed: int, intermediate_size: int = 48, perturb_from: Path | None = None, scale: float = 0.05):
+    """A random 2-layer Llama saved with the character tokenizer; experts are the base
+    plus a seeded perturbation, so their task vectors are known and small."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from evomerge.zoo.build import build_tokenizer
+
+    tok = build_tokenizer(folder)
+    if perturb_from is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(perturb_from))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    else:
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    base = make_llama(root / "base", seed=0)
+    return {
+        "base": base,
+        "a": make_llama(root / "a", seed=1, perturb_from=base),
+        "b": make_llama(root / "b", seed=2, perturb_from=base),
+    }
+
+
+@pytest.fixture(scope="session")
+def test_zoo(tmp_path_factory):
+    from evomerge.zoo.build import ZooConfig, build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"), ZooConfig(**TEST_ZOO_SETTINGS))
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(test_zoo) -> Path:
+    """The cache folder holding the test zoo (for CLI runs with modelpool.cache_dir)."""
+    return test_zoo.root.parent

@@ -1,0 +1,208 @@
+"""Merge methods against hand-computed tensors, plus properties."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evomerge.errors import MergeError
+from evomerge.merge.groups import DeltaGroup, MagnitudeTable
+from evomerge.merge.methods import REGISTRY, apply_method, get_method
+
+BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
+D1 = torch.tensor([1.0, -2.0, 3.0, -4.0])
+D2 = torch.tensor([-1.0, 1.5, 0.5, 2.0])
+
+
+def group(*deltas, base=BASE, **kw):
+    return DeltaGroup(base=base.clone(), deltas=torch.stack(list(deltas)), segments=(base.numel(),), **kw)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, torch.as_tensor(b, dtype=a.dtype), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ hand-computed
+
+
+def test_task_arithmetic_hand_computed():
+    out = apply_method("task_arithmetic", group(D1, D2), {"weight": [1.0, 0.5]})
+    close(out, BASE + torch.tensor([0.5, -1.25, 3.25, -3.0]))
+    out = apply_method("task_arithmetic", group(D1, D2), {"weight": [1.0, 0.5], "lambda": 2.0})
+    close(out, BASE + 2 * torch.tensor([0.5, -1.25, 3.25, -3.0]))
+
+
+def test_linear_is_weighted_average_of_experts():
+    out = apply_method("linear", group(D1, D2), {"weight": [0.5, 1.5]})
+    expected = (0.5 * (BASE + D1) + 1.5 * (BASE + D2)) / 2
+    close(out, expected)
+    close(out, BASE + torch.tensor([-0.5, 0.625, 1.125, 0.5]))
+
+
+def test_ties_hand_computed():
+    # top-50% by magnitude: D1 -> [0, 0, 3, -4]; D2 -> [0, 1.5, 0, 2]
+    # weighted (w = 2, 1): [0,0,6,-8] + [0,1.5,0,2] = [0, 1.5, 6, -6] -> signs [+, +, +, -]
+    # agreeing entries: D1 at 2, 3; D2 at 1 -> sums [0, 1.5, 6, -8], weights [-, 1, 2, 2]
+    g = group(D1, D2)
+    out = apply_method("ties", g, {"weight": [2.0, 1.0], "density": [0.5, 0.5]})
+    close(out, BASE + torch.tensor([0.0, 1.5, 3.0, -4.0]))
+    out = apply_method("ties", g, {"weight": [2.0, 1.0], "density": [0.5, 0.5], "normalize": 0})
+    close(out, BASE + torch.tensor([0.0, 1.5, 6.0, -8.0]))
+
+
+def test_breadcrumbs_hand_computed():
+    # gamma 0.25 drops the largest entry, density 0.5 keeps the next two
+    # D1: drop -4, keep -2, 3; D2: drop 2, keep 1.5, -1
+    out = apply_method("breadcrumbs", group(D1, D2), {"weight": [1.0, 1.0], "density": [0.5, 0.5], "gamma": 0.25})
+    close(out, BASE + torch.tensor([-1.0, -0.5, 3.0, 0.0]))
+
+
+def test_slerp_hand_computed_orthogonal():
+    base = torch.zeros(2)
+    g = group(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), base=base)
+    close(apply_method("slerp", g, {"t": 0.5}), [math.sqrt(0.5), math.sqrt(0.5)])
+    close(apply_method("slerp", g, {"t": 0.0}), [1.0, 0.0])
+    close(apply_method("slerp", g, {"t": 1.0}), [0.0, 1.0])
+
+
+def test_model_stock_hand_computed():
+    base = torch.tensor([0.5, 0.5])
+    g = group(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), base=base)
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    close(apply_method("model_stock", g, {}), base + t * torch.tensor([1.0, 0.5]))
+
+
+def test_passthrough_copies_one_source():
+    g = group(D1, D2)
+    close(apply_method("passthrough", g, {"source": 0}), BASE)
+    close(apply_method("passthrough", g, {"source": 2}), BASE + D2)
+
+
+def test_dare_keeps_rescaled_entries_only():
+    torch.manual_seed(0)
+    delta = torch.randn(4000)
+    g = group(delta, base=torch.zeros(4000))
+    out = apply_method("dare_linear", g, {"weight": [1.0], "density": [0.25], "seed": 3})
+    kept = out != 0
+    close(out[kept], delta[kept] / 0.25)
+    assert abs(kept.float().mean().item() - 0.25) < 0.03
+
+
+# ------------------------------------------------------------------ properties
+
+
+@given(
+    w=st.floats(0.1, 2.0),
+    values=st.lists(st.floats(-5, 5, allow_nan=False).filter(lambda v: abs(v) > 1e-3), min_size=1, max_size=12),
+)
+@settings(max_examples=40, deadline=None)
+def test_ties_density_one_single_model_is_task_arithmetic(w, values):
+    g = group(torch.tensor(values), base=torch.zeros(len(values)))
+    ta = apply_method("task_arithmetic", g, {"weight": [w]})
+    close(apply_method("ties", g, {"weight": [w], "density": [1.0], "normalize": 0}), ta)
+    # with normalisation the weight cancels out; it equals task arithmetic at w = 1
+    close(apply_method("ties", g, {"weight": [1.0], "density": [1.0]}), apply_method("task_arithmetic", g, {"weight": [1.0]}))
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_density_one_is_task_arithmetic(method):
+    torch.manual_seed(1)
+    g = group(torch.randn(50), base=torch.randn(50))  # one expert: no sign conflicts
+    params = {"weight": [1.0], "density": [1.0], "seed": 7}
+    close(apply_method(method, g, params), apply_method("task_arithmetic", g, {"weight": [1.0]}))
+
+
+def test_dare_seeds_reproducible_and_distinct():
+    torch.manual_seed(2)
+    g = group(torch.randn(200), torch.randn(200), base=torch.zeros(200))
+    p = {"weight": [0.7, 0.4], "density": [0.3, 0.6]}
+    a = apply_method("dare_ties", g, {**p, "seed": 5})
+    b = apply_method("dare_ties", g, {**p, "seed": 5})
+    c = apply_method("dare_ties", g, {**p, "seed": 6})
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_della_without_spread_is_dare_ties():
+    torch.manual_seed(3)
+    g = group(torch.randn(300), torch.randn(300), base=torch.zeros(300))
+    p = {"weight": [0.7, 0.4], "density": [0.3, 0.6], "seed": 11}
+    close(apply_method("della", g, {**p, "epsilon": 0.0}), apply_method("dare_ties", g, p))
+
+
+def test_della_keeps_large_entries_more_often():
+    torch.manual_seed(4)
+    delta = torch.randn(20000)
+    g = group(delta, base=torch.zeros(20000))
+    out = apply_method("della", g, {"weight": [1.0], "density": [0.5], "epsilon": 0.4, "seed": 0})
+    big = delta.abs() > delta.abs().median()
+    assert (out[big] != 0).float().mean() > (out[~big] != 0).float().mean() + 0.2
+
+
+def test_multi_segment_group_equals_per_tensor_merges():
+    torch.manual_seed(5)
+    a_base, b_base = torch.randn(7), torch.randn(12)
+    a_d, b_d = torch.randn(2, 7), torch.randn(2, 12)
+    joint = DeltaGroup(torch.cat([a_base, b_base]), torch.cat([a_d, b_d], dim=1), segments=(7, 12))
+    params = {"weight": [0.8, 0.6], "density": [0.4, 0.7]}
+    for method, p in [("ties", params), ("breadcrumbs", {**params, "gamma": 0.1}), ("slerp", {"t": 0.3}), ("model_stock", {})]:
+        merged = apply_method(method, joint, p)
+        alone = torch.cat(
+            [apply_method(method, DeltaGroup(a_base, a_d, (7,)), p), apply_method(method, DeltaGroup(b_base, b_d, (12,)), p)]
+        )
+        close(merged, alone)
+
+
+@given(density=st.floats(0.0, 1.0), n=st.integers(1, 3000))
+@settings(max_examples=40, deadline=None)
+def test_magnitude_table_keeps_about_density(density, n):
+    torch.manual_seed(n)
+    deltas = torch.randn(1, n)
+    table = MagnitudeTable(deltas, (n,), table_size=256)
+    kept = int((deltas.abs() >= table.threshold(torch.tensor([density]))).sum())
+    target = round(density * n)
+    assert abs(kept - target) <= max(1, math.ceil(n / 256))
+    if n <= 256:
+        assert kept == target  # exact for small tensors
+
+
+def test_out_buffer_is_written_in_place():
+    g = group(D1, D2)
+    out = torch.empty(4)
+    for name in REGISTRY:
+        method = get_method(name)
+        if method.min_models > 2:
+            continue
+        result = apply_method(name, g, {}, out=out)
+        assert torch.equal(out, result)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(MergeError, match="unknown merge method 'tiez'.*ties"):
+        apply_method("tiez", group(D1), {})
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"weight": [5.0, 1.0]}, r"weight' = 5.0 is out of bounds"),
+        ({"weight": [1.0]}, "one value per expert model"),
+        ({"weight": [1.0, "x"]}, "must be a number"),
+        ({"wieght": [1.0, 1.0]}, "has no parameter 'wieght'"),
+        ({"weight": [1.0, float("nan")]}, "out of bounds"),
+    ],
+)
+def test_bad_parameters_are_clear_errors(params, message):
+    with pytest.raises(MergeError, match=message):
+        apply_method("task_arithmetic", group(D1, D2), params)
+
+
+def test_slerp_refuses_three_models():
+    with pytest.raises(MergeError, match="slerp' needs 1..2 expert models, got 3"):
+        apply_method("slerp", group(D1, D2, D1), {})
