@@ -1,0 +1,125 @@
+"""The CLI end to end, in subprocesses: search, outputs, export, kill + resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge.search.archive import Archive
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, cwd: Path, check: bool = True, wait: bool = True, timeout: int = 300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    cmd = [sys.executable, "-m", "evomerge", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"evomerge {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def pool_args(zoo) -> list[str]:
+    return [
+        "modelpool=paths",
+        f"modelpool.base={zoo.base}",
+        *(f"+modelpool.experts.{k}={v}" for k, v in zoo.experts.items()),
+        "device=cpu",
+        "fitness.subset_size=24",
+        "fitness.extra=[]",
+    ]
+
+
+def test_search_end_to_end_and_export(test_zoo, tmp_path):
+    run = tmp_path / "run"
+    proc = cli(*pool_args(test_zoo), "search.max_evals=24", "algorithm.pop_size=8", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert "done: 24 candidates" in proc.stdout
+    assert "gen   3 | evals   24/24" in proc.stderr  # progress display
+    for name in ("config.yaml", "archive.jsonl", "checkpoint.pkl", "subset.json", "pareto_front.csv", "pareto_front.json", "summary.json", "front.png", "progress.png"):
+        assert (run / name).is_file(), name
+    for name in ("best_math.yaml", "best_lang.yaml", "knee.yaml"):
+        assert (run / "recipes" / name).is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["references"]) == {"base", "expert:math", "expert:lang"}
+    assert summary["references"]["expert:lang"]["lang"] > summary["references"]["expert:math"]["lang"]
+    assert set(summary["test"]) >= {"base", "knee", "best_math"}
+    assert len(summary["hypervolume_history"]) == 3
+    hv = [h["hypervolume"] for h in summary["hypervolume_history"]]
+    assert hv == sorted(hv)  # the archive front never loses volume
+
+    out = tmp_path / "exported"
+    cli("export", f"run={run}", "point=knee", f"out={out}", cwd=tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out)) is not None
+    assert (out / "evomerge_recipe.yaml").is_file()
+
+
+def _search_keys(run: Path) -> list[tuple[str, tuple]]:
+    return [(r.key, tuple(r.losses)) for r in Archive(run / "archive.jsonl").search_records()]
+
+
+def test_killed_run_resumes_without_reevaluating(test_zoo, tmp_path):
+    args = [*pool_args(test_zoo), "search.max_evals=40", "algorithm.pop_size=8", "fitness.test_rescore=false", "report.plots=false"]
+    reference = tmp_path / "uninterrupted"
+    cli(*args, f"hydra.run.dir={reference}", cwd=tmp_path)
+
+    run = tmp_path / "killed"
+    proc = cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        archive = run / "archive.jsonl"
+        if archive.exists() and sum(1 for line in archive.read_text().splitlines() if '"kind": "search"' in line) >= 13:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _search_keys(run)
+    assert 13 <= len(before) < 40, "the kill should land mid-run"
+
+    resumed = cli(f"resume={run}", cwd=tmp_path)
+    assert "done: 40 candidates" in resumed.stdout
+    after = _search_keys(run)
+    assert after[: len(before)] == before  # nothing lost
+    keys = [k for k, _ in after]
+    assert len(keys) == len(set(keys)) == 40  # nothing evaluated twice
+    assert after == _search_keys(reference)  # same result as the uninterrupted run
+    assert json.loads((run / "pareto_front.json").read_text())["front"] == json.loads((reference / "pareto_front.json").read_text())["front"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm=simulated_annealing"], "Could not find 'algorithm/simulated_annealing'"),
+        (["search.max_evals=lots"], "config value 'search.max_evals' must be int, got 'lots'"),
+        (["modelpool=paths", "modelpool.base=/no/such/model", "+modelpool.experts.a=/no/such/expert"], "model 'base': path does not exist: /no/such/model"),
+        (["modelpool=paths"], "modelpool.base must be set"),
+        (["resume=/no/such/run"], "cannot resume: /no/such/run/config.yaml not found"),
+    ],
+)
+def test_bad_overrides_give_one_line_errors(overrides, message, tmp_path):
+    proc = cli(*overrides, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_genome_on_real_pool_is_a_clear_error(test_zoo, tmp_path):
+    proc = cli(*pool_args(test_zoo), "genome.layer_groups=99", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "evomerge: error: genome.layer_groups must be between 1 and the model's 4 layers, got 99" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_export_bad_point(tmp_path):
+    proc = cli("export", f"run={tmp_path}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "is not an evomerge run directory" in proc.stderr
