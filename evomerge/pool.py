@@ -126,6 +126,34 @@ class ModelPool:
             del model, params
 
 
+class InMemoryPool:
+    """A pool of models already in memory (benchmarks, notebooks): ``base`` is a causal LM
+    module and ``experts`` maps names to parameter dicts with the base's names and shapes."""
+
+    def __init__(self, base: nn.Module, experts: Mapping[str, Mapping[str, torch.Tensor]], tokenizer: object | None = None):
+        if not experts:
+            raise PoolError("the model pool needs at least one expert model")
+        self._base, self._experts, self._tokenizer = base, dict(experts), tokenizer
+        self.experts = [ModelRef(name, Path(f"<memory:{name}>")) for name in self._experts]
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self._experts)
+
+    def load_base(self) -> tuple[nn.Module, object]:
+        return self._base, self._tokenizer
+
+    def iter_experts(self, base_model: nn.Module, base_tokenizer: object | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        base_params = parameters_of(base_model)
+        for i, (name, params) in enumerate(self._experts.items()):
+            for key, value in base_params.items():
+                if key not in params:
+                    raise PoolError(f"expert '{name}' has no parameter {key} (present in the base)")
+                if tuple(params[key].shape) != tuple(value.shape):
+                    raise PoolError(f"shape mismatch for {key}: '{name}' has {tuple(params[key].shape)}, the base has {tuple(value.shape)}")
+            yield i, {k: params[k] for k in base_params}
+
+
 def check_compatible(base_name: str, base: nn.Module, name: str, other: nn.Module) -> None:
     """Raise a one-line ``PoolError`` naming the first difference that prevents merging."""
     bt, ot = getattr(base.config, "model_type", None), getattr(other.config, "model_type", None)

@@ -219,6 +219,7 @@ def run_search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         seed=seed,
         ref_point=None if ref_point is None else list(ref_point),
         progress=bool(OmegaConf.select(cfg, "search.progress")),
+        initial=space.reference_genomes() if OmegaConf.select(cfg, "search.seed_with_references") else None,
     )
     print(
         f"search: {strategy.name} over {space.n_var} genes ({len(space.slots)} groups, methods {', '.join(space.methods)}), "

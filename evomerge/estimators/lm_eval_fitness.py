@@ -113,9 +113,13 @@ class LmEvalFitness:
         self.tasks = list(tasks)
         self.split = split
         definitions = find_tasks({t.task for t in tasks}, include_paths)
-        manager = TaskManager(include_defaults=False)
+        plain = [d.for_split(split) for _, d in sorted(definitions.items()) if not d.custom_tags]
+        custom = [d for _, d in sorted(definitions.items()) if d.custom_tags]
+        manager = TaskManager(include_path=sorted({str(d.path.parent) for d in custom}) or None, include_defaults=False)
+        for d in custom:
+            log.warning("task %s uses YAML tags; loaded by lm-eval as written (its own split, paths as given)", d.name)
         with _maybe_silent(quiet):
-            loaded = manager.load([definitions[t].for_split(split) for t in sorted(definitions)])
+            loaded = manager.load(plain + [d.name for d in custom])
         self.task_dict = loaded
         self.task_objects = loaded["tasks"]
         if max_length is None:

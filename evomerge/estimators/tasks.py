@@ -29,6 +29,7 @@ class TaskDefinition:
     name: str
     path: Path
     config: dict[str, Any]
+    custom_tags: bool = False  # uses !function etc.: lm-eval must load it by name
 
     def for_split(self, split: str) -> dict[str, Any]:
         """The config with absolute data paths, evaluating on ``split``."""
@@ -70,7 +71,7 @@ def find_tasks(names: Iterable[str], include_paths: Iterable[str | Path] = ()) -
                 continue
             name = cfg.get("task") if isinstance(cfg, dict) else None
             if isinstance(name, str) and name in wanted and name not in found:
-                found[name] = TaskDefinition(name, path, cfg)
+                found[name] = TaskDefinition(name, path, cfg, custom_tags="!" in path.read_text())
     missing = [n for n in wanted if n not in found]
     if missing:
         raise ConfigError(

@@ -106,7 +106,8 @@ class DeltaGroup:
             return per_segment[..., :1]
         if self._segment_ids is None:
             lengths = torch.tensor(self.segments, device=self.base.device)
-            self._segment_ids = torch.repeat_interleave(torch.arange(len(self.segments), device=self.base.device), lengths)
+            # int32 ids: half the bytes of int64 for the one gather per merge
+            self._segment_ids = torch.repeat_interleave(torch.arange(len(self.segments), device=self.base.device, dtype=torch.int32), lengths)
         return per_segment[..., self._segment_ids]
 
     def segment_sum(self, values: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from evomerge.errors import MergeError
 from evomerge.merge.groups import DEFAULT_TABLE_SIZE, DeltaGroup
 from evomerge.merge.methods import apply_method
 from evomerge.merge.recipe import Recipe, Unit
-from evomerge.pool import ModelPool, layer_index, parameters_of
+from evomerge.pool import InMemoryPool, ModelPool, layer_index, parameters_of
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Merger:
 
     def __init__(
         self,
-        pool: ModelPool,
+        pool: ModelPool | InMemoryPool,
         device: str | torch.device | None = "auto",
         table_size: int = DEFAULT_TABLE_SIZE,
         check_finite: bool = True,

@@ -126,6 +126,12 @@ def magnitude_mask(g: DeltaGroup, density: Tensor) -> Tensor:
     return g.deltas.abs() >= thr
 
 
+def trim_by_magnitude(g: DeltaGroup, density: Tensor, weight: Tensor) -> Tensor:
+    """``w_k * delta_k`` where ``delta_k`` is in its tensor's top ``density_k``, else 0."""
+    kept = torch.where(magnitude_mask(g, density), g.deltas, torch.zeros((), dtype=g.deltas.dtype, device=g.deltas.device))
+    return kept.mul_(weight.to(kept.dtype)[:, None])
+
+
 def random_keep(g: DeltaGroup, keep_prob: Tensor, seed: int) -> Tensor:
     """DARE-style drop: keep each element with ``keep_prob`` and rescale by ``1/keep_prob``.
 
@@ -139,12 +145,12 @@ def random_keep(g: DeltaGroup, keep_prob: Tensor, seed: int) -> Tensor:
 
 def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
     """TIES: elect a sign per element by total mass, keep agreeing entries, average them."""
-    majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = weighted.sign() == majority
-    merged = (weighted * agree).sum(0)
+    positive = weighted.sum(0) >= 0  # ties go to +, as in mergekit
+    agree = torch.where(positive, weighted > 0, weighted < 0)  # zero entries never agree
+    merged = torch.where(agree, weighted, torch.zeros((), dtype=weighted.dtype, device=weighted.device)).sum(0)
     if normalize:
-        divisor = (weight.to(weighted.dtype)[:, None] * agree).sum(0)
-        merged = merged / torch.where(divisor.abs() < _EPS, torch.ones_like(divisor), divisor)
+        divisor = torch.mv(agree.t().to(weighted.dtype), weight.to(weighted.dtype))
+        merged = merged.div_(torch.where(divisor.abs() < _EPS, torch.ones_like(divisor), divisor))
     return merged
 
 
@@ -173,12 +179,16 @@ def linear(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
 
 
 def task_arithmetic(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    return _finish(g, _weighted_sum(g, p["weight"]), p, out)
+    # one fused pass: out = base + deltas^T (lambda * w)
+    scaled = (p["weight"] * float(p.get("lambda", 1.0))).to(g.deltas.dtype)
+    if out is None:
+        return torch.addmv(g.base, g.deltas.t(), scaled)
+    return torch.addmv(g.base, g.deltas.t(), scaled, out=out)
 
 
 def ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     w = p["weight"]
-    trimmed = _weighted(g, w, g.deltas * magnitude_mask(g, p["density"]))
+    trimmed = trim_by_magnitude(g, p["density"], w)
     return _finish(g, sign_consensus(trimmed, w, bool(p["normalize"])), p, out)
 
 

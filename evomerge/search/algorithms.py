@@ -23,7 +23,8 @@ class Strategy:
     name = "strategy"
     multi_objective = True
 
-    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int) -> None:
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
+        """``initial``: genomes to put in the first population (e.g. the experts)."""
         raise NotImplementedError
 
     def has_next(self) -> bool:
@@ -44,6 +45,25 @@ def scalarize(F: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
     return (F @ w / w.sum())[:, None]
 
 
+def _sampling_base():
+    from pymoo.core.sampling import Sampling
+
+    return Sampling
+
+
+class SeededSampling(_sampling_base()):  # type: ignore[misc]
+    """pymoo sampling: the given genomes first, uniform random ones for the rest."""
+
+    def __init__(self, seeds: np.ndarray):
+        super().__init__()
+        self.seeds = seeds
+
+    def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
+        seeds = self.seeds[:n_samples]
+        rest = random_state.random((n_samples - len(seeds), problem.n_var))
+        return np.vstack([seeds, rest])
+
+
 class PymooStrategy(Strategy):
     """Adapts a pymoo algorithm (built by ``build(n_obj, n_var)``) to ask-and-tell."""
 
@@ -56,7 +76,7 @@ class PymooStrategy(Strategy):
         self.algorithm: Any = None
         self._pop: Any = None
 
-    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int) -> None:
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
         from pymoo.core.problem import Problem
 
         n_eff = n_obj if self.multi_objective else 1
@@ -66,6 +86,9 @@ class PymooStrategy(Strategy):
             problem = Problem(n_var=n_var, n_obj=n_eff, xl=np.zeros(n_var), xu=np.ones(n_var))
         self.problem = problem
         self.algorithm = self._build(n_eff, n_var)
+        init = getattr(self.algorithm, "initialization", None)
+        if initial is not None and len(initial) and self.mixed_space is None and init is not None:
+            init.sampling = SeededSampling(np.asarray(initial, dtype=float))
         self.algorithm.setup(problem, termination=("n_eval", max_evals), seed=seed, verbose=False)
 
     def has_next(self) -> bool:
@@ -95,15 +118,18 @@ class RandomStrategy(Strategy):
     def __init__(self, pop_size: int = 16):
         self.pop_size = int(pop_size)
 
-    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int) -> None:
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
         self.n_var, self.left = n_var, max_evals
         self.rng = np.random.default_rng(seed)
+        self.initial = np.zeros((0, n_var)) if initial is None else np.asarray(initial, dtype=float)
 
     def has_next(self) -> bool:
         return self.left > 0
 
     def ask(self) -> np.ndarray:
-        return self.rng.random((min(self.pop_size, self.left), self.n_var))
+        size = min(self.pop_size, self.left)
+        seeds, self.initial = self.initial[:size], self.initial[size:]
+        return np.vstack([seeds, self.rng.random((size - len(seeds), self.n_var))])
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         self.left -= len(X)
@@ -119,7 +145,7 @@ class GridStrategy(Strategy):
         self.pop_size = int(pop_size)
         self.points_per_axis = points_per_axis
 
-    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int) -> None:
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
         p = self.points_per_axis or max(2, int(math.floor(max_evals ** (1.0 / n_var) + 1e-9)))
         if p**n_var > max_evals and self.points_per_axis is None:
             raise ConfigError(f"a grid over {n_var} genes needs at least {2**n_var} evaluations; raise search.max_evals or use a smaller genome")

@@ -119,7 +119,6 @@ class GenomeSpace:
         if x.shape != (self.n_var,):
             raise ConfigError(f"genome has {self.n_var} genes, got a vector of shape {x.shape}")
         per = self.genes_per_slot()
-        k = self.n_experts
         groups: list[Group] = []
         for i, slot in enumerate(self.slots):
             genes = dict(zip(per, x[i * len(per) : (i + 1) * len(per)]))
@@ -141,7 +140,6 @@ class GenomeSpace:
             first, last = groups[0], groups[-1]
             groups.insert(0, Group("embed", "embed", first.method, dict(first.params)))
             groups.append(Group("head", "head", last.method, dict(last.params)))
-        del k
         return Recipe(groups=groups, experts=list(self.names))
 
     def encode_reference(self, method: str, weights: Sequence[float], density: float = 1.0) -> np.ndarray | None:
@@ -164,6 +162,20 @@ class GenomeSpace:
                     block[f"density.{n}"] = (density - lo_d) / (hi_d - lo_d) if hi_d > lo_d else 0.0
             x[i * len(per) : (i + 1) * len(per)] = [block[g] for g in per]
         return x
+
+    def reference_genomes(self) -> np.ndarray:
+        """Genomes that decode to the base and to each expert alone, where the space can
+        express them (through task arithmetic, or TIES with density 1): a warm start."""
+        method = next((m for m in ("task_arithmetic", "ties", "dare_ties", "dare_linear") if m in self.methods), None)
+        if method is None:
+            return np.zeros((0, self.n_var))
+        rows = []
+        for i in range(-1, self.n_experts):
+            weights = [1.0 if j == i else 0.0 for j in range(self.n_experts)]
+            x = self.encode_reference(method, weights, density=1.0)
+            if x is not None:
+                rows.append(x)
+        return np.array(rows) if rows else np.zeros((0, self.n_var))
 
     # ---- pymoo mixed-variable support
     def mixed_variables(self) -> dict[str, Any]:

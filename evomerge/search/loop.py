@@ -64,6 +64,7 @@ class SearchLoop:
         ref_point: Sequence[float] | None = None,
         worst_loss: float = 1.0,
         progress: bool = True,
+        initial: np.ndarray | None = None,
     ):
         self.space = space
         self.objectives = list(objectives)
@@ -79,7 +80,7 @@ class SearchLoop:
             self.state = self._load_checkpoint()
             log.info("resuming at generation %d (%d archived candidates)", self.state.generation, len(self.archive.records))
         else:
-            strategy.setup(space.n_var, len(self.objectives), self.max_evals, self.seed)
+            strategy.setup(space.n_var, len(self.objectives), self.max_evals, self.seed, initial=initial)
             np.random.seed(self.seed)
             random.seed(self.seed)
             self.state = LoopState(strategy)

@@ -1,0 +1,106 @@
+"""In-place merge time per candidate, as a ratio to the memory-bandwidth bound.
+
+The bound is a plain ``copy_`` of the bytes a merge must read -- the resident base
+weights and the K task vectors -- measured in the same run on the same device. A merge
+cannot be faster than reading its inputs once, so ``merge / copy`` says how close to the
+hardware limit each method runs (1x = as fast as a copy of its inputs).
+
+    python experiments/bench_merge.py                       # SmolLM2-135M shape, 2 experts
+    python experiments/bench_merge.py --layers 8 --experts 3 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from evomerge.merge.merger import Merger, resolve_device
+from evomerge.merge.recipe import Recipe
+from evomerge.pool import InMemoryPool
+
+
+def build_pool(args) -> InMemoryPool:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).named_parameters()}
+    base = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    experts = {}
+    for k in range(args.experts):
+        gen = torch.Generator().manual_seed(k + 1)
+        experts[f"e{k}"] = {
+            name: p.detach() + 0.01 * torch.randn(shapes[name], generator=gen).to(p.dtype) for name, p in base.named_parameters()
+        }
+    return InMemoryPool(base, experts)
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (also builds lazy magnitude tables)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--experts", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties", "della", "slerp"])
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    torch.set_grad_enabled(False)
+
+    merger = Merger(build_pool(args), device=device, check_finite=False)
+    n = sum(u.group.base.numel() for u in merger._units)
+    k = merger.n_experts
+    elsize = merger._units[0].out.element_size()
+    inputs = (k + 1) * n * elsize
+    src = torch.empty(inputs // elsize, dtype=merger._units[0].out.dtype, device=device)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), device, args.repeats)
+    del src, dst
+    print(f"device {device}, {n / 1e6:.1f}M parameters, {k} experts, {args.dtype}; resident {merger.resident_bytes() / 2**30:.2f} GiB")
+    print(f"bound: copy of the {inputs / 2**30:.2f} GiB of merge inputs: {copy_s * 1e3:.1f} ms ({2 * inputs / copy_s / 1e9:.1f} GB/s moved)")
+    print(f"{'method':<16} {'ms / candidate':>14} {'x bound':>8}")
+    params = {
+        "task_arithmetic": {"weight": [0.6] * k},
+        "ties": {"weight": [0.6] * k, "density": [0.4] * k},
+        "dare_ties": {"weight": [0.6] * k, "density": [0.4] * k},
+        "dare_linear": {"weight": [0.6] * k, "density": [0.4] * k},
+        "della": {"weight": [0.6] * k, "density": [0.4] * k},
+        "breadcrumbs": {"weight": [0.6] * k, "density": [0.4] * k},
+        "slerp": {"t": 0.4},
+        "linear": {"weight": [0.6] * k},
+        "model_stock": {},
+    }
+    for method in args.methods:
+        recipe = Recipe.uniform(method, params[method], merger.n_layers)
+        s = timed(lambda: merger.apply(recipe), device, args.repeats)
+        print(f"{method:<16} {s * 1e3:14.1f} {s / copy_s:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
