@@ -72,7 +72,7 @@ def build_pool(cfg: DictConfig) -> tuple[ModelPool, dict[str, str], str]:
         base = str(zoo.base)
     elif kind == "paths":
         base = OmegaConf.select(cfg, "modelpool.base")
-        experts = OmegaConf.to_container(cfg.modelpool.experts) if OmegaConf.select(cfg, "modelpool.experts") else None
+        experts = OmegaConf.to_container(cfg.modelpool.experts, resolve=True) if OmegaConf.select(cfg, "modelpool.experts") else None
         if not base or base == "???":
             raise ConfigError("modelpool.base must be set to the base model's path")
         if not isinstance(experts, dict) or not experts:

