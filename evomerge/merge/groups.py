@@ -110,6 +110,16 @@ class DeltaGroup:
             self._segment_ids = torch.repeat_interleave(torch.arange(len(self.segments), device=self.base.device, dtype=torch.int32), lengths)
         return per_segment[..., self._segment_ids]
 
+    def compare(self, values: Tensor, per_segment: Tensor, op=torch.ge) -> Tensor:
+        """``op(values, threshold of its segment)`` for ``[K, N]`` values and ``[K, S]``
+        thresholds, one broadcast kernel per segment (cheaper than expanding to ``[K, N]``)."""
+        out = torch.empty(values.shape, dtype=torch.bool, device=values.device)
+        start = 0
+        for s, n in enumerate(self.segments):
+            op(values[..., start : start + n], per_segment[..., s : s + 1], out=out[..., start : start + n])
+            start += n
+        return out
+
     def segment_sum(self, values: Tensor) -> Tensor:
         """Sum ``[..., N]`` over each segment, giving ``[..., S]``."""
         return torch.stack([chunk.sum(-1) for chunk in values.split(list(self.segments), dim=-1)], dim=-1)

@@ -122,13 +122,12 @@ def _weighted(g: DeltaGroup, weight: Tensor, deltas: Tensor | None = None) -> Te
 
 def magnitude_mask(g: DeltaGroup, density: Tensor) -> Tensor:
     """Keep the top ``density`` fraction of each task vector by magnitude, per tensor."""
-    thr = g.expand(g.magnitudes.threshold(density).to(g.deltas.dtype))
-    return g.deltas.abs() >= thr
+    return g.compare(g.deltas.abs(), g.magnitudes.threshold(density).to(g.deltas.dtype))
 
 
 def trim_by_magnitude(g: DeltaGroup, density: Tensor, weight: Tensor) -> Tensor:
     """``w_k * delta_k`` where ``delta_k`` is in its tensor's top ``density_k``, else 0."""
-    kept = torch.where(magnitude_mask(g, density), g.deltas, torch.zeros((), dtype=g.deltas.dtype, device=g.deltas.device))
+    kept = g.deltas * magnitude_mask(g, density)
     return kept.mul_(weight.to(kept.dtype)[:, None])
 
 
@@ -145,11 +144,12 @@ def random_keep(g: DeltaGroup, keep_prob: Tensor, seed: int) -> Tensor:
 
 def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
     """TIES: elect a sign per element by total mass, keep agreeing entries, average them."""
-    positive = weighted.sum(0) >= 0  # ties go to +, as in mergekit
-    agree = torch.where(positive, weighted > 0, weighted < 0)  # zero entries never agree
-    merged = torch.where(agree, weighted, torch.zeros((), dtype=weighted.dtype, device=weighted.device)).sum(0)
+    majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)  # ties go to +, as in mergekit
+    # entries pointing the majority's way are > 0 after this product; zeros never agree
+    aligned = (weighted * majority).clamp_(min=0)
+    merged = aligned.sum(0).mul_(majority)
     if normalize:
-        divisor = torch.mv(agree.t().to(weighted.dtype), weight.to(weighted.dtype))
+        divisor = weight.to(weighted.dtype) @ (aligned > 0).to(weighted.dtype)
         merged = merged.div_(torch.where(divisor.abs() < _EPS, torch.ones_like(divisor), divisor))
     return merged
 
@@ -206,10 +206,10 @@ def dare_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
 def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """Drop the largest ``gamma`` fraction (outliers) and keep the next ``density`` fraction."""
     gamma = torch.full_like(p["density"], float(p["gamma"]))
-    upper = g.expand(g.magnitudes.threshold(gamma).to(g.deltas.dtype))
-    lower = g.expand(g.magnitudes.threshold((gamma + p["density"]).clamp(max=1)).to(g.deltas.dtype))
+    upper = g.magnitudes.threshold(gamma).to(g.deltas.dtype)
+    lower = g.magnitudes.threshold((gamma + p["density"]).clamp(max=1)).to(g.deltas.dtype)
     mags = g.deltas.abs()
-    kept = g.deltas * ((mags < upper) & (mags >= lower))
+    kept = g.deltas * (g.compare(mags, upper, torch.lt) & g.compare(mags, lower, torch.ge))
     return _finish(g, p["weight"].to(kept.dtype) @ kept, p, out)
 
 
