@@ -68,12 +68,14 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunk", default="auto", help="merger chunk size in elements, 'auto' or 0 (whole units)")
     p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties", "della", "slerp"])
     args = p.parse_args()
     device = resolve_device(args.device)
     torch.set_grad_enabled(False)
 
-    merger = Merger(build_pool(args), device=device, check_finite=False)
+    chunk = "auto" if args.chunk == "auto" else (int(args.chunk) or None)
+    merger = Merger(build_pool(args), device=device, check_finite=False, chunk_size=chunk)
     n = sum(u.group.base.numel() for u in merger._units)
     k = merger.n_experts
     elsize = merger._units[0].out.element_size()
@@ -82,7 +84,7 @@ def main() -> None:
     dst = torch.empty_like(src)
     copy_s = timed(lambda: dst.copy_(src), device, args.repeats)
     del src, dst
-    print(f"device {device}, {n / 1e6:.1f}M parameters, {k} experts, {args.dtype}; resident {merger.resident_bytes() / 2**30:.2f} GiB")
+    print(f"device {device}, {n / 1e6:.1f}M parameters, {k} experts, {args.dtype}, chunk {merger.chunk_size}; resident {merger.resident_bytes() / 2**30:.2f} GiB")
     print(f"bound: copy of the {inputs / 2**30:.2f} GiB of merge inputs: {copy_s * 1e3:.1f} ms ({2 * inputs / copy_s / 1e9:.1f} GB/s moved)")
     print(f"{'method':<16} {'ms / candidate':>14} {'x bound':>8}")
     params = {

@@ -53,18 +53,12 @@ class MagnitudeTable:
         thr = self.table.gather(2, pos.unsqueeze(-1)).squeeze(-1)
         return torch.where(keep >= 1, thr, torch.full_like(thr, float("inf")))
 
-    def rank_fraction(self, deltas: Tensor) -> Tensor:
-        """Magnitude rank of every element in its segment, in [0, 1] (1 = largest)."""
-        out = torch.empty(deltas.shape, dtype=torch.float32, device=deltas.device)
-        start = 0
-        for s, n in enumerate(self.segments):
-            length = min(n, self.table_size)
-            ascending = self.table[:, s, :length].flip(-1).contiguous()
-            mags = deltas[:, start : start + n].abs().float().contiguous()
-            below = torch.searchsorted(ascending, mags, right=True).float()
-            out[:, start : start + n] = (below - 1).clamp(min=0) / max(length - 1, 1)
-            start += n
-        return out
+    def rank_fraction(self, values: Tensor, segment: int) -> Tensor:
+        """Magnitude rank of ``values`` (``[K, n]``, part of ``segment``) in [0, 1] (1 = largest)."""
+        length = min(self.segments[segment], self.table_size)
+        ascending = self.table[:, segment, :length].flip(-1).contiguous()
+        below = torch.searchsorted(ascending, values.abs().float().contiguous(), right=True).float()
+        return (below - 1).clamp(min=0) / max(length - 1, 1)
 
 
 @dataclass
@@ -73,6 +67,8 @@ class DeltaGroup:
 
     ``seed_offset`` makes random methods (DARE, DELLA) draw an independent, reproducible
     stream per unit, so the result does not depend on the order units are merged in.
+    A group can be cut into chunks (``chunks``) that share the parent's per-tensor
+    magnitude table, so element-wise methods can run chunk by chunk in cache-sized pieces.
     """
 
     base: Tensor  # [N]
@@ -82,6 +78,9 @@ class DeltaGroup:
     table_size: int = DEFAULT_TABLE_SIZE
     _table: MagnitudeTable | None = field(default=None, repr=False)
     _segment_ids: Tensor | None = field(default=None, repr=False)
+    # for chunks: which segment of the parent table each of our segments belongs to
+    _table_index: tuple[int, ...] | None = field(default=None, repr=False)
+    _chunk_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_tensors(cls, base: Tensor, experts: list[Tensor], **kwargs) -> "DeltaGroup":
@@ -95,10 +94,58 @@ class DeltaGroup:
         return self.deltas.shape[0]
 
     @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+    @property
     def magnitudes(self) -> MagnitudeTable:
         if self._table is None:
             self._table = MagnitudeTable(self.deltas, self.segments, self.table_size)
         return self._table
+
+    def _index(self) -> tuple[int, ...]:
+        return self._table_index if self._table_index is not None else tuple(range(len(self.segments)))
+
+    def thresholds(self, density: Tensor) -> Tensor:
+        """``[K, S]`` magnitude thresholds keeping the top ``density`` of each tensor."""
+        thr = self.magnitudes.threshold(density)
+        if self._table_index is not None:
+            thr = thr[:, list(self._table_index)]
+        return thr.to(self.deltas.dtype)
+
+    def rank_fraction(self) -> Tensor:
+        """Per-element magnitude rank within its tensor, in [0, 1] (1 = largest)."""
+        out = torch.empty(self.deltas.shape, dtype=torch.float32, device=self.deltas.device)
+        start = 0
+        for n, parent in zip(self.segments, self._index()):
+            out[:, start : start + n] = self.magnitudes.rank_fraction(self.deltas[:, start : start + n], parent)
+            start += n
+        return out
+
+    def chunks(self, size: int) -> list[tuple[int, int, "DeltaGroup"]]:
+        """Views of at most ``size`` elements; magnitude statistics stay per whole tensor."""
+        if size not in self._chunk_cache:
+            table = self.magnitudes  # build once on the full group
+            bounds, start = [], 0
+            for n in self.segments:
+                bounds.append((start, start + n))
+                start += n
+            out = []
+            for i, a in enumerate(range(0, self.numel, size)):
+                b = min(a + size, self.numel)
+                pieces = [(min(e, b) - max(s, a), j) for j, (s, e) in enumerate(bounds) if s < b and e > a]
+                sub = DeltaGroup(
+                    base=self.base[a:b],
+                    deltas=self.deltas[:, a:b],
+                    segments=tuple(n for n, _ in pieces),
+                    seed_offset=self.seed_offset * 1_000_003 + i,
+                    table_size=self.table_size,
+                    _table=table,
+                    _table_index=tuple(self._index()[j] for _, j in pieces),
+                )
+                out.append((a, b, sub))
+            self._chunk_cache[size] = out
+        return self._chunk_cache[size]
 
     def expand(self, per_segment: Tensor) -> Tensor:
         """Broadcast ``[..., S]`` per-segment values to ``[..., N]`` per element."""
@@ -106,8 +153,7 @@ class DeltaGroup:
             return per_segment[..., :1]
         if self._segment_ids is None:
             lengths = torch.tensor(self.segments, device=self.base.device)
-            # int32 ids: half the bytes of int64 for the one gather per merge
-            self._segment_ids = torch.repeat_interleave(torch.arange(len(self.segments), device=self.base.device, dtype=torch.int32), lengths)
+            self._segment_ids = torch.repeat_interleave(torch.arange(len(self.segments), device=self.base.device), lengths)
         return per_segment[..., self._segment_ids]
 
     def compare(self, values: Tensor, per_segment: Tensor, op=torch.ge) -> Tensor:

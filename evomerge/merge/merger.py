@@ -73,10 +73,14 @@ class Merger:
         device: str | torch.device | None = "auto",
         table_size: int = DEFAULT_TABLE_SIZE,
         check_finite: bool = True,
+        chunk_size: int | None | str = "auto",
     ):
         self.pool = pool
         self.device = resolve_device(device)
         self.check_finite = check_finite
+        # bounded temporaries: element-wise methods run over pieces of this many elements
+        # (smaller on CPU for cache locality; large on GPU, where launch overhead dominates)
+        self.chunk_size = (1 << 22 if self.device.type == "cpu" else 1 << 26) if chunk_size == "auto" else chunk_size
         model, tokenizer = pool.load_base()
         self.model: nn.Module = model.to(self.device)
         self.tokenizer = tokenizer
@@ -126,7 +130,7 @@ class Merger:
         plan = recipe.assign(self.units, self.n_experts)
         started = time.perf_counter()
         for buffers, (_, group) in zip(self._units, plan):
-            apply_method(group.method, buffers.group, group.params, out=buffers.out)
+            apply_method(group.method, buffers.group, group.params, out=buffers.out, chunk_size=self.chunk_size)
             if self.check_finite and not bool(torch.isfinite(buffers.out).all()):
                 raise MergeError(f"merged weights of {buffers.unit.name} are not finite (NaN or inf)")
         if self.device.type == "cuda":

@@ -47,6 +47,9 @@ class MergeMethod:
     description: str
     min_models: int = 1
     max_models: int | None = None
+    # True when each output element depends only on the same element of the inputs and
+    # per-tensor magnitude statistics: the merge can then run chunk by chunk
+    elementwise: bool = True
 
     def spec(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -122,7 +125,7 @@ def _weighted(g: DeltaGroup, weight: Tensor, deltas: Tensor | None = None) -> Te
 
 def magnitude_mask(g: DeltaGroup, density: Tensor) -> Tensor:
     """Keep the top ``density`` fraction of each task vector by magnitude, per tensor."""
-    return g.compare(g.deltas.abs(), g.magnitudes.threshold(density).to(g.deltas.dtype))
+    return g.compare(g.deltas.abs(), g.thresholds(density))
 
 
 def trim_by_magnitude(g: DeltaGroup, density: Tensor, weight: Tensor) -> Tensor:
@@ -206,8 +209,8 @@ def dare_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
 def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """Drop the largest ``gamma`` fraction (outliers) and keep the next ``density`` fraction."""
     gamma = torch.full_like(p["density"], float(p["gamma"]))
-    upper = g.magnitudes.threshold(gamma).to(g.deltas.dtype)
-    lower = g.magnitudes.threshold((gamma + p["density"]).clamp(max=1)).to(g.deltas.dtype)
+    upper = g.thresholds(gamma)
+    lower = g.thresholds((gamma + p["density"]).clamp(max=1))
     mags = g.deltas.abs()
     kept = g.deltas * (g.compare(mags, upper, torch.lt) & g.compare(mags, lower, torch.ge))
     return _finish(g, p["weight"].to(kept.dtype) @ kept, p, out)
@@ -217,7 +220,7 @@ def della(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """DELLA: keep probability rises linearly with magnitude rank within
     ``[density - epsilon, density + epsilon]``; survivors are rescaled, then TIES consensus."""
     eps = float(p["epsilon"])
-    rank = g.magnitudes.rank_fraction(g.deltas)
+    rank = g.rank_fraction()
     keep_prob = (p["density"][:, None] - eps + 2 * eps * rank).clamp(0, 1)
     w = p["weight"]
     kept = _weighted(g, w, random_keep(g, keep_prob, int(p["seed"])))
@@ -301,9 +304,9 @@ register(
     )
 )
 register(
-    MergeMethod("slerp", slerp, (ParamSpec("t", 0.0, 1.0, 0.5, help="interpolation factor"),), "spherical interpolation of two models", max_models=2)
+    MergeMethod("slerp", slerp, (ParamSpec("t", 0.0, 1.0, 0.5, help="interpolation factor"),), "spherical interpolation of two models", max_models=2, elementwise=False)
 )
-register(MergeMethod("model_stock", model_stock, (), "geometry-derived interpolation towards the experts' mean", min_models=2))
+register(MergeMethod("model_stock", model_stock, (), "geometry-derived interpolation towards the experts' mean", min_models=2, elementwise=False))
 register(
     MergeMethod(
         "passthrough",
@@ -314,14 +317,28 @@ register(
 )
 
 
-def apply_method(name: str, group: DeltaGroup, values: Mapping[str, object], out: Tensor | None = None) -> Tensor:
-    """Validate ``values`` for method ``name`` and merge ``group`` (into ``out`` if given)."""
+def apply_method(
+    name: str, group: DeltaGroup, values: Mapping[str, object], out: Tensor | None = None, chunk_size: int | None = None
+) -> Tensor:
+    """Validate ``values`` for method ``name`` and merge ``group`` (into ``out`` if given).
+
+    With ``chunk_size``, element-wise methods run over cache-sized chunks, which keeps the
+    temporaries small (faster on CPU, less peak memory on GPU). Random methods draw per
+    chunk, so their result depends on ``chunk_size`` (fixed per device, reproducible)."""
     method = get_method(name)
     checked = method.validate(values, group.n_models)
     device = group.deltas.device
     params: dict[str, object] = {
         k: (torch.tensor(v, dtype=torch.float32, device=device) if isinstance(v, list) else v) for k, v in checked.items()
     }
+    if chunk_size and method.elementwise and group.numel > chunk_size:
+        target = out if out is not None else torch.empty_like(group.base)
+        for a, b, sub in group.chunks(chunk_size):
+            piece = target[a:b]
+            result = method.fn(sub, params, piece)
+            if result is not piece:
+                piece.copy_(result)
+        return target
     result = method.fn(group, params, out)
     if out is not None and result is not out:
         out.copy_(result)
