@@ -135,6 +135,7 @@ class SearchLoop:
             error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             log.debug("candidate failed: %s", traceback.format_exc())
             losses = [self.worst_loss] * len(self.objectives)
+            scores = {k: v for k, v in scores.items() if math.isfinite(v)}  # keep the archive valid JSON
             _free_accelerator_memory()
         record = Record(
             id=self.archive.next_id(),
