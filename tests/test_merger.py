@@ -123,3 +123,17 @@ def test_out_of_bounds_weight_in_recipe(merger):
 def test_unknown_device_is_a_clear_error(tiny_models):
     with pytest.raises(MergeError, match="unknown device 'gpu0'"):
         Merger(ModelPool(tiny_models["base"], [tiny_models["a"]]), device="gpu0")
+
+
+def test_tokenizer_mismatch_is_a_clear_error(tiny_models, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other_vocab"
+    shutil.copytree(tiny_models["a"], other)
+    tok = AutoTokenizer.from_pretrained(str(other))
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(str(other))
+    with pytest.raises(PoolError, match="expert 'other_vocab' has a different tokenizer vocabulary"):
+        Merger(ModelPool(tiny_models["base"], [tiny_models["a"], other]), device="cpu")

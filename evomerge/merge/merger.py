@@ -80,7 +80,7 @@ class Merger:
         self.check_finite = check_finite
         # bounded temporaries: element-wise methods run over pieces of this many elements
         # (smaller on CPU for cache locality; large on GPU, where launch overhead dominates)
-        self.chunk_size = (1 << 22 if self.device.type == "cpu" else 1 << 26) if chunk_size == "auto" else chunk_size
+        self.chunk_size = (1 << 18 if self.device.type == "cpu" else 1 << 26) if chunk_size == "auto" else chunk_size
         model, tokenizer = pool.load_base()
         self.model: nn.Module = model.to(self.device)
         self.tokenizer = tokenizer
