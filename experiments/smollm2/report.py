@@ -20,7 +20,12 @@ from evomerge.search.archive import Archive
 from evomerge.search.pareto import hypervolume, nondominated
 
 HERE = Path(__file__).resolve().parent
-RUNS = {"nsga2 (layer-wise mixed)": "nsga2-s0", "grid (model-wise TA)": "grid_ta", "random (layer-wise mixed)": "random-s0"}
+RUNS = {
+    "nsga2 (layer-wise mixed, 40 genes)": "nsga2-s0",
+    "nsga2 (model-wise TIES, 4 genes)": "nsga2-modelwise-ties",
+    "grid (model-wise TA, 6x6)": "grid_ta",
+    "random (layer-wise mixed, 40 genes)": "random-s0",
+}
 OBJ = ["math", "roman"]
 
 
@@ -55,11 +60,13 @@ def main() -> None:
             print(f"skipping {name}: {run} has no summary.json yet")
             continue
         first_run = first_run or run
-        search = [r for r in Archive(run / "archive.jsonl").search_records()[: args.budget] if r.error is None]
+        all_search = Archive(run / "archive.jsonl").search_records()[: args.budget]
+        search = [r for r in all_search if r.error is None]
         F = np.array([r.losses for r in search])
         summary = json.loads((run / "summary.json").read_text())
         out["runs"][name] = {
             "hypervolume": hypervolume(F, ref),
+            "evaluations": len(all_search),
             "front": [search[i].scores for i in nondominated(F)],
             "test": summary.get("test", {}),
             "references": summary["references"],
@@ -84,7 +91,7 @@ def plot(out: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    for (name, r), marker in zip(out["runs"].items(), "os^"):
+    for (name, r), marker in zip(out["runs"].items(), "osv^"):
         pts = sorted((s["math"], s["roman"]) for s in r["front"])
         ax.plot(*zip(*pts), marker + "-", ms=5, label=f"{name}: HV {r['hypervolume']:.3f}")
     if "ties_default" in out:
@@ -105,16 +112,16 @@ def plot(out: dict) -> None:
 
 def write_md(out: dict) -> None:
     lines = [
-        f"| search ({out['budget']} evaluations) | hypervolume | merge s / candidate | eval s / candidate | candidates / hour | knee on test: math / roman / target |",
-        "|---|---|---|---|---|---|",
+        f"| search (budget {out['budget']}) | evaluations | hypervolume | merge s / candidate | eval s / candidate | candidates / hour | knee on test: math / roman / target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in out["runs"].items():
         knee = r["test"].get("knee", {}).get("scores", {})
         k = " / ".join(f"{knee.get(o, float('nan')):.2f}" for o in ("math", "roman", "target")) if knee else "-"
-        lines.append(f"| {name} | {r['hypervolume']:.4f} | {r['mean_merge_s']:.2f} | {r['mean_eval_s']:.1f} | {r['candidates_per_hour']:.0f} | {k} |")
+        lines.append(f"| {name} | {r['evaluations']} | {r['hypervolume']:.4f} | {r['mean_merge_s']:.2f} | {r['mean_eval_s']:.1f} | {r['candidates_per_hour']:.0f} | {k} |")
     if "ties_default" in out:
         t = out["ties_default"]["test"]
-        lines.append(f"| TIES default (w=1, d=0.5), one recipe | {out['ties_default']['hypervolume']:.4f} | | | | {t['math']:.2f} / {t['roman']:.2f} / {t['target']:.2f} |")
+        lines.append(f"| TIES default (w=1, d=0.5), one recipe | 1 | {out['ties_default']['hypervolume']:.4f} | | | | {t['math']:.2f} / {t['roman']:.2f} / {t['target']:.2f} |")
     first = next(iter(out["runs"].values()))
     lines += ["", "Best points of each search on the held-out test split (full 100 items per task):", "",
               "| run | point | math | roman | target |", "|---|---|---|---|---|"]
