@@ -22,6 +22,7 @@ from evomerge.pool import ModelPool
 from evomerge.search.archive import Archive
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.loop import SearchLoop
+from evomerge.search.stages import carry_front, plan_stages
 from evomerge.search.report import plot_run, write_front, write_recipes
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ def build_pool(cfg: DictConfig) -> tuple[ModelPool, dict[str, str], str]:
     return ModelPool(base, experts, dtype=OmegaConf.select(cfg, "dtype") or "float32"), experts, str(base)
 
 
-def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str]) -> GenomeSpace:
-    g = OmegaConf.to_container(cfg.genome, resolve=True)
+def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome: dict | None = None) -> GenomeSpace:
+    g = OmegaConf.to_container(cfg.genome, resolve=True) if genome is None else genome
     if not isinstance(g, dict):
         raise ConfigError("genome config must be a mapping")
     allowed = {"methods", "layer_groups", "split_attn_mlp", "separate_embed_head", "search_lambda", "ranges"}
@@ -207,30 +208,47 @@ def run_search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     seed = _get(cfg, "seed", int)
     max_evals = _get(cfg, "search.max_evals", int, positive=True)
     session = open_session(cfg, run_dir)
-    space = build_space(cfg, session.merger, list(session.experts))
-    strategy = build_strategy(cfg, space)
     ref_point = OmegaConf.select(cfg, "search.ref_point")
-    loop = SearchLoop(
-        space,
-        strategy,
-        session.objectives,
-        run_dir,
-        max_evals=max_evals,
-        seed=seed,
-        ref_point=None if ref_point is None else list(ref_point),
-        progress=bool(OmegaConf.select(cfg, "search.progress")),
-        initial=space.reference_genomes() if OmegaConf.select(cfg, "search.seed_with_references") else None,
-    )
-    print(
-        f"search: {strategy.name} over {space.n_var} genes ({len(space.slots)} groups, methods {', '.join(space.methods)}), "
-        f"{max_evals} evaluations, objectives {', '.join(session.objectives)}; run dir {run_dir}",
-        file=sys.stderr,
-        flush=True,
-    )
-    for label, recipe in reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers).items():
-        rec = loop.evaluate_reference(label, recipe, session.evaluate)
-        print(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()), file=sys.stderr)
-    loop.run(session.evaluate)
+    genome_cfg = OmegaConf.to_container(cfg.genome, resolve=True)
+    stages_cfg = OmegaConf.select(cfg, "search.stages")
+    stages = plan_stages(genome_cfg, OmegaConf.to_container(stages_cfg) if stages_cfg is not None else None, max_evals)
+    history: list[dict[str, Any]] = []
+    for i, stage in enumerate(stages):
+        space = build_space(cfg, session.merger, list(session.experts), stage.genome)
+        strategy = build_strategy(cfg, space)
+        initial = None
+        if i > 0:  # later stages start from the front found so far (hand-made merges included)
+            initial = carry_front(loop.archive.records, space)
+            print(f"stage {stage.name}: starting from {len(initial)} front points of the earlier stages", file=sys.stderr, flush=True)
+        elif OmegaConf.select(cfg, "search.seed_with_references"):
+            initial = space.reference_genomes()
+            print(f"warm start: {', '.join(space.hand_made_genomes())}", file=sys.stderr, flush=True)
+        loop = SearchLoop(
+            space,
+            strategy,
+            session.objectives,
+            run_dir,
+            max_evals=stage.evals,
+            seed=seed + i,
+            ref_point=None if ref_point is None else list(ref_point),
+            progress=bool(OmegaConf.select(cfg, "search.progress")),
+            initial=initial,
+            checkpoint_name=stage.checkpoint,
+        )
+        label = f"stage {stage.name}: " if len(stages) > 1 else "search: "
+        print(
+            f"{label}{strategy.name} over {space.n_var} genes ({len(space.slots)} groups, methods {', '.join(space.methods)}), "
+            f"{stage.evals} evaluations, objectives {', '.join(session.objectives)}; run dir {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if i == 0:
+            for label, recipe in reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers).items():
+                rec = loop.evaluate_reference(label, recipe, session.evaluate)
+                print(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()), file=sys.stderr)
+        loop.run(session.evaluate)
+        history += loop.state.history
+    loop.state.history = history
     return finish_run(cfg, run_dir, session, loop)
 
 
@@ -243,8 +261,13 @@ def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoo
         summary["mean_merge_s"] = float(np.mean([r.merge_s for r in search]))
         summary["mean_eval_s"] = float(np.mean([r.eval_s for r in search]))
     summary["hypervolume_history"] = [{"n_evals": h["n_evals"], "hypervolume": h["hypervolume"]} for h in loop.state.history]
-    if OmegaConf.select(cfg, "fitness.test_rescore"):
-        summary["test"] = rescore_on_test(cfg, session, loop.archive, chosen)
+    rescore = OmegaConf.select(cfg, "fitness.test_rescore")
+    if rescore:
+        # true: the chosen points (best per objective, knee); "front": every front point
+        targets = dict(chosen)
+        if rescore == "front":
+            targets.update({f"front:{p['id']}": p["id"] for p in summary["front"]})
+        summary["test"] = rescore_on_test(cfg, session, loop.archive, targets)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if OmegaConf.select(cfg, "report.plots") is not False:
         plot_run(run_dir, session.objectives, loop.archive, loop.state.history)

@@ -145,3 +145,44 @@ def test_encode_reference_decodes_to_expert():
 def test_bad_genome_configs(kw, message):
     with pytest.raises((ConfigError, MergeError), match=message):
         space(**kw)
+
+
+def test_hand_made_genomes_decode_to_the_recipes_users_make():
+    from evomerge.search.genome import GenomeSpace
+
+    space = GenomeSpace(n_experts=2, n_layers=4, expert_names=["m", "l"], methods=("task_arithmetic", "ties", "slerp"), layer_groups=2)
+    made = space.hand_made_genomes()
+    assert list(made) == ["base", "expert:m", "expert:l", "task_arithmetic:0.3", "task_arithmetic:0.5", "task_arithmetic:0.7", "task_arithmetic:1", "ties:default"]
+    for label, x in made.items():
+        groups = space.decode(x).groups
+        assert len(groups) == 4 and len({g.method for g in groups}) == 1, label
+        p = groups[1].params
+        if label.startswith("task_arithmetic:"):
+            w = float(label.split(":")[1])
+            assert groups[1].method == "task_arithmetic" and p["weight"] == [w, w]
+        elif label == "ties:default":
+            assert groups[1].method == "ties" and p["weight"] == [1.0, 1.0] and p["density"] == [0.5, 0.5]
+        elif label == "expert:l":
+            assert p["weight"] == [0.0, 1.0]
+    # a TIES-only space expresses base/experts exactly (density 1) but not task arithmetic
+    ties_only = GenomeSpace(n_experts=2, n_layers=4, methods=("ties",))
+    assert list(ties_only.hand_made_genomes()) == ["base", "expert:expert0", "expert:expert1", "ties:default"]
+    # out-of-range values are left out, never clipped into a different recipe
+    narrow = GenomeSpace(n_experts=2, n_layers=4, methods=("task_arithmetic",), ranges={"weight": [0.2, 0.6]})
+    assert list(narrow.hand_made_genomes()) == ["task_arithmetic:0.3", "task_arithmetic:0.5"]
+
+
+def test_hand_made_strategy_evaluates_only_the_named_points():
+    from evomerge.errors import ConfigError
+    from evomerge.search.algorithms import hand_made
+    from evomerge.search.genome import GenomeSpace
+
+    space = GenomeSpace(n_experts=2, n_layers=4, methods=("ties",))
+    strategy = hand_made(space, ["ties:default", "base"])
+    strategy.setup(space.n_var, 2, 10, 0)
+    X = strategy.ask()
+    assert space.decode(X[0]).groups[1].params["density"] == [0.5, 0.5]
+    strategy.tell(X, np.zeros((2, 2)))
+    assert not strategy.has_next()
+    with pytest.raises(ConfigError, match="task_arithmetic:0.5"):
+        hand_made(space, ["task_arithmetic:0.5"])

@@ -231,3 +231,37 @@ def random_search(pop_size: int = 16) -> Strategy:
 
 def grid(pop_size: int = 16, points_per_axis: int | None = None) -> Strategy:
     return GridStrategy(pop_size, points_per_axis)
+
+
+class HandMadeStrategy(Strategy):
+    """Evaluates named hand-made merges of the genome (``GenomeSpace.hand_made_genomes``)
+    and nothing else: the "what a user would do by hand" baselines of the benchmark."""
+
+    name = "hand_made"
+
+    def __init__(self, space, points: Sequence[str]):
+        available = space.hand_made_genomes()
+        missing = [p for p in points if p not in available]
+        if missing or not points:
+            raise ConfigError(
+                f"algorithm.points: {missing[0] if missing else 'none given'!r} is not a hand-made merge this genome can express; "
+                f"available: {', '.join(available)}"
+            )
+        self.points = np.array([available[p] for p in points])
+
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
+        self.points = self.points[:max_evals]
+        self.done = False
+
+    def has_next(self) -> bool:
+        return not self.done
+
+    def ask(self) -> np.ndarray:
+        return self.points
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        self.done = True
+
+
+def hand_made(space, points: Sequence[str] = ("ties:default",)) -> Strategy:
+    return HandMadeStrategy(space, list(points))

@@ -27,6 +27,12 @@ from evomerge.errors import ConfigError
 from evomerge.merge.methods import get_method
 from evomerge.merge.recipe import Group, Recipe
 
+# Hand-made baselines every default search starts from (issue 8): uniform task
+# arithmetic at these global weights, and TIES as users run it (all weights 1, half of
+# each task vector kept, disjoint mean).
+HAND_MADE_TA_WEIGHTS = (0.3, 0.5, 0.7, 1.0)
+TIES_DEFAULT = {"density": 0.5, "lambda": 1.0}
+
 DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "lambda": (0.5, 1.5), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.0, 0.2)}
 
 
@@ -142,39 +148,99 @@ class GenomeSpace:
             groups.append(Group("head", "head", last.method, dict(last.params)))
         return Recipe(groups=groups, experts=list(self.names))
 
-    def encode_reference(self, method: str, weights: Sequence[float], density: float = 1.0) -> np.ndarray | None:
-        """The genome of a uniform recipe (used for marking experts), if representable."""
+    def encode_uniform(self, method: str, params: dict[str, Any]) -> np.ndarray | None:
+        """The genome whose every group decodes to ``method`` with ``params`` (per-expert
+        ``weight``/``density`` lists, shared values such as ``lambda``), or None when the
+        space cannot express that recipe exactly (method not searched, value out of range)."""
         if method not in self.methods:
             return None
-        x = np.zeros(self.n_var)
+        spec = get_method(method)
+        try:
+            values = spec.validate(params, self.n_experts)
+        except Exception:
+            return None
         per = self.genes_per_slot()
-        for i in range(len(self.slots)):
-            block = {g: 0.5 for g in per}
-            if "method" in block:
-                block["method"] = (list(self.methods).index(method) + 0.5) / len(self.methods)
-            for n, w in zip(self.names, weights):
-                lo, hi = self._ranges["weight"]
-                if not lo <= w <= hi:
-                    return None
-                block[f"weight.{n}"] = (w - lo) / (hi - lo) if hi > lo else 0.0
-                if f"density.{n}" in block:
-                    lo_d, hi_d = self._ranges["density"]
-                    block[f"density.{n}"] = (density - lo_d) / (hi_d - lo_d) if hi_d > lo_d else 0.0
-            x[i * len(per) : (i + 1) * len(per)] = [block[g] for g in per]
+        block: dict[str, float] = {}
+        for g in per:
+            if g == "method":
+                block[g] = (list(self.methods).index(method) + 0.5) / len(self.methods)
+                continue
+            name, _, expert = g.partition(".")
+            if expert:  # weight.<expert> / density.<expert>
+                value = values.get(name, 1.0 if name == "density" else None)
+                value = value[self.names.index(expert)] if isinstance(value, list) else value
+            else:
+                value = values.get(name)
+                if value is None:  # a gene this method ignores: any in-range value will do
+                    lo, hi = self._ranges[name]
+                    value = min(max(1.0 if name == "lambda" else (lo + hi) / 2, lo), hi)
+            if value is None:
+                return None
+            lo, hi = self._ranges[name]
+            if not lo - 1e-12 <= float(value) <= hi + 1e-12:
+                return None
+            block[g] = (float(value) - lo) / (hi - lo) if hi > lo else 0.0
+        x = np.tile([block[g] for g in per], len(self.slots))
+        if not self._decodes_to(x, method, values):
+            return None
         return x
 
+    def _decodes_to(self, x: np.ndarray, method: str, values: dict[str, Any]) -> bool:
+        for group in self.decode(x).groups:
+            if group.method != method:
+                return False
+            for name, value in group.params.items():
+                want = values.get(name)
+                if name == "seed" or want is None:
+                    continue
+                got = np.asarray(value, dtype=float)
+                if got.shape != np.shape(want) or not np.allclose(got, want, atol=1e-5):
+                    return False
+        return True
+
+    def encode_reference(self, method: str, weights: Sequence[float], density: float = 1.0) -> np.ndarray | None:
+        """The genome of a uniform recipe with these weights (and density), if representable."""
+        params: dict[str, Any] = {"weight": list(weights)}
+        if _has_param(method, "density"):
+            params["density"] = [density] * self.n_experts
+        return self.encode_uniform(method, params)
+
+    def hand_made_genomes(self, ta_weights: Sequence[float] = HAND_MADE_TA_WEIGHTS) -> dict[str, np.ndarray]:
+        """The merges a user would try by hand, expressed in this genome: the base, each
+        expert alone, uniform task arithmetic at a few global weights and TIES with its
+        usual settings. A search seeded with them can never start below them. Recipes
+        the space cannot express exactly are left out (see ``encode_uniform``)."""
+        k = self.n_experts
+        wanted: list[tuple[str, list[tuple[str, dict[str, Any]]]]] = []
+        # exact task arithmetic through whichever method expresses it
+        def ta(weights: list[float]) -> list[tuple[str, dict[str, Any]]]:
+            return [
+                ("task_arithmetic", {"weight": weights}),
+                ("dare_linear", {"weight": weights, "density": [1.0] * k}),
+                ("ties", {"weight": weights, "density": [1.0] * k}) if sum(w != 0 for w in weights) <= 1 else ("", {}),
+                ("dare_ties", {"weight": weights, "density": [1.0] * k}) if sum(w != 0 for w in weights) <= 1 else ("", {}),
+            ]
+
+        wanted.append(("base", ta([0.0] * k)))
+        for i, name in enumerate(self.names):
+            wanted.append((f"expert:{name}", ta([1.0 if j == i else 0.0 for j in range(k)])))
+        for w in ta_weights:
+            wanted.append((f"task_arithmetic:{w:g}", ta([float(w)] * k)))
+        wanted.append(("ties:default", [("ties", dict(TIES_DEFAULT, weight=[1.0] * k, density=[TIES_DEFAULT["density"]] * k))]))
+        out: dict[str, np.ndarray] = {}
+        seen: set[bytes] = set()
+        for label, options in wanted:
+            for method, params in options:
+                x = self.encode_uniform(method, params) if method else None
+                if x is not None and x.tobytes() not in seen:
+                    seen.add(x.tobytes())
+                    out[label] = x
+                    break
+        return out
+
     def reference_genomes(self) -> np.ndarray:
-        """Genomes that decode to the base and to each expert alone, where the space can
-        express them (through task arithmetic, or TIES with density 1): a warm start."""
-        method = next((m for m in ("task_arithmetic", "ties", "dare_ties", "dare_linear") if m in self.methods), None)
-        if method is None:
-            return np.zeros((0, self.n_var))
-        rows = []
-        for i in range(-1, self.n_experts):
-            weights = [1.0 if j == i else 0.0 for j in range(self.n_experts)]
-            x = self.encode_reference(method, weights, density=1.0)
-            if x is not None:
-                rows.append(x)
+        """Genomes of the hand-made merges (``hand_made_genomes``), as rows: a warm start."""
+        rows = list(self.hand_made_genomes().values())
         return np.array(rows) if rows else np.zeros((0, self.n_var))
 
     # ---- pymoo mixed-variable support

@@ -65,6 +65,7 @@ class SearchLoop:
         worst_loss: float = 1.0,
         progress: bool = True,
         initial: np.ndarray | None = None,
+        checkpoint_name: str = "checkpoint.pkl",
     ):
         self.space = space
         self.objectives = list(objectives)
@@ -75,7 +76,7 @@ class SearchLoop:
         self.worst_loss = float(worst_loss)
         self.progress = progress
         self.archive = Archive(self.run_dir / "archive.jsonl")
-        self.checkpoint_path = self.run_dir / "checkpoint.pkl"
+        self.checkpoint_path = self.run_dir / checkpoint_name
         if self.checkpoint_path.exists():
             self.state = self._load_checkpoint()
             log.info("resuming at generation %d (%d archived candidates)", self.state.generation, len(self.archive.records))
@@ -86,6 +87,7 @@ class SearchLoop:
             self.state = LoopState(strategy)
         self.reused = 0
         self.evaluated = 0
+        self._by_recipe: dict[str, Record] | None = None
 
     # ---- persistence
     def _save_checkpoint(self) -> None:
@@ -157,11 +159,22 @@ class SearchLoop:
 
     def evaluate_genome(self, x: np.ndarray, evaluate: Evaluator) -> Record:
         key = genome_key(x)
-        cached = self.archive.by_key.get(key)
+        recipe = self.space.decode(x)
+        # the same genome, or another genome (e.g. of an earlier search stage) that
+        # decodes to the same recipe: served from the archive, never evaluated twice
+        cached = self.archive.by_key.get(key) or self._same_recipe().get(_recipe_key(recipe.to_dict()))
         if cached is not None:
             self.reused += 1
             return cached
-        return self._evaluate(key, x, self.space.decode(x), evaluate, kind="search")
+        record = self._evaluate(key, x, recipe, evaluate, kind="search")
+        if record.error is None:
+            self._same_recipe()[_recipe_key(record.recipe)] = record
+        return record
+
+    def _same_recipe(self) -> dict[str, Record]:
+        if self._by_recipe is None:
+            self._by_recipe = {_recipe_key(r.recipe): r for r in self.archive.search_records() if r.error is None}
+        return self._by_recipe
 
     # ---- main loop
     def run(self, evaluate: Evaluator, on_generation: Callable[["SearchLoop"], None] | None = None) -> LoopState:
@@ -216,6 +229,12 @@ class SearchLoop:
         if h["n_failed"]:
             line += f" | failed {h['n_failed']}"
         print(line, file=sys.stderr, flush=True)
+
+
+def _recipe_key(recipe: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(recipe.get("groups"), sort_keys=True)
 
 
 def _free_accelerator_memory() -> None:

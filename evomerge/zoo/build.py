@@ -37,21 +37,40 @@ class ZooConfig:
     num_layers: int = 4
     num_heads: int = 4
     max_length: int = 32
-    pretrain_steps: int = 600
-    finetune_steps: int = 500
+    pretrain_steps: int = 1500
+    finetune_steps: int = 300
     batch_size: int = 64
     pretrain_lr: float = 3e-3
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 2e-3
     # share of each skill in the base's pre-training mix; the rest is generic text
     pretrain_skill_share: float = 0.05
+    # optional per-skill shares instead (e.g. {"math": 0.3, "lang": 0.01}): a base that
+    # half-knows a skill, so an expert only sharpens it, as real fine-tunes do
+    pretrain_skill_mix: dict[str, float] | None = field(default_factory=lambda: {"math": 0.3, "lang": 0.01})
+    # 0: full fine-tuning of every weight; r > 0: rank-r LoRA adapters on every linear
+    # layer of the transformer blocks, merged into the weights afterwards (how most
+    # published experts are made: small, low-rank task vectors that interfere less)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    # share of pre-training samples replayed during fine-tuning (instruction-tuning mixtures
+    # keep general data in, which limits forgetting of what the base knew)
+    finetune_replay: float = 0.5
     experts: dict[str, str] = field(default_factory=lambda: {"math": "math", "lang": "lang"})
     seed: int = 0
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
+    def base_key(self) -> str:
+        """Hash of what the base model depends on (experts' settings excluded)."""
+        fields = {k: v for k, v in asdict(self).items() if not k.startswith(("finetune", "lora"))}
+        fields["experts"] = sorted(set(self.experts.values()))
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
-TINY = ZooConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, pretrain_steps=60, finetune_steps=60, batch_size=32)
+
+TINY = ZooConfig(
+    hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, pretrain_steps=60, finetune_steps=60, batch_size=32, lora_rank=4
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,7 @@ def _batches(sample: Callable[[], str], tokenizer, cfg: ZooConfig):
 
 def _train(model, sample: Callable[[], str], tokenizer, cfg: ZooConfig, steps: int, lr: float, label: str) -> float:
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     model.train()
     loss_value = float("nan")
@@ -116,7 +135,7 @@ def _train(model, sample: Callable[[], str], tokenizer, cfg: ZooConfig, steps: i
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
         loss_value = float(loss)
@@ -124,6 +143,48 @@ def _train(model, sample: Callable[[], str], tokenizer, cfg: ZooConfig, steps: i
             log.info("%s step %d/%d loss %.3f (%.0fs)", label, step + 1, steps, loss_value, time.time() - started)
     model.eval()
     return loss_value
+
+
+class LoraLinear(torch.nn.Module):
+    """``base(x) + (alpha / r) * x A^T B^T`` with the base frozen; B starts at zero."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features**0.5)
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * (self.lora_b @ self.lora_a)
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int) -> list[tuple[torch.nn.Module, str, LoraLinear]]:
+    """Freeze ``model`` and wrap every linear layer inside its transformer blocks."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if ".layers." not in f".{name}." and not name.startswith("model.layers"):
+            continue
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                lora = LoraLinear(child, rank, alpha, gen)
+                setattr(module, child_name, lora)
+                wrapped.append((module, child_name, lora))
+    return wrapped
+
+
+@torch.no_grad()
+def merge_lora(wrapped: list[tuple[torch.nn.Module, str, LoraLinear]]) -> None:
+    """Fold the adapters into the weights and restore the plain linear layers."""
+    for module, child_name, lora in wrapped:
+        lora.base.weight.copy_(lora.merged_weight())
+        setattr(module, child_name, lora.base)
 
 
 def _skill_sampler(skill: str, seed: int, held_out: set[str]) -> Callable[[], str]:
@@ -134,6 +195,23 @@ def _skill_sampler(skill: str, seed: int, held_out: set[str]) -> Callable[[], st
             if ex.prompt not in held_out:
                 return ex.text
         raise RuntimeError("unreachable")
+
+    return sample
+
+
+def _pretrain_sampler(cfg: ZooConfig, held_out: set[str], stream: str) -> Callable[[], str]:
+    """Pre-training text: generic noise plus a share of each skill."""
+    rng = random.Random(stream)
+    skills = {s: _skill_sampler(s, cfg.seed, held_out) for s in sorted(set(cfg.experts.values()))}
+    mix = cfg.pretrain_skill_mix or {s: cfg.pretrain_skill_share / len(skills) for s in skills}
+
+    def sample() -> str:
+        u = rng.random()
+        for skill, share in sorted(mix.items()):
+            if u < share:
+                return skills[skill]()
+            u -= share
+        return noise_text(rng)
 
     return sample
 
@@ -150,23 +228,39 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), force: bool = F
     tmp.mkdir(parents=True)
     tokenizer = build_tokenizer(tmp / "base")
     held_out = held_out_prompts()
-    rng = random.Random(f"pretrain:{cfg.seed}")
-    skills = {s: _skill_sampler(s, cfg.seed, held_out) for s in set(cfg.experts.values())}
+    pretrain_sample = _pretrain_sampler(cfg, held_out, f"pretrain:{cfg.seed}")
+    # the base depends on fewer settings than the experts: reuse a cached one
+    base_cache = Path(out_dir).expanduser() / f"base-{cfg.base_key()}"
+    losses: dict[str, float] = {}
+    if (base_cache / "DONE").is_file() and not force:
+        from transformers import AutoModelForCausalLM
 
-    def pretrain_sample() -> str:
-        if rng.random() < cfg.pretrain_skill_share:
-            return skills[rng.choice(sorted(skills))]()
-        return noise_text(rng)
-
-    model = _new_model(cfg, len(tokenizer))
-    losses = {"base": _train(model, pretrain_sample, tokenizer, cfg, cfg.pretrain_steps, cfg.pretrain_lr, "base")}
+        model = AutoModelForCausalLM.from_pretrained(str(base_cache))
+        losses["base"] = json.loads((base_cache / "DONE").read_text())["loss"]
+    else:
+        model = _new_model(cfg, len(tokenizer))
+        losses["base"] = _train(model, pretrain_sample, tokenizer, cfg, cfg.pretrain_steps, cfg.pretrain_lr, "base")
+        partial = base_cache.with_name(base_cache.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(str(partial))
+        (partial / "DONE").write_text(json.dumps({"loss": losses["base"]}))
+        shutil.rmtree(base_cache, ignore_errors=True)
+        partial.rename(base_cache)
     model.save_pretrained(str(tmp / "base"))
     for name, skill in cfg.experts.items():
         from transformers import AutoModelForCausalLM
 
         expert = AutoModelForCausalLM.from_pretrained(str(tmp / "base"))
-        fine = _skill_sampler(skill, cfg.seed + 1, held_out)
+        skill_sample = _skill_sampler(skill, cfg.seed + 1, held_out)
+        replay = _pretrain_sampler(cfg, held_out, f"replay:{name}:{cfg.seed}")
+        mix_rng = random.Random(f"finetune:{name}:{cfg.seed}")
+
+        def fine(skill_sample=skill_sample, replay=replay, mix_rng=mix_rng) -> str:
+            return replay() if mix_rng.random() < cfg.finetune_replay else skill_sample()
+
+        wrapped = add_lora(expert, cfg.lora_rank, cfg.lora_alpha, cfg.seed) if cfg.lora_rank > 0 else []
         losses[name] = _train(expert, fine, tokenizer, cfg, cfg.finetune_steps, cfg.finetune_lr, f"expert {name}")
+        merge_lora(wrapped)
         expert.save_pretrained(str(tmp / f"expert_{name}"))
         tokenizer.save_pretrained(str(tmp / f"expert_{name}"))
     (tmp / "zoo.json").write_text(json.dumps({"config": asdict(cfg), "final_losses": losses}, indent=2))

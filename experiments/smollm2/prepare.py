@@ -150,9 +150,15 @@ def find_gguf(cache: Path) -> Path:
     return target
 
 
-def finetune(base: Path, out: Path, skill: str, held_out: set[str], steps: int, lr: float, batch: int, device: str, seed: int) -> float:
-    """Full fine-tuning on one skill; the loss covers the answer tokens only."""
+def finetune(
+    base: Path, out: Path, skill: str, held_out: set[str], steps: int, lr: float, batch: int, device: str, seed: int, lora_rank: int = 0
+) -> float:
+    """Fine-tuning on one skill (full, or rank-``lora_rank`` LoRA adapters on every linear
+    layer of the blocks, folded into the weights at the end, as published LoRA experts
+    are); the loss covers the answer tokens only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.zoo.build import add_lora, merge_lora
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -160,8 +166,11 @@ def finetune(base: Path, out: Path, skill: str, held_out: set[str], steps: int, 
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(device)
+    wrapped = add_lora(model, lora_rank, alpha=2.0 * lora_rank, seed=seed) if lora_rank > 0 else []
+    model.to(device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     make = SKILLS[skill][0]
     rng = random.Random(f"train:{skill}:{seed}")
     loss_value = float("nan")
@@ -184,12 +193,13 @@ def finetune(base: Path, out: Path, skill: str, held_out: set[str], steps: int, 
         loss = model(**enc, labels=labels.to(device)).loss
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         loss_value = float(loss.detach())
         if step % 20 == 0 or step == steps - 1:
             log.info("expert %s step %d/%d loss %.3f (%.0fs)", skill, step + 1, steps, loss_value, time.time() - started)
     model.eval()
+    merge_lora(wrapped)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return loss_value
@@ -224,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=default_out())
     p.add_argument("--base-hf", type=Path, default=None, help="use this HF folder as the base instead of the GGUF (tests)")
     p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=1e-3, help="1e-3 suits LoRA; full fine-tuning wants ~5e-5")
+    p.add_argument("--lora-rank", type=int, default=16, help="0 = full fine-tuning (the first release's experts)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--n-eval", type=int, default=100, help="validation and test items per task")
     p.add_argument("--device", default="cpu")
@@ -248,12 +259,15 @@ def main(argv: list[str] | None = None) -> None:
 
             gguf_to_hf(find_gguf(out), out / "base")
     timings = {}
+    recipe = {k: getattr(args, k) for k in ("steps", "lr", "batch", "seed", "lora_rank")}
     for skill in ("math", "roman"):
         target = out / f"expert_{skill}"
-        if (target / "config.json").is_file():
-            continue
+        stamp = target / "evomerge_finetune.json"
+        if (target / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+            continue  # made with the same recipe: reuse
         started = time.time()
-        finetune(out / "base", target, skill, held_out[skill], args.steps, args.lr, args.batch, args.device, args.seed)
+        finetune(out / "base", target, skill, held_out[skill], args.steps, args.lr, args.batch, args.device, args.seed, args.lora_rank)
+        stamp.write_text(json.dumps(recipe))
         timings[skill] = round(time.time() - started, 1)
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "finetune_seconds": timings}
     if not args.skip_scores:

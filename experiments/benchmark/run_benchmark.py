@@ -1,0 +1,228 @@
+"""Budget-matched benchmark: does the default search beat the merges a user makes by hand?
+
+The protocol (fixed before looking at results; see PROTOCOL.md next to this file):
+
+- settings: ``toy`` (the embedded toy zoo) and ``smollm2`` (SmolLM2-135M-Instruct with
+  LoRA experts, ``experiments/smollm2/prepare.py``); objectives = the experts' skills,
+  scored on a fixed validation subset whose seed is the run's seed;
+- searches at each budget: ``default`` (the default config: algorithm, genome, warm start),
+  ``grid_ta`` (the largest full grid of model-wise task-arithmetic weights within the
+  budget), ``ties_default`` (one TIES merge with the usual settings), ``random`` (uniform
+  random genomes of the default genome, no warm start);
+- every run evaluates the base and the experts (they are free: every user has them), so
+  every front includes them;
+- ``val_hv``: hypervolume of the validation front (reference point: score 0);
+  ``test_hv``: hypervolume of the *same points* re-scored on the full held-out test split.
+
+    python experiments/benchmark/run_benchmark.py                       # everything
+    python experiments/benchmark/run_benchmark.py --settings toy --seeds 0
+    python experiments/benchmark/run_benchmark.py --report-only         # tables + plot
+
+Runs go to ``runs/benchmark/<setting>/<search>/<budget>/seed-<s>``; a killed benchmark
+continues where it stopped (finished runs are skipped, unfinished ones resumed). Results:
+``results.json`` (shape ``{setting: {search: {budget: [{seed, val_hv, test_hv, evals}]}}}``),
+``results.md`` and ``results.png`` next to this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SEARCHES: dict[str, list[str]] = {
+    "default": [],
+    "grid_ta": ["algorithm=grid", "genome=modelwise_ta", "search.seed_with_references=false"],
+    "ties_default": ["algorithm=hand_made", "genome=modelwise_ties", "search.seed_with_references=false"],
+    "random": ["algorithm=random", "search.seed_with_references=false"],
+}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "toy": {"overrides": [], "budgets": [48, 144]},
+    "smollm2": {"overrides": ["+experiment=smollm2"], "budgets": [24, 48]},
+}
+SEEDS = [0, 1, 2]
+
+
+def run_dir(root: Path, setting: str, search: str, budget: int, seed: int) -> Path:
+    return root / setting / search / str(budget) / f"seed-{seed}"
+
+
+def run_one(root: Path, setting: str, search: str, budget: int, seed: int, extra: list[str]) -> Path:
+    """Run (or resume, or skip when finished) one search; returns its run directory."""
+    target = run_dir(root, setting, search, budget, seed)
+    if (target / "summary.json").is_file():
+        return target
+    if (target / "config.yaml").is_file():
+        args = [f"resume={target}"]
+    else:
+        args = [
+            *SETTINGS[setting]["overrides"],
+            *SEARCHES[search],
+            f"seed={seed}",
+            f"fitness.subset_seed={seed}",
+            f"search.max_evals={budget}",
+            "fitness.test_rescore=front",
+            "search.progress=false",
+            f"hydra.run.dir={target}",
+            *extra,
+        ]
+    started = time.time()
+    print(f"[benchmark] {setting}/{search}/{budget}/seed-{seed}: python -m evomerge {' '.join(args)}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "evomerge", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise SystemExit(f"[benchmark] run failed ({target}):\n" + "\n".join(tail))
+    print(f"[benchmark]   done in {time.time() - started:.0f}s", flush=True)
+    return target
+
+
+def hv(points: np.ndarray) -> float:
+    from evomerge.search.pareto import hypervolume
+
+    return hypervolume(1.0 - points, np.ones(points.shape[1])) if len(points) else 0.0
+
+
+def measure(target: Path) -> dict[str, Any]:
+    """val/test hypervolume of the run's final front plus the base and experts."""
+    summary = json.loads((target / "summary.json").read_text())
+    objectives = summary["objectives"]
+    test = summary.get("test", {})
+    val_points, test_points = [], []
+    names = [f"front:{p['id']}" for p in summary["front"]] + sorted(summary["references"])
+    for name in names:
+        if name not in test:
+            raise SystemExit(f"[benchmark] {target}: {name} was not re-scored on the test split")
+        val = summary["references"][name] if name in summary["references"] else next(p["scores"] for p in summary["front"] if f"front:{p['id']}" == name)
+        val_points.append([val[o] for o in objectives])
+        test_points.append([test[name]["scores"][o] for o in objectives])
+    extras = sorted({k for t in test.values() for k in t["scores"]} - set(objectives))
+    return {
+        "val_hv": round(hv(np.array(val_points)), 6),
+        "test_hv": round(hv(np.array(test_points)), 6),
+        "evals": int(summary["n_evaluated"]),
+        "front_size": len(summary["front"]),
+        # the stretch objective(s): best test score of any front point, e.g. the target task
+        **{f"best_test_{e}": max(t["scores"].get(e, 0.0) for n, t in test.items() if n.startswith("front:") or n in summary["references"]) for e in extras},
+        "seconds": round(float(summary.get("mean_merge_s", 0) + summary.get("mean_eval_s", 0)) * int(summary["n_evaluated"]), 1),
+    }
+
+
+def collect(root: Path, settings: list[str], searches: list[str], budgets: dict[str, list[int]], seeds: list[int], results: dict) -> dict:
+    for setting in settings:
+        for search in searches:
+            for budget in budgets[setting]:
+                rows = []
+                for seed in seeds:
+                    target = run_dir(root, setting, search, budget, seed)
+                    if (target / "summary.json").is_file():
+                        rows.append({"seed": seed, **measure(target)})
+                if rows:
+                    results.setdefault(setting, {}).setdefault(search, {})[str(budget)] = rows
+    return results
+
+
+def write_report(results: dict, out: Path) -> None:
+    lines = [
+        "# Benchmark results (generated by run_benchmark.py; do not edit)",
+        "",
+        "Hypervolume (reference: score 0 per objective) of each search's final front plus the base and experts:",
+        "`val` on the validation subset the search saw, `test` the same points re-scored on the full held-out test split.",
+        "Mean ± std over seeds (n = number of seeds).",
+        "",
+    ]
+    for setting, by_search in results.items():
+        budgets = sorted({int(b) for s in by_search.values() for b in s})
+        lines += [f"## {setting}", "", "| search | " + " | ".join(f"budget {b}: val HV | budget {b}: test HV" for b in budgets) + " |"]
+        lines.append("|---|" + "---|---|" * len(budgets))
+        for search, by_budget in by_search.items():
+            cells = []
+            for b in budgets:
+                rows = by_budget.get(str(b), [])
+                for key in ("val_hv", "test_hv"):
+                    vals = np.array([r[key] for r in rows])
+                    cells.append(f"{vals.mean():.4f} ± {vals.std():.4f} (n={len(vals)})" if len(vals) else "–")
+            lines.append(f"| {search} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(results, out / "results.png")
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(results)
+    if not settings:
+        return
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        by_search = results[setting]
+        budgets = sorted({int(b) for s in by_search.values() for b in s})
+        width = 0.8 / max(len(by_search), 1)
+        for i, (search, by_budget) in enumerate(by_search.items()):
+            for key, hatch, alpha in (("val_hv", "//", 0.35), ("test_hv", "", 0.9)):
+                means = [np.mean([r[key] for r in by_budget.get(str(b), [])] or [np.nan]) for b in budgets]
+                stds = [np.std([r[key] for r in by_budget.get(str(b), [])] or [np.nan]) for b in budgets]
+                xs = np.arange(len(budgets)) + i * width
+                ax.bar(xs, means, width * 0.9, yerr=stds, alpha=alpha, hatch=hatch, color=f"C{i}", label=f"{search} ({key[:-3]})", capsize=3)
+        ax.set_xticks(np.arange(len(budgets)) + width * (len(by_search) - 1) / 2, [f"budget {b}" for b in budgets])
+        ax.set_ylabel("hypervolume (mean ± std over seeds)")
+        ax.set_title(setting)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--searches", nargs="+", default=None, help=f"default: {' '.join(SEARCHES)}")
+    ap.add_argument(
+        "--define", action="append", default=[], metavar="NAME=OVERRIDES",
+        help="an extra search for lever studies, overrides separated by ';' (e.g. 'nolist=search.seed_with_references=false')",
+    )
+    ap.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    ap.add_argument("--budgets", nargs="+", type=int, default=None, help="override every setting's budgets")
+    ap.add_argument("--root", type=Path, default=Path("runs/benchmark"))
+    ap.add_argument("--out", type=Path, default=HERE, help="where results.json/.md/.png go")
+    ap.add_argument("--report-only", action="store_true", help="only collect finished runs into the results")
+    ap.add_argument("--override", action="append", default=[], help="extra evomerge override for every new run (tests)")
+    args = ap.parse_args(argv)
+    budgets = {s: args.budgets or SETTINGS[s]["budgets"] for s in args.settings}
+    for definition in args.define:
+        name, _, overrides = definition.partition("=")
+        SEARCHES[name] = [o for o in overrides.split(";") if o]
+    args.searches = args.searches or list(SEARCHES)
+    unknown = sorted(set(args.searches) - set(SEARCHES))
+    if unknown:
+        ap.error(f"unknown search {unknown[0]!r}; known: {', '.join(SEARCHES)} (add one with --define)")
+    if not args.report_only:
+        os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        for setting in args.settings:
+            for seed in args.seeds:
+                for budget in budgets[setting]:
+                    for search in args.searches:
+                        run_one(args.root, setting, search, budget, seed, args.override)
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results = collect(args.root, args.settings, args.searches, budgets, args.seeds, results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=1))
+    write_report(results, args.out)
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
