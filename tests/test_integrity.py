@@ -479,3 +479,142 @@ def test_disk_errors_are_one_line(capsys):
         write()
     assert exc.value.code == 1
     assert capsys.readouterr().err == "evomerge: error: cannot write runs/x/summary.json: No space left on device; free space, then resume with resume=<run dir>\n"
+
+
+# ---------------------------------------------------------------- the CLI end to end
+
+
+def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("evomerge: error:")]) == 1
+
+
+def fake_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\nsearch: {max_evals: 48}\nalgorithm: {pop_size: 8}\n")
+    return run
+
+
+@pytest.mark.slow
+def test_mistyped_resume_leaves_the_folder_untouched(tmp_path):
+    one_line_error(cli("resume=typo/run", cwd=tmp_path), "cannot resume: typo/run/config.yaml not found")
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "notes").mkdir()
+    proc = cli(f"resume={tmp_path / 'notes'}", cwd=tmp_path)
+    one_line_error(proc, f"cannot resume: {tmp_path / 'notes' / 'config.yaml'} not found")
+    assert list((tmp_path / "notes").iterdir()) == []  # no .hydra/, no log
+
+
+@pytest.mark.slow
+def test_cli_resume_refuses_while_locked_and_refuses_unsafe_overrides(tmp_path):
+    run = fake_run(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        one_line_error(cli(f"resume={run}", cwd=tmp_path), f"{run} is in use by pid {holder.pid}")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    proc = cli(f"resume={run}", "algorithm.pop_size=4", "seed=1", cwd=tmp_path)
+    one_line_error(proc, "cannot change algorithm.pop_size, seed when resuming")
+    assert not (run / ".hydra").exists() and "pop_size" not in (run / "run.log").read_text()  # the refused override is recorded nowhere
+    assert (run / "config.yaml").read_text() == "seed: 0\nsearch: {max_evals: 48}\nalgorithm: {pop_size: 8}\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.pop_size=0"], "algorithm.pop_size must be at least 2"),
+        (["algorithm.pop_size=1"], "algorithm.pop_size must be at least 2"),
+        (["dtype=float8_e4m3fn"], "dtype must be one of float32, bfloat16, float16"),
+        (["genome.ranges.density=[0.1,1.5]"], "genome.ranges.density=[0.1, 1.5] is outside what merge method"),
+        (['fitness.extra=[{name: t, task: toy_target, metric: "acc,none"}]'], "fitness.extra: task 'toy_target' has no metric 'acc,none'"),
+    ],
+)
+def test_cli_config_mistakes_are_one_line_errors(overrides, message, tmp_path):
+    one_line_error(cli(*overrides, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, timeout=120), message)
+
+
+def _copy_zoo(zoo, dest: Path) -> dict[str, Path]:
+    out = {"base": dest / "base"}
+    shutil.copytree(zoo.base, out["base"])
+    for k, v in zoo.experts.items():
+        shutil.copytree(v, dest / k)
+        out[k] = dest / k
+    return out
+
+
+def _pool_args(models: dict[str, Path]) -> list[str]:
+    return [
+        "modelpool=paths", f"modelpool.base={models['base']}",
+        *(f"+modelpool.experts.{k}={v}" for k, v in models.items() if k != "base"),
+        "device=cpu", "fitness.subset_size=16", "fitness.extra=[]", "fitness.test_rescore=false", "report.plots=false",
+    ]
+
+
+@pytest.mark.slow
+def test_cli_budget_resume_override_fingerprints_and_export_safety(test_zoo, tmp_path):
+    models = _copy_zoo(test_zoo, tmp_path / "pool")
+    run = tmp_path / "run"
+    proc = cli(*_pool_args(models), "search.max_evals=20", "algorithm.pop_size=8", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "done: 20 candidates" in proc.stdout  # 20 is not a multiple of 8: stopped at the budget
+    assert (run / "fingerprints.json").is_file() and not (run / ".hydra").exists()
+
+    # the original command plus resume= and a larger budget: safe, the run continues
+    proc = cli(*_pool_args(models), f"resume={run}", "search.max_evals=24", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resume: search.max_evals: 20 -> 24" in proc.stderr and "done: 24 candidates" in proc.stdout
+    assert OmegaConf.load(run / "config.yaml").search.max_evals == 24
+    keys = [r.key for r in Archive(run / "archive.jsonl").search_records()]
+    assert len(keys) == len(set(keys)) == 24
+
+    # export safety: never into a pool model, never over a non-empty folder unless forced
+    one_line_error(cli("export", f"run={run}", f"out={models['base']}", "force=true", cwd=tmp_path), "pool model folder")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    one_line_error(cli("export", f"run={run}", f"out={tmp_path / 'busy'}", cwd=tmp_path), "is not empty (pass force=true")
+
+    # an expert replaced in place: resume and export refuse unless forced
+    shutil.copy(models["lang"] / "model.safetensors", models["math"] / "model.safetensors")
+    one_line_error(cli(f"resume={run}", cwd=tmp_path), "cannot resume: the inputs changed since the run started: model 'expert:math' file model.safetensors")
+    one_line_error(cli("export", f"run={run}", f"out={tmp_path / 'x'}", cwd=tmp_path), "cannot export: the inputs changed")
+    proc = cli("export", f"run={run}", f"out={tmp_path / 'x'}", "force=true", cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "x" / "model.safetensors").is_file(), proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_truncated_model_is_one_line(test_zoo, tmp_path):
+    models = _copy_zoo(test_zoo, tmp_path / "pool")
+    f = models["math"] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    one_line_error(cli(*_pool_args(models), f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path), "model.safetensors is truncated")
+
+
+@pytest.mark.slow
+def test_failing_references_stop_the_run(test_zoo, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    import evomerge.cli  # noqa: F401 -- registers the config resolvers
+    from evomerge.estimators.lm_eval_fitness import LmEvalFitness
+    from evomerge.run import run_search
+
+    def broken(self):
+        raise RuntimeError("scorer exploded")
+
+    monkeypatch.setattr(LmEvalFitness, "__call__", broken)
+    with initialize_config_module("evomerge.configs", version_base="1.3"):
+        cfg = compose("config", overrides=_pool_args({"base": test_zoo.base, **test_zoo.experts}) + ["search.max_evals=8", "algorithm.pop_size=4"])
+    with pytest.raises(ConfigError, match="reference base failed, so every candidate would: RuntimeError: scorer exploded"):
+        run_search(cfg, tmp_path / "run")
+    assert not Archive(tmp_path / "run" / "archive.jsonl").search_records()
+    RunLock(tmp_path / "run").acquire().release()  # the lock was released on the way out
