@@ -335,7 +335,8 @@ def raise_user_errors(fn):
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
-            print(f"evomerge: error: cannot write {exc.filename or 'a file'}: {exc.strerror}; free space, then resume with resume=<run dir>", file=sys.stderr)
+            fix = "make it writable" if exc.errno == errno.EROFS else "free space"
+            print(f"evomerge: error: cannot write {exc.filename or 'a file'}: {exc.strerror}; {fix}, then resume with resume=<run dir>", file=sys.stderr)
             raise SystemExit(1) from None
         except KeyboardInterrupt:
             print("evomerge: interrupted; resume with resume=<run dir>", file=sys.stderr)

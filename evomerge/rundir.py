@@ -83,13 +83,13 @@ class RunLock:
         except BlockingIOError:
             owner = _read_owner(fd)
             os.close(fd)
-            raise RunDirError(f"{self.path.parent} is in use by {_who(owner)}; wait for it to finish (or stop it) before resuming") from None
+            raise RunDirError(f"{self.path.parent} is in use by {_who(owner)}; wait for it to finish or stop it first") from None
         owner = _read_owner(fd)
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         if owner and owner.get("host") == me["host"] and owner.get("pid") != me["pid"] and _pid_alive(int(owner.get("pid", 0))):
             # flock not enforced here (e.g. some network filesystems): trust the pid
             os.close(fd)
-            raise RunDirError(f"{self.path.parent} is in use by {_who(owner)}; wait for it to finish (or stop it) before resuming")
+            raise RunDirError(f"{self.path.parent} is in use by {_who(owner)}; wait for it to finish or stop it first")
         if owner:
             self.took_over = owner  # its owner died without releasing it
         os.ftruncate(fd, 0)

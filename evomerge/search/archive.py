@@ -25,7 +25,6 @@ import numpy as np
 from evomerge.errors import EvomergeError
 
 CRC_KEY = "_crc"
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 class ArchiveWriteError(EvomergeError):
@@ -151,7 +150,7 @@ class Archive:
         return json.dumps(data, allow_nan=False, default=float) + "\n"
 
     def _write_error(self, exc: OSError) -> EvomergeError:
-        what = "the disk is full" if exc.errno in DISK_ERRNOS else (exc.strerror or str(exc))
+        what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
         return ArchiveWriteError(
             f"cannot write {self.path}: {what}; nothing was lost -- free space and resume with resume={self.path.parent}"
         )
