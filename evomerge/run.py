@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from evomerge import rundir
+from evomerge.checks import check_config, check_tasks, check_weights_finite
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness, quiet_libraries
 from evomerge.merge.merger import Merger
@@ -144,15 +147,19 @@ class Session:
 
 
 def open_session(cfg: DictConfig, run_dir: Path) -> Session:
+    task_files = check_tasks(cfg)
     pool, experts, base = build_pool(cfg)
+    models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
+    rundir.verify_inputs(run_dir, models, task_files, force=bool(OmegaConf.select(cfg, "force")))
     device = OmegaConf.select(cfg, "device") or "auto"
     merger = Merger(pool, device=device)
+    check_weights_finite(merger)
     objectives = _tasks(OmegaConf.select(cfg, "fitness.objectives"), "fitness.objectives")
     extra = _tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
     if not objectives:
         raise ConfigError("fitness.objectives must list at least one task")
     subset_file = run_dir / "subset.json"
-    saved = json.loads(subset_file.read_text()) if subset_file.exists() else None
+    saved = rundir.load_subset(run_dir)
     subset_size = OmegaConf.select(cfg, "fitness.subset_size")
     fitness = LmEvalFitness(
         merger.model,
@@ -167,7 +174,7 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
         include_paths=list(OmegaConf.select(cfg, "fitness.include_paths") or []),
     )
     if saved is None:
-        subset_file.write_text(json.dumps(fitness.subset))
+        rundir.write_atomic(subset_file, json.dumps(fitness.subset))
     return Session(cfg, pool, experts, base, merger, fitness, [t.name for t in objectives])
 
 
@@ -180,31 +187,19 @@ def reference_recipes(n_experts: int, names: list[str], n_layers: int) -> dict[s
     return refs
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """Fresh run: snapshot the resolved config. Resume: load the snapshot instead."""
-    resume = OmegaConf.select(cfg, "resume")
-    if resume:
-        run_dir = Path(resume)
-        saved = run_dir / CONFIG_FILE
-        if not saved.is_file():
-            raise ConfigError(f"cannot resume: {saved} not found (is {run_dir} an evomerge run directory?)")
-        loaded = OmegaConf.load(saved)
-        assert isinstance(loaded, DictConfig)
-        loaded.resume = str(run_dir)
-        return loaded
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "archive.jsonl").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass resume={run_dir} to continue it")
-    cfg_copy = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg_copy)))
-    return cfg
-
-
-def run_search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_search(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``overrides``: the command line's (Hydra) overrides; on resume only safe ones may change."""
     quiet_libraries()
-    cfg = prepare_run_dir(cfg, run_dir)
-    if OmegaConf.select(cfg, "resume"):
-        run_dir = Path(cfg.resume)
+    # locked for the whole run; a fresh run's config is written exclusively (see evomerge.rundir)
+    cfg, run_dir, lock = rundir.open_run_dir(cfg, run_dir, overrides)
+    try:
+        return _search(cfg, run_dir)
+    finally:
+        lock.release()
+
+
+def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    check_config(cfg)
     seed = _get(cfg, "seed", int)
     max_evals = _get(cfg, "search.max_evals", int, positive=True)
     session = open_session(cfg, run_dir)
@@ -234,6 +229,7 @@ def run_search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             progress=bool(OmegaConf.select(cfg, "search.progress")),
             initial=initial,
             checkpoint_name=stage.checkpoint,
+            retry_failed=bool(OmegaConf.select(cfg, "search.retry_failed")),
         )
         label = f"stage {stage.name}: " if len(stages) > 1 else "search: "
         print(
@@ -245,6 +241,8 @@ def run_search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if i == 0:
             for label, recipe in reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers).items():
                 rec = loop.evaluate_reference(label, recipe, session.evaluate)
+                if rec.error:  # the references are plain merges: if they fail, every candidate would
+                    raise ConfigError(f"reference {label} failed, so every candidate would: {rec.error}")
                 print(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()), file=sys.stderr)
         loop.run(session.evaluate)
         history += loop.state.history
@@ -310,8 +308,9 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 # ---------------------------------------------------------------- export
 
 
-def export_point(run_dir: str | Path, point: str, out: str | Path | None = None) -> Path:
-    """Write archive point ``point`` (an id, ``knee`` or ``best_<objective>``) of a run as an HF folder."""
+def export_point(run_dir: str | Path, point: str, out: str | Path | None = None, force: bool = False) -> Path:
+    """Write archive point ``point`` (an id, ``knee`` or ``best_<objective>``) of a run as an HF folder.
+    Refuses a non-empty target (unless ``force``), a pool model's folder, and changed models."""
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file() or not (run / "archive.jsonl").is_file():
         raise ConfigError(f"{run} is not an evomerge run directory (no {CONFIG_FILE} / archive.jsonl)")
@@ -324,6 +323,8 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None)
         record = by_label[point]
     elif (run / "recipes" / f"{point}.yaml").is_file():
         rid = Recipe.load(run / "recipes" / f"{point}.yaml").metadata.get("archive_id")
+        if str(rid) not in by_id:
+            raise ConfigError(f"recipes/{point}.yaml names archive id {rid}, which {run / 'archive.jsonl'} does not hold")
         record = by_id[str(rid)]
     else:
         raise ConfigError(f"no point {point!r} in {run}: use an archive id, knee, best_<objective> or a reference label")
@@ -333,11 +334,14 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None)
     assert isinstance(cfg, DictConfig)
     quiet_libraries()
     pool, experts, base = build_pool(cfg)
+    target = Path(out) if out else run / "exports" / f"point-{record.id}"
+    rundir.check_export_target(target, [base, *experts.values()], force)
+    models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
+    rundir.check_fingerprints(run, rundir.fingerprints(models), force, "export")
     merger = Merger(pool, device=OmegaConf.select(cfg, "device") or "auto")
     recipe = Recipe.from_dict(record.recipe)
     merger.apply(recipe)
     recipe.base, recipe.experts = base, list(experts)
-    target = Path(out) if out else run / "exports" / f"point-{record.id}"
     merger.save(target, recipe)
     return target
 
@@ -351,6 +355,12 @@ def raise_user_errors(fn):
         except EvomergeError as exc:
             print(f"evomerge: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            fix = "make it writable" if exc.errno == errno.EROFS else "free space"
+            print(f"evomerge: error: cannot write {exc.filename or 'a file'}: {exc.strerror}; {fix}, then resume with resume=<run dir>", file=sys.stderr)
+            raise SystemExit(1) from None
         except KeyboardInterrupt:
             print("evomerge: interrupted; resume with resume=<run dir>", file=sys.stderr)
             raise SystemExit(130) from None

@@ -1,19 +1,34 @@
 """Append-only archive of every evaluated candidate (JSON Lines).
 
 Each record is written with a single ``write`` of one line, flushed and fsync'ed, so
-a hard kill loses at most the candidate in flight; a torn last line is ignored on load.
+a hard kill loses at most the candidate in flight. Every line carries ``_crc``, a
+checksum of the record's JSON (all keys but ``_crc``, so records with fields added
+later keep verifying). Loading sorts lines into good records, *damaged* lines (bad
+bytes, bad JSON, checksum mismatch) and a *torn tail* (a last line without newline,
+from a kill or a full disk); the writer truncates the torn tail before its first
+append and can move damaged lines aside (:meth:`Archive.quarantine_damaged`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from evomerge.errors import EvomergeError
+
+CRC_KEY = "_crc"
+
+
+class ArchiveWriteError(EvomergeError):
+    """The archive (or checkpoint) could not be written, e.g. the disk is full."""
 
 
 def genome_key(x: np.ndarray | list[float]) -> str:
@@ -39,33 +54,139 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def record_crc(data: dict[str, Any]) -> str:
+    """Checksum of a record's fields (``_crc`` itself excluded), independent of key order."""
+    body = {k: v for k, v in data.items() if k != CRC_KEY}
+    return hashlib.sha1(json.dumps(body, sort_keys=True, allow_nan=False, default=float).encode()).hexdigest()[:12]
+
+
+def _record_from(data: dict[str, Any]) -> Record:
+    known = {f.name for f in dataclasses.fields(Record)}
+    return Record(**{k: v for k, v in data.items() if k in known})  # keys of newer versions are tolerated
+
+
+@dataclass(frozen=True)
+class Damaged:
+    line: int  # 1-based line number in the file
+    reason: str
+    raw: bytes
+
+
 class Archive:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.records: list[Record] = list(self._read()) if self.path.exists() else []
+        self.records: list[Record] = []
+        self.damaged: list[Damaged] = []
+        self.torn_at: int | None = None  # byte offset where a torn last line starts
+        self.torn_bytes = 0
+        if self.path.exists():
+            self._read()
         self.by_key = {r.key: r for r in self.records}
 
-    def _read(self) -> Iterator[Record]:
-        with self.path.open() as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    break  # torn write from a kill: drop it, it will be re-evaluated
-                try:
-                    yield Record(**json.loads(line))
-                except (json.JSONDecodeError, TypeError):
-                    continue
+    def _read(self) -> None:
+        data = self.path.read_bytes()  # bytes: binary garbage must not raise UnicodeDecodeError
+        offset = 0
+        for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+            if not raw.endswith(b"\n"):
+                self.torn_at, self.torn_bytes = offset, len(raw)  # torn write from a kill: re-evaluated later
+                break
+            offset += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw.decode("utf-8"))
+                if not isinstance(item, dict):
+                    raise ValueError("not a JSON object")
+                crc = item.get(CRC_KEY)
+                if crc is not None and crc != record_crc(item):
+                    raise ValueError("checksum mismatch")
+                self.records.append(_record_from(item))
+            except UnicodeDecodeError:
+                self.damaged.append(Damaged(number, "not UTF-8 text", raw))
+            except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+                reason = "not JSON" if isinstance(exc, json.JSONDecodeError) else str(exc).splitlines()[0][:80]
+                self.damaged.append(Damaged(number, reason, raw))
+
+    def describe_damage(self) -> str:
+        """One line naming what is damaged ('' when nothing is)."""
+        parts = []
+        if self.damaged:
+            lines = ", ".join(f"{d.line} ({d.reason})" for d in self.damaged[:5]) + (" ..." if len(self.damaged) > 5 else "")
+            parts.append(f"{len(self.damaged)} damaged line(s): {lines}")
+        if self.torn_at is not None:
+            parts.append(f"a torn last line ({self.torn_bytes} bytes, an interrupted write)")
+        return f"{self.path}: " + "; ".join(parts) if parts else ""
+
+    def quarantine_damaged(self) -> Path | None:
+        """Move damaged lines to ``<archive>.damaged`` and rewrite the archive without them
+        (atomically); drop a torn tail. Only the process holding the run lock may call this."""
+        if not self.damaged and self.torn_at is None:
+            return None
+        aside = self.path.with_name(self.path.name + ".damaged")
+        if self.damaged:
+            with aside.open("ab") as f:
+                for d in self.damaged:
+                    f.write(d.raw)
+                f.flush()
+                os.fsync(f.fileno())
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with tmp.open("w") as f:
+                for r in self.records:
+                    f.write(self._line(r))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(exc) from None
+        self.damaged, self.torn_at, self.torn_bytes = [], None, 0
+        return aside if aside.exists() else None
+
+    @staticmethod
+    def _line(record: Record) -> str:
+        data = asdict(record)
+        data[CRC_KEY] = record_crc(data)
+        return json.dumps(data, allow_nan=False, default=float) + "\n"
+
+    def _write_error(self, exc: OSError) -> EvomergeError:
+        what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+        return ArchiveWriteError(
+            f"cannot write {self.path}: {what}; nothing was lost -- free space and resume with resume={self.path.parent}"
+        )
 
     def append(self, record: Record) -> None:
-        line = json.dumps(asdict(record), allow_nan=False, default=float) + "\n"
-        with self.path.open("a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        line = self._line(record).encode()
+        if self.torn_at is not None:  # never glue a record to a torn line
+            with self.path.open("r+b") as f:
+                f.truncate(self.torn_at)
+            self.torn_at, self.torn_bytes = None, 0
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with self.path.open("ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            try:  # leave no partial line behind (a full disk may accept half of it)
+                with self.path.open("r+b") as f:
+                    f.truncate(size)
+            except OSError:
+                self.torn_at = size
+            raise self._write_error(exc) from None
         self.records.append(record)
         self.by_key[record.key] = record
+
+    def digest(self, n: int | None = None) -> str:
+        """Digest of the first ``n`` records (ids, keys, losses, errors) in file order."""
+        h = hashlib.sha1()
+        for r in self.records[: len(self.records) if n is None else n]:
+            h.update(f"{r.id}|{r.key}|{r.losses}|{r.error}\n".encode())
+        return h.hexdigest()[:16]
 
     def next_id(self) -> int:
         return 1 + max((r.id for r in self.records), default=-1)
 
     def search_records(self) -> list[Record]:
-        return [r for r in self.records if r.kind == "search"]
+        """Search candidates, one per genome: a retried failure replaces the earlier record."""
+        return [r for r in self.records if r.kind == "search" and self.by_key.get(r.key) is r]

@@ -6,6 +6,11 @@ is attached at run time. Resuming reloads the last checkpoint; the strategy then
 for the same generation again (its RNG was saved with it) and every candidate already
 in the archive is served from there, so nothing is evaluated twice and the run ends
 exactly as an uninterrupted one would.
+
+The checkpoint also records how many archive records existed and their digest. If the
+archive no longer holds them (damaged or lost lines) or the checkpoint itself cannot be
+read, the loop discards it and replays the search from the start, serving every intact
+candidate from the archive: only what was lost is evaluated again.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from evomerge.search.algorithms import Strategy
-from evomerge.search.archive import Archive, Record, genome_key
+from evomerge.errors import ConfigError
+from evomerge.search.archive import Archive, ArchiveWriteError, Record, genome_key
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.pareto import hypervolume, nondominated
 
@@ -46,6 +52,11 @@ class LoopState:
     np_random_state: Any = None
     py_random_state: Any = None
     finished: bool = False
+    # integrity: the archive as of this checkpoint, and the budget the strategy was set up with
+    archive_count: int | None = None
+    archive_digest: str | None = None
+    n_asked: int = 0
+    max_evals: int | None = None
 
 
 def losses_from_scores(scores: dict[str, float], objectives: Sequence[str]) -> list[float]:
@@ -66,6 +77,7 @@ class SearchLoop:
         progress: bool = True,
         initial: np.ndarray | None = None,
         checkpoint_name: str = "checkpoint.pkl",
+        retry_failed: bool = False,
     ):
         self.space = space
         self.objectives = list(objectives)
@@ -75,19 +87,27 @@ class SearchLoop:
         self.ref_point = np.asarray(ref_point if ref_point is not None else [1.0] * len(self.objectives), dtype=float)
         self.worst_loss = float(worst_loss)
         self.progress = progress
+        self.retry_failed = retry_failed
         self.archive = Archive(self.run_dir / "archive.jsonl")
         self.checkpoint_path = self.run_dir / checkpoint_name
-        if self.checkpoint_path.exists():
-            self.state = self._load_checkpoint()
+        damage = self.archive.describe_damage()
+        if damage:  # say what is damaged; the lost candidates are evaluated again below
+            aside = self.archive.quarantine_damaged()
+            _warn(f"{damage}; {'moved to ' + str(aside) + ', ' if aside else ''}lost candidates will be evaluated again")
+        state = self._load_checkpoint() if self.checkpoint_path.exists() else None
+        if state is not None:
+            self.state = state
+            self._extend_budget()
             log.info("resuming at generation %d (%d archived candidates)", self.state.generation, len(self.archive.records))
         else:
             strategy.setup(space.n_var, len(self.objectives), self.max_evals, self.seed, initial=initial)
             np.random.seed(self.seed)
             random.seed(self.seed)
-            self.state = LoopState(strategy)
+            self.state = LoopState(strategy, max_evals=self.max_evals)
         self.reused = 0
         self.evaluated = 0
         self._by_recipe: dict[str, Record] | None = None
+        self._errors_seen: set[str] = set()
 
     # ---- persistence
     def _save_checkpoint(self) -> None:
@@ -95,33 +115,84 @@ class SearchLoop:
 
         self.state.np_random_state = np.random.get_state()
         self.state.py_random_state = random.getstate()
+        self.state.archive_count = len(self.archive.records)
+        self.state.archive_digest = self.archive.digest()
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            dill.dump(self.state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.checkpoint_path)
+        try:
+            with tmp.open("wb") as f:
+                dill.dump(self.state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.checkpoint_path)
+        except OSError as exc:  # e.g. a full disk: the previous checkpoint is still intact
+            tmp.unlink(missing_ok=True)
+            raise ArchiveWriteError(f"cannot write {self.checkpoint_path}: {exc.strerror or exc}; free space and resume with resume={self.run_dir}") from None
 
-    def _load_checkpoint(self) -> LoopState:
+    def _load_checkpoint(self) -> LoopState | None:
+        """The checkpoint, or None (after a warning) when it is damaged or does not match the
+        archive: the caller then replays the search from the archive."""
         import dill
 
-        with self.checkpoint_path.open("rb") as f:
-            state: LoopState = dill.load(f)
+        try:
+            with self.checkpoint_path.open("rb") as f:
+                state: LoopState = dill.load(f)
+            if not isinstance(state, LoopState):
+                raise TypeError(f"holds a {type(state).__name__}")
+        except Exception as exc:  # noqa: BLE001 -- any unpickling failure means a damaged file
+            aside = self.checkpoint_path.with_name("checkpoint.pkl.damaged")
+            os.replace(self.checkpoint_path, aside)
+            _warn(f"{self.checkpoint_path} is damaged ({type(exc).__name__}); moved to {aside.name}; replaying the search from the archive (exact, only lost candidates are evaluated)")
+            return None
+        count, digest = getattr(state, "archive_count", None), getattr(state, "archive_digest", None)
+        if count is not None and (len(self.archive.records) < count or self.archive.digest(count) != digest):
+            _warn(
+                f"the archive does not hold the {count} records the checkpoint was written after "
+                f"(it has {len(self.archive.records)}{', some differ' if len(self.archive.records) >= count else ''}); "
+                "replaying the search from the archive, evaluating what is missing"
+            )
+            return None
+        if not hasattr(state, "n_asked"):  # checkpoint of an older version
+            state.n_asked = int(getattr(getattr(getattr(state.strategy, "algorithm", None), "evaluator", None), "n_eval", 0) or 0)
         if state.np_random_state is not None:
             np.random.set_state(state.np_random_state)
         if state.py_random_state is not None:
             random.setstate(state.py_random_state)
         return state
 
+    def _extend_budget(self) -> None:
+        """A resume with a larger ``search.max_evals`` continues the same search further."""
+        old = getattr(self.state, "max_evals", None)
+        if old is None or old == self.max_evals:
+            self.state.max_evals = self.max_evals
+            return
+        if self.max_evals < old:
+            raise ConfigError(f"search.max_evals can only grow on resume (the run has {old}), got {self.max_evals}")
+        strategy = self.state.strategy
+        term = getattr(getattr(strategy, "algorithm", None), "termination", None)
+        if hasattr(strategy, "extend_budget"):
+            strategy.extend_budget(self.max_evals)
+        elif hasattr(strategy, "left"):
+            strategy.left += self.max_evals - old
+        elif term is not None and hasattr(term, "n_max_evals"):
+            term.n_max_evals = self.max_evals
+            term.update(strategy.algorithm)
+        else:
+            raise ConfigError(f"algorithm {strategy.name} cannot extend its budget on resume (its points depend on search.max_evals); start a new run")
+        self.state.max_evals = self.max_evals
+        self.state.finished = False
+
     # ---- evaluation
     def evaluate_reference(self, label: str, recipe: Any, evaluate: Evaluator) -> Record:
         """Score a fixed recipe (base, experts) once; served from the archive on resume."""
         key = f"ref:{label}"
-        if key in self.archive.by_key:
-            return self.archive.by_key[key]
+        cached = self.archive.by_key.get(key)
+        if cached is not None and cached.error is None:  # a failed reference is tried again
+            return cached
         return self._evaluate(key, None, recipe, evaluate, kind="reference", label=label)
 
-    def _evaluate(self, key: str, x: np.ndarray | None, recipe: Any, evaluate: Evaluator, kind: str, label: str | None = None) -> Record:
+    def _evaluate(
+        self, key: str, x: np.ndarray | None, recipe: Any, evaluate: Evaluator, kind: str, label: str | None = None, generation: int | None = None
+    ) -> Record:
         error = None
         scores: dict[str, float] = {}
         merge_s = eval_s = 0.0
@@ -149,13 +220,24 @@ class SearchLoop:
             losses=losses,
             error=error,
             label=label,
-            generation=self.state.generation if kind == "search" else None,
+            generation=(self.state.generation if generation is None else generation) if kind == "search" else None,
             merge_s=round(merge_s, 6),
             eval_s=round(eval_s, 6),
         )
         self.archive.append(record)
         self.evaluated += 1
+        if error is not None and error not in self._errors_seen:  # print each distinct failure once
+            self._errors_seen.add(error)
+            print(f"{label or 'candidate'} #{record.id} failed: {error}", file=sys.stderr, flush=True)
         return record
+
+    def retry_failed_records(self, evaluate: Evaluator) -> int:
+        """Evaluate failed search candidates again (``search.retry_failed``); a success
+        replaces the failure in the front; the search's own course is unchanged."""
+        failed = [r for r in self.archive.search_records() if r.error is not None and r.genome is not None]
+        for r in failed:
+            self._evaluate(r.key, np.asarray(r.genome), self.space.decode(r.genome), evaluate, kind="search", generation=r.generation)
+        return len(failed)
 
     def evaluate_genome(self, x: np.ndarray, evaluate: Evaluator) -> Record:
         key = genome_key(x)
@@ -181,11 +263,26 @@ class SearchLoop:
         started = time.time()
         evals_at_start = self.evaluated
         strategy = self.state.strategy
-        while strategy.has_next():
+        if self.retry_failed and self.retry_failed_records(evaluate):
+            self._save_checkpoint()
+        while not self.state.finished and strategy.has_next():
             X = strategy.ask()
+            left = self.max_evals - self.state.n_asked
+            if len(X) > left:
+                # the generation overshoots the budget: evaluate what fits and tell nothing, so
+                # a resume with a larger budget asks this same generation again
+                print(f"note: stopping at search.max_evals={self.max_evals}: the last generation is cut to {max(left, 0)} of {len(X)} candidates", file=sys.stderr)
+                for x in X[: max(left, 0)]:
+                    self.evaluate_genome(x, evaluate)
+                self.state.generation += 1
+                self.state.history.append(self._generation_summary())
+                if self.progress:
+                    self._print_progress(started, evals_at_start)
+                return self.state
             records = [self.evaluate_genome(x, evaluate) for x in X]
             F = np.array([r.losses for r in records], dtype=float)
             strategy.tell(X, F)
+            self.state.n_asked += len(X)
             self.state.generation += 1
             self.state.history.append(self._generation_summary())
             self._save_checkpoint()
@@ -210,6 +307,8 @@ class SearchLoop:
         F = np.array([r.losses for r in ok]) if ok else np.zeros((0, len(self.objectives)))
         return {
             "generation": self.state.generation,
+            "n_records": len(self.archive.records),
+            "archive_digest": self.archive.digest(),
             "n_evals": len(recs),
             "n_failed": len(recs) - len(ok),
             "hypervolume": hypervolume(F, self.ref_point),
@@ -235,6 +334,10 @@ def _recipe_key(recipe: dict[str, Any]) -> str:
     import json
 
     return json.dumps(recipe.get("groups"), sort_keys=True)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _free_accelerator_memory() -> None:
