@@ -239,7 +239,8 @@ class HandMadeStrategy(Strategy):
 
     name = "hand_made"
 
-    def __init__(self, space, points: Sequence[str]):
+    def __init__(self, space, points: Sequence[str], pop_size: int = 16):
+        self.pop_size = int(pop_size)
         available = space.hand_made_genomes()
         missing = [p for p in points if p not in available]
         if missing or not points:
@@ -251,17 +252,17 @@ class HandMadeStrategy(Strategy):
 
     def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
         self.points = self.points[:max_evals]
-        self.done = False
+        self.next = 0
 
     def has_next(self) -> bool:
-        return not self.done
+        return self.next < len(self.points)
 
     def ask(self) -> np.ndarray:
-        return self.points
+        return self.points[self.next : self.next + self.pop_size]
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
-        self.done = True
+        self.next += len(X)
 
 
-def hand_made(space, points: Sequence[str] = ("ties:default",)) -> Strategy:
-    return HandMadeStrategy(space, list(points))
+def hand_made(space, points: Sequence[str] = ("ties:default",), pop_size: int = 16) -> Strategy:
+    return HandMadeStrategy(space, list(points), pop_size)
