@@ -220,16 +220,26 @@ def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_report_and_user_errors(tmp_path):
+def test_cli_report_and_user_errors(tmp_path, monkeypatch, capsys):
+    from evomerge import cli
+
     make_run(tmp_path / "r")
-    proc = run_cli("report", "run=r", cwd=tmp_path)
+    proc = run_cli("report", "run=r", cwd=tmp_path)  # the installed entry point, once
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "r" / "report.html").is_file()
     assert "<code>evomerge export run=r point=6</code>" in (tmp_path / "r" / "report.html").read_text()
-    bad = run_cli("report", "run=nowhere", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == "evomerge: error: nowhere is not an evomerge run directory (no archive.jsonl)"
-    usage = run_cli("compare", "run=r", cwd=tmp_path)
-    assert usage.returncode == 2 and usage.stderr.startswith("evomerge: error: usage: evomerge compare") and "Traceback" not in usage.stderr
+    monkeypatch.chdir(tmp_path)
+    for argv, message in (
+        (["report", "run=nowhere"], "evomerge: error: nowhere is not an evomerge run directory (no archive.jsonl)"),
+        (["compare", "run=r"], "evomerge: error: usage: evomerge compare runs=[<run dir>,...]|'<glob>' [budget=<evaluations>] [labels=[<name>,...]] [out=<folder>]"),
+        (["compare", "runs=[r]", "budget=ten"], "evomerge: error: budget must be an integer, got 'ten'"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["evomerge", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == 2 and capsys.readouterr().err.strip() == message
+    monkeypatch.setattr(sys, "argv", ["evomerge", "compare", "runs=[r]", "out=cmp"])
+    cli.main()
+    assert "comparison written to cmp/compare.html" in capsys.readouterr().out and (tmp_path / "cmp" / "compare.md").is_file()
 
 
 # ---------------------------------------------------------------- compare
