@@ -73,10 +73,16 @@ def compare_main(argv: list[str]) -> None:
 
 
 def expand_labels(text: str) -> list[str]:
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    return [s.strip().strip("'\"") for s in text.split(",") if s.strip()]
+    """``[a,b]`` or ``a,b``; quote a label that holds a comma: ``['x, y',z]``."""
+    import yaml
+
+    try:
+        items = yaml.safe_load(text if text.strip().startswith("[") else f"[{text}]")
+    except yaml.YAMLError:
+        items = None
+    if isinstance(items, list) and all(isinstance(i, (str, int, float)) for i in items):
+        return [str(i) for i in items]
+    return [s.strip().strip("'\"") for s in text.strip().strip("[]").split(",") if s.strip()]
 
 
 SUBCOMMANDS = {"export": export_main, "report": report_main, "compare": compare_main}

@@ -167,6 +167,23 @@ def test_report_embeds_points_recipes_commands_and_test_scores(tmp_path):
     assert 'http-equiv="refresh"' not in html  # finished run
 
 
+def test_three_objectives_get_every_pair_and_parallel_coordinates(tmp_path):
+    cfg = config()
+    cfg["fitness"]["objectives"].append(cfg["fitness"].pop("extra")[0])
+    recs = [dict(r, losses=[1 - r["scores"][k] for k in "abc"]) if not r["error"] else dict(r, losses=[1.0] * 3) for r in FAKE_RECORDS]
+    run = load_run(make_run(tmp_path / "r", recs, SUMMARY, cfg))
+    assert run.objectives == ["a", "b", "c"] and run.extras == []
+    html, data = build_report(run)
+    fronts = json.loads(re.search(r'data-figure="fig-fronts">(.*?)</script>', html, re.S).group(1))
+    titles = sorted((k, v["title"]["text"]) for k, v in fronts["layout"].items() if k.startswith(("xaxis", "yaxis")))
+    assert [t for _, t in titles] == ["a (higher is better)", "a (higher is better)", "b (higher is better)",
+                                      "b (higher is better)", "c (higher is better)", "c (higher is better)"]  # (a,b) (a,c) (b,c)
+    par = json.loads(re.search(r'data-figure="fig-parcoords">(.*?)</script>', html, re.S).group(1))
+    assert [d["label"] for d in par["data"][0]["dimensions"]] == ["a", "b", "c"]
+    assert len(par["data"][0]["dimensions"][0]["values"]) == 6  # every successful search candidate
+    assert 6 in [p["id"] for p in data["front"]]
+
+
 def test_report_of_a_running_run_without_summary_or_stderr(tmp_path):
     recs = [{k: v for k, v in r.items() if k != "stderr"} for r in FAKE_RECORDS]
     make_run(tmp_path / "r", recs, summary=None)
@@ -237,9 +254,10 @@ def test_cli_report_and_user_errors(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_:
             cli.main()
         assert exit_.value.code == 2 and capsys.readouterr().err.strip() == message
-    monkeypatch.setattr(sys, "argv", ["evomerge", "compare", "runs=[r]", "out=cmp"])
+    monkeypatch.setattr(sys, "argv", ["evomerge", "compare", "runs=[r]", "labels=['nsga2 (mixed, 40 genes)']", "out=cmp"])
     cli.main()
-    assert "comparison written to cmp/compare.html" in capsys.readouterr().out and (tmp_path / "cmp" / "compare.md").is_file()
+    assert "comparison written to cmp/compare.html" in capsys.readouterr().out
+    assert "| nsga2 (mixed, 40 genes) | 1 (0) | 7 | 0.4390 |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 # ---------------------------------------------------------------- compare

@@ -132,12 +132,12 @@ def parcoords_figure(run: RunData) -> Any | None:
     if len(dims) < 3 or not pts:
         return None
     front_ids = {p.id for p in run.front()}
+    pts = sorted(pts, key=lambda p: p.id in front_ids)  # front lines drawn last, on top
     return go.Figure(
         go.Parcoords(
             line={"color": [1 if p.id in front_ids else 0 for p in pts], "colorscale": [[0, GREY], [1, FRONT_COLOR]], "cmin": 0, "cmax": 1},
             dimensions=[{"label": d + ("" if d in run.objectives else " (extra)"), "values": [p.scores.get(d, float("nan")) for p in pts],
-                         "range": [0, max(1.0, max(p.scores.get(d, 0) for p in pts))]} for d in dims]
-            + [{"label": "id", "values": [p.id for p in pts]}],
+                         "range": [0, max(1.0, max(p.scores.get(d, 0) for p in pts))]} for d in dims],
         ),
         layout={"height": 420, "margin": {"l": 60, "r": 60, "t": 50, "b": 30}},
     )
@@ -332,14 +332,9 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
     sections: list[tuple[str, str, str]] = []
     fronts = figure_block("fig-fronts", fronts_figure(run)).replace('class="fig"', 'class="fig" data-clickable-front="1"', 1)
     sections.append(("fronts", "Fronts", '<p class="note">Every objective pair; the front is over all objectives. Hover a point for its '
-                     "scores and methods; click a front point to show its recipe below. Stars: base and experts; grey: dominated candidates."
+                     "scores and methods; click a front point to show its recipe in the next section. Stars: base and experts; grey: dominated candidates."
                      + (f" Error bars: ±1 standard error; open circles: front points within {SEPARATION_Z:g} standard errors of another front point on every objective."
                         if any(p.stderr for p in front) else "") + "</p>" + fronts))
-    par = parcoords_figure(run)
-    if par is not None:
-        sections.append(("parallel", "Parallel coordinates", '<p class="note">Blue: front; grey: the rest. Drag along an axis to filter.</p>' + figure_block("fig-parcoords", par)))
-    sections.append(("progress", "Hypervolume and best so far", figure_block("fig-progress", progress_figure(run))))
-    sections.append(("throughput", "Throughput", figure_block("fig-throughput", throughput_figure(run))))
     if front:
         figs = {str(p.id): json.loads(pio.to_json(recipe_figure(p, run.expert_names), validate=False)) for p in front}
         start = knee or front[0]
@@ -352,6 +347,11 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
         sections.append(("recipes", "Recipes of the front", '<p class="note">Layer groups (rows, with their merge method) × experts: '
                          f'weight and density per expert; blank: the method has no such parameter.</p><label>front point <select id="recipe-select">{options}</select></label>'
                          + figure_block("recipe-fig", recipe_figure(start, run.expert_names)) + data_block("recipe-figures", figs)))
+    par = parcoords_figure(run)
+    if par is not None:
+        sections.append(("parallel", "Parallel coordinates", '<p class="note">Blue: front; grey: the rest. Drag along an axis to filter.</p>' + figure_block("fig-parcoords", par)))
+    sections.append(("progress", "Hypervolume and best so far", figure_block("fig-progress", progress_figure(run))))
+    sections.append(("throughput", "Throughput", figure_block("fig-throughput", throughput_figure(run))))
     vt = validation_test_figure(run)
     if vt is not None:
         sections.append(("test", "Validation vs test", '<p class="note">Re-scored points (summary.json → test): search-subset score vs. held-out test score.</p>'
