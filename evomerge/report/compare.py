@@ -152,6 +152,11 @@ def markdown(groups: list[Group], objectives: list[str], extras: list[str], budg
             "higher is better. Best: best validation score of any candidate. Knee on test: the first run's knee point re-scored on the test split.")
     if budget is not None:
         note += f" Every run is cut at its first {budget} search evaluations."
+    first = groups[0].runs[0]
+    refs = {p.label: t for p in first.references if (t := first.test_scores().get(p.label or ""))}
+    if refs:
+        note += "\n\nSource models on the test split (" + str(first.run_dir) + "):\n\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+        note += "".join(f"| {name} | " + " | ".join(_fmt((t.get("scores") or {}).get(k), 3) for k in keys) + " |\n" for name, t in refs.items())
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
