@@ -18,7 +18,7 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.report.data import RunData, config_without_seed, load_run
 from evomerge.report.page import data_block, esc, figure_block, page, write_atomic
-from evomerge.report.run_report import REF_COLORS, export_command
+from evomerge.report.run_report import REF_COLORS, _display_path, export_command
 
 GROUP_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 DASHES = ["solid", "dot", "dash", "longdash", "dashdot"]
@@ -149,13 +149,13 @@ def markdown(groups: list[Group], objectives: list[str], extras: list[str], budg
         )
     ref_scores = ", ".join(f"{o} {1 - x:g}" for o, x in zip(objectives, ref))
     note = (f"Hypervolume of each run's front over the objectives ({', '.join(objectives)}), reference point at score ({ref_scores}); "
-            "higher is better. Best: best validation score of any candidate. Knee on test: the first run's knee point re-scored on the test split.")
+            "higher is better. Best: best validation score of any candidate. Knee on test: the knee point of the group's first run, re-scored on the test split.")
     if budget is not None:
         note += f" Every run is cut at its first {budget} search evaluations."
     first = groups[0].runs[0]
     refs = {p.label: t for p in first.references if (t := first.test_scores().get(p.label or ""))}
     if refs:
-        note += "\n\nSource models on the test split (" + str(first.run_dir) + "):\n\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+        note += "\n\nSource models on the test split (" + _display_path(first.run_dir) + "):\n\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
         note += "".join(f"| {name} | " + " | ".join(_fmt((t.get("scores") or {}).get(k), 3) for k in keys) + " |\n" for name, t in refs.items())
     return "\n".join(lines) + "\n\n" + note + "\n"
 
@@ -186,7 +186,7 @@ def fronts_figure(groups: list[Group], objectives: list[str]) -> Any:
                     mode="lines+markers" if len(objectives) == 2 else "markers",
                     line={"color": color, "dash": DASHES[si % len(DASHES)], "width": 1.5}, marker={"color": color, "size": 7},
                     hovertext=[f"<b>{esc(g.label)}</b> seed {_seed(run)}<br>#{p.id}: " + ", ".join(f"{o} {v:.3f}" for o, v in p.scores.items())
-                               + f"<br>{esc(export_command(run.run_dir, p.id))}" for p in pts],
+                               + f"<br>{esc(export_command(_display_path(run.run_dir), p.id))}" for p in pts],
                     hoverinfo="text"), row=r_, col=c_)
         first = groups[0].runs[0]
         for n, ref in enumerate(first.references):
@@ -225,7 +225,7 @@ def html_table(groups: list[Group]) -> str:
             span = f' rowspan="{len(g.runs)}"'
             lead = (f'<td class=l{span} style="border-left:5px solid {GROUP_COLORS[gi % len(GROUP_COLORS)]}">{esc(g.label)}</td>'
                     f"<td{span}>{mean:.4f}{'' if std is None else f' ± {std:.4f}'}</td>") if first else ""
-            rows.append(f"<tr>{lead}<td>{esc(_seed(run))}</td><td class=l>{esc(run.run_dir)}</td><td>{len(run.search)}</td>"
+            rows.append(f"<tr>{lead}<td>{esc(_seed(run))}</td><td class=l>{esc(_display_path(run.run_dir))}</td><td>{len(run.search)}</td>"
                         f"<td>{run.hypervolume():.4f}</td><td>{len(run.front())}</td></tr>")
     return ("<table><tr><th class=l>search</th><th>hypervolume mean ± std</th><th>seed</th><th class=l>run</th><th>evaluations</th>"
             f"<th>hypervolume</th><th>front size</th></tr>{''.join(rows)}</table>")
@@ -294,7 +294,7 @@ def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int |
         "ref_point_losses": ref.tolist(),
         "groups": [
             {"label": g.label, "hypervolume_mean": g.mean_std()[0], "hypervolume_std": g.mean_std()[1],
-             "runs": [{"run": str(r.run_dir), "seed": _seed(r), "evaluations": len(r.search), "hypervolume": r.hypervolume(),
+             "runs": [{"run": _display_path(r.run_dir), "seed": _seed(r), "evaluations": len(r.search), "hypervolume": r.hypervolume(),
                        "hv_history": r.hv_history(), "front": [{"id": p.id, "scores": p.scores} for p in r.front()]} for r in g.runs]}
             for g in groups
         ],
