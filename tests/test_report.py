@@ -331,36 +331,48 @@ def chromium() -> str:
     pytest.skip("no headless chromium found: CI installs Debian's chromium in .ci/run (apt-get install chromium); set EVOMERGE_CHROMIUM to another binary")
 
 
-def browse(html_file: Path, tmp_path: Path, screenshot: Path | None = None) -> tuple[str, str]:
+def browse(html_file: Path, tmp_path: Path, screenshot: Path | None = None, fragment: str = "") -> tuple[str, str]:
     """Load a page in headless chromium (local file, no network): the DOM after scripts ran, stderr."""
     args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}",
             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", "--window-size=1400,3000"]
-    args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
-    proc = subprocess.run([*args, html_file.resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    args += ["--dump-dom"] + ([f"--screenshot={screenshot}"] if screenshot else [])
+    proc = subprocess.run([*args, html_file.resolve().as_uri() + fragment], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout, proc.stderr
 
 
+def drawn_recipe_title(dom: str) -> str:
+    """The title plotly drew (as SVG text) into the recipe heatmap's div."""
+    drawn = dom.split('<div id="recipe-fig"', 1)[1].split('data-figure="recipe-fig"', 1)[0]
+    return re.search(r'class="gtitle"[^>]*>([^<]*)<', drawn).group(1)
+
+
+@pytest.mark.slow  # a few chromium launches: ~10 s on an idle 2-core machine, minutes under load
 def test_report_and_comparison_render_in_headless_chromium(three_runs, tmp_path):
     make_run(tmp_path / "r")
     report = write_run_report(tmp_path / "r")
     n_figures = report.read_text().count("data-figure=")
     assert n_figures == 6  # fronts, parallel coordinates (a, b, extra c), progress, throughput, recipe, validation vs test
-    dom, log = browse(report, tmp_path)
+    shot = tmp_path / "report.png"
+    dom, log = browse(report, tmp_path, screenshot=shot)
     assert 'data-report-status="ok"' in dom, re.findall(r'id="report-status"[^<]*', dom)
     assert f'data-figures-drawn="{n_figures}"' in dom
     assert f"rendered {n_figures}/{n_figures} figures" in dom
     assert "Uncaught" not in log
-    shot = tmp_path / "report.png"
-    browse(report, tmp_path, screenshot=shot)
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 50_000  # a blank page is a few KB
+
+    # the recipe heatmap follows a link to a front point (JavaScript wiring, not just plotting)
+    assert drawn_recipe_title(dom).startswith("recipe of #6: ")  # the knee first
+    dom, _ = browse(report, tmp_path, fragment="#point=7")
+    assert 'data-report-status="ok"' in dom and drawn_recipe_title(dom).startswith("recipe of #7: a = 0.200 ± 0.050")
 
     compare_runs(str(three_runs / "*"), out=tmp_path / "cmp")
     dom, log = browse(tmp_path / "cmp" / "compare.html", tmp_path)
     assert 'data-report-status="ok"' in dom and 'data-figures-drawn="2"' in dom and "Uncaught" not in log
 
 
+@pytest.mark.slow
 def test_a_javascript_error_is_reported_by_the_status_marker(tmp_path):
     """The marker the browser test relies on can fail: a broken figure spec shows as an error."""
     make_run(tmp_path / "r")

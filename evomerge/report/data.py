@@ -104,6 +104,7 @@ class RunData:
     points: list[Point]
     summary: dict[str, Any] = field(default_factory=dict)
     budget: int | None = None
+    _front_cache: dict[int | None, list[Point]] = field(default_factory=dict, repr=False)
 
     # ---- selections
     @property
@@ -133,9 +134,12 @@ class RunData:
 
     def front(self) -> list[Point]:
         """Non-dominated search candidates, sorted by the first objective's score (high first)."""
-        ok = self.evaluated
-        idx = nondominated(self.losses(ok)) if ok else []
-        return sorted((ok[i] for i in idx), key=lambda p: p.losses)
+        cached = self._front_cache.get(self.budget)
+        if cached is None:
+            ok = self.evaluated
+            idx = nondominated(self.losses(ok)) if ok else []
+            cached = self._front_cache[self.budget] = sorted((ok[i] for i in idx), key=lambda p: p.losses)
+        return list(cached)
 
     def hypervolume(self) -> float:
         return hypervolume(self.losses([p for p in self.front()]), self.ref_point)

@@ -78,7 +78,7 @@ def figure_block(div_id: str, fig: Any, height: int | None = None) -> str:
     """A plotly figure as a <div> plus its JSON spec (drawn by RENDER)."""
     import plotly.io as pio
 
-    spec = json.loads(pio.to_json(fig, validate=False))
+    spec = fig if isinstance(fig, dict) else json.loads(pio.to_json(fig, validate=False))
     style = f' style="height:{height}px"' if height else ""
     return f'<div id="{div_id}" class="fig"{style}></div>\n<script type="application/json" data-figure="{div_id}">{_json(spec)}</script>'
 

@@ -184,29 +184,33 @@ def throughput_figure(run: RunData) -> Any:
     return fig
 
 
-def recipe_figure(p: Point, experts: Sequence[str]) -> Any:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+def recipe_figure(p: Point, experts: Sequence[str]) -> dict[str, Any]:
+    """Weight and density heatmaps (layer groups × experts) of one recipe, as a plain plotly.js
+    spec: built once per front point on every refresh, so no plotly.py objects (10x slower)."""
+    from plotly.colors import sequential
 
+    blues = [[i / (len(sequential.Blues) - 1), c] for i, c in enumerate(sequential.Blues)]
     table = recipe_table(p.recipe, experts)
     names, rows = table["experts"], table["groups"]
     ylabels = [f"{r['group']} · {r['method']}" for r in rows]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("weight", "density"), horizontal_spacing=0.18)
-    for col, key in ((1, "weight"), (2, "density")):
-        z = [[v for v in r[key]] for r in rows]
-        text = [["" if v is None else f"{v:.2f}" for v in r[key]] for r in rows]
-        other = [", ".join(f"{k}={v}" for k, v in r["other"].items()) for r in rows]
-        custom = [[[r["method"], other[i]] for _ in names] for i, r in enumerate(rows)]
-        fig.add_trace(
-            go.Heatmap(z=z, x=names, y=ylabels, text=text, texttemplate="%{text}", zmin=0, zmax=1, colorscale="Blues",
-                       customdata=custom, showscale=col == 2, colorbar={"len": 0.9},
-                       hovertemplate="%{y}<br>expert %{x}: " + key + " %{z:.3f}<br>%{customdata[1]}<extra></extra>"),
-            row=1, col=col,
-        )
-        fig.update_yaxes(autorange="reversed", row=1, col=col)
-    fig.update_layout(title={"text": f"recipe of #{p.id}: " + ", ".join(score_text(p, list(p.scores))), "font": {"size": 13}},
-                      height=max(260, 60 + 34 * len(rows)), margin={"l": 170, "r": 20, "t": 60, "b": 40}, template="plotly_white")
-    return fig
+    other = [", ".join(f"{k}={v}" for k, v in r["other"].items()) for r in rows]
+    data, layout = [], {}
+    for col, key, domain in ((1, "weight", [0.0, 0.41]), (2, "density", [0.59, 1.0])):
+        suffix = "" if col == 1 else "2"
+        data.append({
+            "type": "heatmap", "z": [list(r[key]) for r in rows], "x": list(names), "y": ylabels,
+            "text": [["" if v is None else f"{v:.2f}" for v in r[key]] for r in rows], "texttemplate": "%{text}",
+            "zmin": 0, "zmax": 1, "colorscale": blues, "showscale": col == 2, "colorbar": {"len": 0.9},
+            "customdata": [[other[i] for _ in names] for i in range(len(rows))], "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
+            "hovertemplate": "%{y}<br>expert %{x}: " + key + " %{z:.3f}<br>%{customdata}<extra></extra>",
+        })
+        layout[f"xaxis{suffix}"] = {"domain": domain, "anchor": f"y{suffix}"}
+        layout[f"yaxis{suffix}"] = {"anchor": f"x{suffix}", "autorange": "reversed"}
+        layout.setdefault("annotations", []).append({"text": key, "x": sum(domain) / 2, "y": 1.0, "xref": "paper", "yref": "paper",
+                                                     "xanchor": "center", "yanchor": "bottom", "showarrow": False, "font": {"size": 14}})
+    layout.update(title={"text": f"recipe of #{p.id}: " + ", ".join(score_text(p, list(p.scores))), "font": {"size": 13}},
+                  height=max(260, 60 + 34 * len(rows)), margin={"l": 170, "r": 20, "t": 60, "b": 40}, plot_bgcolor="white")
+    return {"data": data, "layout": layout}
 
 
 def validation_test_figure(run: RunData) -> Any | None:
@@ -247,7 +251,8 @@ def front_table(run: RunData, run_arg: str) -> str:
         cells = "".join(f"<td>{esc(s.split(' = ', 1)[1])}</td>" if (s := next(iter(score_text(p, [k])), "")) else "<td></td>" for k in keys)
         methods = ", ".join(sorted({m for _, m in p.methods()}))
         rows.append(
-            f"<tr><td>{p.id}</td><td class=l>{esc(', '.join(chosen.get(p.id, [])))}</td>{cells}<td class=l>{esc(methods)}</td>"
+            f'<tr><td><a href="#point={p.id}" title="show its recipe">{p.id}</a></td>'
+            f"<td class=l>{esc(', '.join(chosen.get(p.id, [])))}</td>{cells}<td class=l>{esc(methods)}</td>"
             f"<td>{'' if p.generation is None else p.generation}</td><td>{p.merge_s:.2f}</td><td>{p.eval_s:.2f}</td>"
             f"<td class=l>{esc(', '.join(f'#{q}' for q in close.get(p.id, [])))}</td>"
             f"<td class=l><code>{esc(export_command(run_arg, p.id))}</code></td></tr>"
@@ -289,13 +294,18 @@ window.afterRender=function(){
   document.querySelectorAll('[data-clickable-front]').forEach(function(div){
     div.on('plotly_click',function(ev){var cd=ev.points[0].customdata; if(cd){show(cd[0]);}});
   });
+  function fromHash(){  // report.html#point=<id> opens that point's recipe (links in the front table)
+    var m=/point=(\d+)/.exec(location.hash);
+    if(m&&recipes[m[1]]){show(m[1]);document.getElementById('recipes').scrollIntoView();}
+  }
+  window.addEventListener('hashchange',fromHash);
+  fromHash();
 };
 """
 
 
 def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -> tuple[str, dict[str, Any]]:
     """The report's HTML and the data it embeds (also returned for callers and tests)."""
-    import plotly.io as pio
 
     run_arg = run_arg if run_arg is not None else str(run.run_dir)
     front = run.front()
@@ -336,7 +346,7 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
                      + (f" Error bars: ±1 standard error; open circles: front points within {SEPARATION_Z:g} standard errors of another front point on every objective."
                         if any(p.stderr for p in front) else "") + "</p>" + fronts))
     if front:
-        figs = {str(p.id): json.loads(pio.to_json(recipe_figure(p, run.expert_names), validate=False)) for p in front}
+        figs = {str(p.id): recipe_figure(p, run.expert_names) for p in front}
         start = knee or front[0]
         options = "".join(
             f'<option value="{p.id}"{" selected" if p is start else ""}>#{p.id}: '
