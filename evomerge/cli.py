@@ -65,7 +65,7 @@ def compare_main(argv: list[str]) -> None:
         budget = int(args["budget"]) if args.get("budget") not in (None, "", "null") else None
     except ValueError:
         raise ConfigError(f"budget must be an integer, got {args['budget']!r}") from None
-    labels = [str(x) for x in expand_labels(args["labels"])] if "labels" in args else None
+    labels = expand_labels(args["labels"]) if "labels" in args else None
     out = Path(args.get("out", "."))
     compare_runs(expand_runs(args["runs"]), out=out, budget=budget, labels=labels)
     print((out / "compare.md").read_text(), end="")

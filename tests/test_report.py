@@ -348,7 +348,7 @@ def drawn_recipe_title(dom: str) -> str:
     return re.search(r'class="gtitle"[^>]*>([^<]*)<', drawn).group(1)
 
 
-@pytest.mark.slow  # a few chromium launches: ~10 s on an idle 2-core machine, minutes under load
+@pytest.mark.slow  # three chromium launches; each loads 5 MB of plotly.js (slow on a loaded machine)
 def test_report_and_comparison_render_in_headless_chromium(three_runs, tmp_path):
     make_run(tmp_path / "r")
     report = write_run_report(tmp_path / "r")
