@@ -102,10 +102,10 @@ def fronts_figure(run: RunData) -> Any:
         sep = [p for p in front if p.id not in close]
         near = [p for p in front if p.id in close]
         line = len(objs) == 2  # a connecting line is only a front in the 2-objective case
-        sep_sorted = sorted(front, key=lambda p: p.scores.get(xo, 0)) if line else sep
         chosen_note = lambda p: (" — " + ", ".join(chosen[p.id])) if p.id in chosen else ""  # noqa: E731
         if line:
-            fig.add_trace(go.Scatter(x=[p.scores[xo] for p in sep_sorted], y=[p.scores[yo] for p in sep_sorted], mode="lines",
+            along = sorted(front, key=lambda p: p.scores.get(xo, 0))
+            fig.add_trace(go.Scatter(x=[p.scores[xo] for p in along], y=[p.scores[yo] for p in along], mode="lines",
                                      line={"color": FRONT_COLOR, "width": 1}, hoverinfo="skip", showlegend=False), row=r, col=c)
         scatter(sep, f"Pareto front ({len(front)})", mode="markers", marker={"color": FRONT_COLOR, "size": 9},
                 error_x=err(sep, xo), error_y=err(sep, yo), hover_extra=chosen_note)
