@@ -1,5 +1,6 @@
 """Command line: ``evomerge [hydra overrides]`` runs a search; ``evomerge export run=DIR point=ID``
-writes one archived candidate as an HF model folder."""
+writes one archived candidate as an HF model folder; ``evomerge report run=DIR`` writes the
+run's interactive report.html; ``evomerge compare runs=[A,B,...]`` compares runs."""
 
 from __future__ import annotations
 
@@ -51,9 +52,58 @@ def check_resume_argument(argv: list[str]) -> None:
             check_resume_target(value)
 
 
+def _key_values(argv: list[str], allowed: set[str], required: set[str], usage: str) -> dict[str, str]:
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    bad = [a for a in argv if "=" not in a] + sorted(set(args) - allowed)
+    if bad or not required <= set(args):
+        raise ConfigError(f"usage: {usage}")
+    return args
+
+
+@raise_user_errors
+def report_main(argv: list[str]) -> None:
+    from evomerge.report import write_run_report
+
+    args = _key_values(argv, {"run", "out"}, {"run"}, "evomerge report run=<run dir> [out=<file.html>]")
+    print(f"report written to {write_run_report(args['run'], out=args.get('out'))}")
+
+
+@raise_user_errors
+def compare_main(argv: list[str]) -> None:
+    from evomerge.report.compare import compare_runs, expand_runs
+
+    usage = "evomerge compare runs=[<run dir>,...]|'<glob>' [budget=<evaluations>] [labels=[<name>,...]] [out=<folder>]"
+    args = _key_values(argv, {"runs", "budget", "labels", "out"}, {"runs"}, usage)
+    try:
+        budget = int(args["budget"]) if args.get("budget") not in (None, "", "null") else None
+    except ValueError:
+        raise ConfigError(f"budget must be an integer, got {args['budget']!r}") from None
+    labels = expand_labels(args["labels"]) if "labels" in args else None
+    out = Path(args.get("out", "."))
+    compare_runs(expand_runs(args["runs"]), out=out, budget=budget, labels=labels)
+    print((out / "compare.md").read_text(), end="")
+    print(f"comparison written to {out / 'compare.html'}, {out / 'compare.md'}, {out / 'compare.png'}")
+
+
+def expand_labels(text: str) -> list[str]:
+    """``[a,b]`` or ``a,b``; quote a label that holds a comma: ``['x, y',z]``."""
+    import yaml
+
+    try:
+        items = yaml.safe_load(text if text.strip().startswith("[") else f"[{text}]")
+    except yaml.YAMLError:
+        items = None
+    if isinstance(items, list) and all(isinstance(i, (str, int, float)) for i in items):
+        return [str(i) for i in items]
+    return [s.strip().strip("'\"") for s in text.strip().strip("[]").split(",") if s.strip()]
+
+
+SUBCOMMANDS = {"export": export_main, "report": report_main, "compare": compare_main}
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "export":
-        export_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
         return
     check_resume_argument(sys.argv[1:])
     search_main()

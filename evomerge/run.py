@@ -22,6 +22,7 @@ from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness, quie
 from evomerge.merge.merger import Merger
 from evomerge.merge.recipe import Recipe
 from evomerge.pool import ModelPool
+from evomerge.report import refresh_report
 from evomerge.search.archive import Archive
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.loop import SearchLoop
@@ -208,6 +209,7 @@ def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     stages_cfg = OmegaConf.select(cfg, "search.stages")
     stages = plan_stages(genome_cfg, OmegaConf.to_container(stages_cfg) if stages_cfg is not None else None, max_evals)
     history: list[dict[str, Any]] = []
+    html = OmegaConf.select(cfg, "report.html") is not False
     for i, stage in enumerate(stages):
         space = build_space(cfg, session.merger, list(session.experts), stage.genome)
         strategy = build_strategy(cfg, space)
@@ -244,7 +246,7 @@ def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if rec.error:  # the references are plain merges: if they fail, every candidate would
                     raise ConfigError(f"reference {label} failed, so every candidate would: {rec.error}")
                 print(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()), file=sys.stderr)
-        loop.run(session.evaluate)
+        loop.run(session.evaluate, on_generation=(lambda _: refresh_report(run_dir, live=True)) if html else None)
         history += loop.state.history
     loop.state.history = history
     return finish_run(cfg, run_dir, session, loop)
@@ -269,6 +271,8 @@ def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoo
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if OmegaConf.select(cfg, "report.plots") is not False:
         plot_run(run_dir, session.objectives, loop.archive, loop.state.history)
+    if OmegaConf.select(cfg, "report.html") is not False:
+        refresh_report(run_dir)
     _print_summary(summary, run_dir)
     return summary
 
@@ -301,7 +305,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         lines.append(f"  {name:>16}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     for p in summary["front"][:12]:
         lines.append(f"  front #{p['id']:<9}: " + ", ".join(f"{k}={v:.3f}" for k, v in p["scores"].items()))
-    lines.append(f"outputs in {run_dir} (pareto_front.csv, front.png, progress.png, recipes/)")
+    lines.append(f"outputs in {run_dir} (report.html, pareto_front.csv, front.png, progress.png, recipes/)")
     print("\n".join(lines))
 
 

@@ -51,7 +51,10 @@ def test_algorithm_ask_tell_checkpoint(algorithm):
     s = space() if algorithm != "grid" else GenomeSpace(n_experts=2, n_layers=4, methods=("task_arithmetic",), separate_embed_head=False)
     strategy = build_strategy(cfg, s)
     strategy.setup(s.n_var, 2, max_evals=64, seed=1)
-    for _ in range(2):
+    for generation in range(2):
+        if generation and algorithm == "hand_made":  # one generation of hand-made points
+            assert not strategy.has_next()
+            break
         X = strategy.ask()
         assert X.ndim == 2 and X.shape[1] == s.n_var and len(X) > 0
         assert np.all((X >= 0) & (X <= 1))

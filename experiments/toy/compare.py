@@ -1,48 +1,27 @@
 """NSGA-II over the layer-wise mixed-method genome vs. grid-searched task arithmetic vs.
 random search, at equal evaluation budget, on the embedded toy zoo.
 
-    python experiments/toy/compare.py            # runs what is missing, then reports
+    python experiments/toy/compare.py            # runs what is missing, then compares
     python experiments/toy/compare.py --seeds 0 1 2
 
-Runs go to experiments/toy/runs/<name>-s<seed>; the report (results.md, results.json,
-compare.png) is written next to this script.
+Runs go to experiments/toy/runs/<preset>-s<seed>; the comparison is `evomerge compare`
+(printed before it runs), which writes compare.md, compare.png and compare.html here.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from evomerge.search.archive import Archive
-from evomerge.search.pareto import hypervolume, nondominated
-
 HERE = Path(__file__).resolve().parent
 PRESETS = {"nsga2 (layer-wise mixed)": "toy_nsga2", "grid (model-wise TA)": "toy_grid_ta", "random (layer-wise mixed)": "toy_random"}
-OBJECTIVES = ["math", "lang"]
 
 
-def run(preset: str, run_dir: Path, budget: int, seed: int) -> None:
-    if (run_dir / "summary.json").is_file():
-        return
-    cmd = [sys.executable, "-m", "evomerge", f"+experiment={preset}", f"search.max_evals={budget}", f"seed={seed}", f"hydra.run.dir={run_dir}"]
-    if (run_dir / "checkpoint.pkl").is_file():
-        cmd = [sys.executable, "-m", "evomerge", f"resume={run_dir}"]
+def sh(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-
-
-def hv_curve(archive: Archive, ref: np.ndarray, step: int) -> list[tuple[int, float]]:
-    recs = archive.search_records()
-    out = []
-    for n in range(step, len(recs) + 1, step):
-        ok = [r.losses for r in recs[:n] if r.error is None]
-        out.append((n, hypervolume(np.array(ok), ref) if ok else 0.0))
-    return out
 
 
 def main() -> None:
@@ -51,93 +30,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs", type=Path, default=HERE / "runs")
     args = parser.parse_args()
-    ref = np.ones(len(OBJECTIVES))
-    results: dict = {"budget": args.budget, "seeds": args.seeds, "methods": {}}
-    for name, preset in PRESETS.items():
-        per_seed = []
+    dirs = []
+    for preset in PRESETS.values():
         for seed in args.seeds:
             run_dir = args.runs / f"{preset}-s{seed}"
-            run(preset, run_dir, args.budget, seed)
-            archive = Archive(run_dir / "archive.jsonl")
-            search = archive.search_records()[: args.budget]
-            ok = [r for r in search if r.error is None]
-            F = np.array([r.losses for r in ok])
-            summary = json.loads((run_dir / "summary.json").read_text())
-            per_seed.append(
-                {
-                    "run_dir": str(run_dir.relative_to(HERE)),
-                    "hypervolume": hypervolume(F, ref),
-                    "curve": hv_curve(archive, ref, 16),
-                    "front": [ok[i].scores for i in nondominated(F)],
-                    "best_target_validation": max(r.scores.get("target", 0.0) for r in ok),
-                    "test": summary.get("test", {}),
-                    "references": summary["references"],
-                    "mean_merge_s": summary.get("mean_merge_s"),
-                    "mean_eval_s": summary.get("mean_eval_s"),
-                }
-            )
-        results["methods"][name] = per_seed
-    (HERE / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results)
-    write_markdown(results)
-    print((HERE / "results.md").read_text())
-
-
-def plot(results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    refs = next(iter(results["methods"].values()))[0]["references"]
-    for (name, runs), marker in zip(results["methods"].items(), "os^"):
-        first = runs[0]
-        pts = sorted((p["math"], p["lang"]) for p in first["front"])
-        a1.plot(*zip(*pts), marker + "-", ms=4, label=f"{name}: HV {first['hypervolume']:.3f}")
-        curve = np.array([[n, hv] for n, hv in first["curve"]])
-        a2.plot(curve[:, 0], curve[:, 1], marker + "-", ms=4, label=name)
-    for label, scores in refs.items():
-        a1.scatter(scores["math"], scores["lang"], marker="*", s=180, zorder=5, label=label)
-    a1.set_xlabel("math accuracy (validation subset)")
-    a1.set_ylabel("lang accuracy (validation subset)")
-    a1.set_title(f"Pareto fronts at {results['budget']} evaluations (seed {results['seeds'][0]})")
-    a1.grid(alpha=0.3)
-    a1.legend(fontsize=7)
-    a2.set_xlabel("evaluations")
-    a2.set_ylabel("hypervolume (ref: score 0 on both)")
-    a2.set_title("hypervolume vs. budget")
-    a2.grid(alpha=0.3)
-    a2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(HERE / "compare.png", dpi=110)
-    plt.close(fig)
-
-
-def write_markdown(results: dict) -> None:
-    lines = [
-        f"# Toy zoo: search vs. baselines at {results['budget']} evaluations",
-        "",
-        "Generated by `python experiments/toy/compare.py` (seeds: " + ", ".join(map(str, results["seeds"])) + ").",
-        "Hypervolume is over (1 - math, 1 - lang) with reference point (1, 1); higher is better.",
-        "",
-        "| search | hypervolume (mean over seeds) | per seed | best target (validation) | knee on test: math / lang / target |",
-        "|---|---|---|---|---|",
-    ]
-    for name, runs in results["methods"].items():
-        hvs = [r["hypervolume"] for r in runs]
-        knee = runs[0]["test"].get("knee", {}).get("scores", {})
-        knee_s = " / ".join(f"{knee.get(k, float('nan')):.3f}" for k in ("math", "lang", "target")) if knee else "-"
-        best_t = max(r["best_target_validation"] for r in runs)
-        lines.append(f"| {name} | {np.mean(hvs):.4f} | {', '.join(f'{h:.4f}' for h in hvs)} | {best_t:.3f} | {knee_s} |")
-    refs = next(iter(results["methods"].values()))[0]["test"]
-    lines += ["", "Source models on the test split:", "", "| model | math | lang | target |", "|---|---|---|---|"]
-    for label in ("base", "expert:math", "expert:lang"):
-        if label in refs:
-            s = refs[label]["scores"]
-            lines.append(f"| {label} | {s['math']:.3f} | {s['lang']:.3f} | {s['target']:.3f} |")
-    lines += ["", "![fronts and hypervolume](compare.png)", ""]
-    (HERE / "results.md").write_text("\n".join(lines))
+            dirs.append(run_dir)
+            if (run_dir / "summary.json").is_file():
+                continue
+            if (run_dir / "checkpoint.pkl").is_file():
+                sh([sys.executable, "-m", "evomerge", f"resume={run_dir}"])
+            else:
+                sh([sys.executable, "-m", "evomerge", f"+experiment={preset}", f"search.max_evals={args.budget}", f"seed={seed}", f"hydra.run.dir={run_dir}"])
+    labels = ",".join(f"'{name}'" for name in PRESETS)
+    sh([sys.executable, "-m", "evomerge", "compare", f"runs=[{','.join(map(str, dirs))}]", f"budget={args.budget}", f"labels=[{labels}]", f"out={HERE}"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,312 @@
+"""``evomerge compare``: several runs side by side -- hypervolume table (mean ± std over
+seeds for runs that share a config but not a seed), overlaid fronts and hypervolume
+curves -- as one HTML page, a Markdown table and a PNG (for READMEs)."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from evomerge.errors import ConfigError
+from evomerge.report.data import RunData, config_without_seed, load_run
+from evomerge.report.page import data_block, esc, figure_block, page, write_atomic
+from evomerge.report.run_report import REF_COLORS, _display_path, export_command
+
+GROUP_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+DASHES = ["solid", "dot", "dash", "longdash", "dashdot"]
+IGNORED_OVERRIDES = ("seed=", "hydra.", "resume=", "search.progress=", "report.")
+
+
+@dataclass
+class Group:
+    """Runs that share their config except the seed."""
+
+    label: str
+    runs: list[RunData] = field(default_factory=list)
+
+    @property
+    def hvs(self) -> list[float]:
+        return [r.hypervolume() for r in self.runs]
+
+    def mean_std(self) -> tuple[float, float | None]:
+        hv = self.hvs
+        return float(np.mean(hv)), (float(np.std(hv, ddof=1)) if len(hv) > 1 else None)
+
+
+def expand_runs(spec: str | Sequence[str]) -> list[Path]:
+    """``[a,b]``, ``a,b``, a glob (``runs/*``) or a list of those -> run directories."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        items = [s.strip().strip("'\"") for s in text.split(",") if s.strip()]
+    else:
+        items = [str(s) for s in spec]
+    out: list[Path] = []
+    for item in items:
+        if any(c in item for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item) if (Path(m) / "archive.jsonl").is_file())
+            if not matches:
+                raise ConfigError(f"no run directories match {item!r}")
+            out += matches
+        else:
+            out.append(Path(item))
+    if not out:
+        raise ConfigError("compare needs at least one run directory: runs=[dirA,dirB] or runs='glob/*'")
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+
+
+def _overrides(run: RunData) -> list[str] | None:
+    f = run.run_dir / ".hydra" / "overrides.yaml"
+    if not f.is_file():
+        return None
+    items = yaml.safe_load(f.read_text()) or []
+    return [str(o) for o in items if not str(o).lstrip("+~").startswith(IGNORED_OVERRIDES)]
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, str) and v.count(".") >= 2 and " " not in v:
+        return v.rsplit(".", 1)[-1]  # _target_ paths: the function name says enough
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def auto_labels(groups: list[list[RunData]]) -> list[str]:
+    """Name each group by what sets it apart: its command-line overrides when they differ,
+    else the config keys whose values differ between groups."""
+    if len(groups) == 1:
+        r = groups[0][0]
+        return [str((r.config.get("algorithm") or {}).get("_target_", r.run_dir.name)).rsplit(".", 1)[-1]]
+    ov = [_overrides(g[0]) for g in groups]
+    if all(o is not None for o in ov):
+        common = set.intersection(*(set(o) for o in ov))  # type: ignore[arg-type]
+        labels = [" ".join(x for x in o if x not in common) or "(defaults)" for o in ov]  # type: ignore[union-attr]
+        if len(set(labels)) == len(labels):
+            return labels
+    flats = [config_without_seed(g[0].config) for g in groups]
+    keys = sorted(k for k in set().union(*flats) if len({json.dumps(f.get(k), default=str, sort_keys=True) for f in flats}) > 1)
+    labels = []
+    for i, f in enumerate(flats):
+        parts = [f"{k.removesuffix('._target_')}={_short(f.get(k))}" for k in keys[:4]]
+        labels.append(" ".join(parts) + (" …" if len(keys) > 4 else "") or f"group {i + 1}")
+    return labels if len(set(labels)) == len(labels) else [f"{lbl} [{i + 1}]" for i, lbl in enumerate(labels)]
+
+
+def group_runs(runs: list[RunData], labels: Sequence[str] | None = None) -> list[Group]:
+    keyed: dict[str, list[RunData]] = {}
+    for r in runs:
+        keyed.setdefault(json.dumps(config_without_seed(r.config), sort_keys=True, default=str), []).append(r)
+    members = list(keyed.values())
+    if labels is not None:
+        if len(labels) != len(members):
+            raise ConfigError(f"labels names {len(labels)} groups but the runs form {len(members)} (runs that differ only in seed share a group)")
+        names = [str(x) for x in labels]
+    else:
+        names = auto_labels(members)
+    return [Group(n, m) for n, m in zip(names, members)]
+
+
+def _seed(r: RunData) -> Any:
+    return r.config.get("seed", "?")
+
+
+def _knee_test(r: RunData) -> dict[str, float]:
+    return ((r.test_scores().get("knee") or {}).get("scores")) or {}
+
+
+def _fmt(v: float | None, d: int = 4) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+
+def markdown(groups: list[Group], objectives: list[str], extras: list[str], budget: int | None, ref: np.ndarray) -> str:
+    keys = objectives + extras
+    lines = [
+        "| search | runs (seeds) | evaluations | hypervolume mean ± std | per seed | " + " | ".join(f"best {o}" for o in keys)
+        + " | knee on test: " + " / ".join(keys) + " | merge s / cand. | eval s / cand. |",
+        "|---|---|---|---|---|" + "---|" * len(keys) + "---|---|---|",
+    ]
+    for g in groups:
+        mean, std = g.mean_std()
+        evals = sorted({len(r.search) for r in g.runs})
+        best = [max((p.scores.get(o, float("nan")) for r in g.runs for p in r.evaluated), default=float("nan")) for o in keys]
+        knee = _knee_test(g.runs[0])
+        knee_s = " / ".join(_fmt(knee.get(k), 3) for k in keys) if knee else "–"
+        ms = [p.merge_s for r in g.runs for p in r.search]
+        es = [p.eval_s for r in g.runs for p in r.search]
+        lines.append(
+            f"| {g.label} | {len(g.runs)} ({', '.join(str(_seed(r)) for r in g.runs)}) | {'/'.join(map(str, evals))} | "
+            f"{mean:.4f}{'' if std is None else f' ± {std:.4f}'} | {', '.join(f'{h:.4f}' for h in g.hvs)} | "
+            + " | ".join(_fmt(b, 3) for b in best)
+            + f" | {knee_s} | {_fmt(float(np.mean(ms)) if ms else None, 2)} | {_fmt(float(np.mean(es)) if es else None, 2)} |"
+        )
+    ref_scores = ", ".join(f"{o} {1 - x:g}" for o, x in zip(objectives, ref))
+    note = (f"Hypervolume of each run's front over the objectives ({', '.join(objectives)}), reference point at score ({ref_scores}); "
+            "higher is better. Best: best validation score of any candidate. Knee on test: the knee point of the group's first run, re-scored on the test split.")
+    if budget is not None:
+        note += f" Every run is cut at its first {budget} search evaluations."
+    first = groups[0].runs[0]
+    refs = {p.label: t for p in first.references if (t := first.test_scores().get(p.label or ""))}
+    if refs:
+        note += "\n\nSource models on the test split (" + _display_path(first.run_dir) + "):\n\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+        note += "".join(f"| {name} | " + " | ".join(_fmt((t.get("scores") or {}).get(k), 3) for k in keys) + " |\n" for name, t in refs.items())
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def _curve(r: RunData) -> tuple[list[int], list[float]]:
+    hv = r.hv_history()
+    return [n for n, _ in hv], [h for _, h in hv]
+
+
+def fronts_figure(groups: list[Group], objectives: list[str]) -> Any:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    pairs = list(itertools.combinations(range(len(objectives)), 2)) or [(0, 0)]
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.08, vertical_spacing=0.12)
+    for k, (i, j) in enumerate(pairs):
+        r_, c_ = k // cols + 1, k % cols + 1
+        xo, yo = objectives[i], objectives[j]
+        for gi, g in enumerate(groups):
+            color = GROUP_COLORS[gi % len(GROUP_COLORS)]
+            for si, run in enumerate(g.runs):
+                pts = sorted(run.front(), key=lambda p: p.scores.get(xo, 0))
+                name = f"{g.label} (seed {_seed(run)})" if len(g.runs) > 1 else g.label
+                fig.add_trace(go.Scatter(
+                    x=[p.scores.get(xo) for p in pts], y=[p.scores.get(yo) for p in pts], name=name, legendgroup=name, showlegend=k == 0,
+                    mode="lines+markers" if len(objectives) == 2 else "markers",
+                    line={"color": color, "dash": DASHES[si % len(DASHES)], "width": 1.5}, marker={"color": color, "size": 7},
+                    hovertext=[f"<b>{esc(g.label)}</b> seed {_seed(run)}<br>#{p.id}: " + ", ".join(f"{o} {v:.3f}" for o, v in p.scores.items())
+                               + f"<br>{esc(export_command(_display_path(run.run_dir), p.id))}" for p in pts],
+                    hoverinfo="text"), row=r_, col=c_)
+        first = groups[0].runs[0]
+        for n, ref in enumerate(first.references):
+            fig.add_trace(go.Scatter(x=[ref.scores.get(xo)], y=[ref.scores.get(yo)], mode="markers", name=ref.name, legendgroup=ref.name,
+                                     showlegend=k == 0, marker={"symbol": "star", "size": 15, "color": REF_COLORS[n % len(REF_COLORS)]},
+                                     hovertext=[f"{esc(ref.name)}: " + ", ".join(f"{o} {v:.3f}" for o, v in ref.scores.items())], hoverinfo="text"),
+                          row=r_, col=c_)
+        fig.update_xaxes(title_text=f"{xo} (higher is better)", row=r_, col=c_)
+        fig.update_yaxes(title_text=f"{yo} (higher is better)", row=r_, col=c_)
+    fig.update_layout(height=460 * rows, template="plotly_white", margin={"l": 60, "r": 20, "t": 30, "b": 50}, hovermode="closest")
+    return fig
+
+
+def hv_figure(groups: list[Group]) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for gi, g in enumerate(groups):
+        color = GROUP_COLORS[gi % len(GROUP_COLORS)]
+        for si, run in enumerate(g.runs):
+            x, y = _curve(run)
+            name = f"{g.label} (seed {_seed(run)})" if len(g.runs) > 1 else g.label
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, line={"color": color, "dash": DASHES[si % len(DASHES)]},
+                                     marker={"size": 5}, hovertemplate=f"{esc(name)}<br>%{{x}} evaluations: HV %{{y:.4f}}<extra></extra>"))
+    fig.update_layout(height=400, xaxis_title="evaluations", yaxis_title="hypervolume of the front so far", template="plotly_white",
+                      margin={"l": 60, "r": 20, "t": 20, "b": 50})
+    return fig
+
+
+def html_table(groups: list[Group]) -> str:
+    rows = []
+    for gi, g in enumerate(groups):
+        mean, std = g.mean_std()
+        for si, run in enumerate(g.runs):
+            first = si == 0
+            span = f' rowspan="{len(g.runs)}"'
+            lead = (f'<td class=l{span} style="border-left:5px solid {GROUP_COLORS[gi % len(GROUP_COLORS)]}">{esc(g.label)}</td>'
+                    f"<td{span}>{mean:.4f}{'' if std is None else f' ± {std:.4f}'}</td>") if first else ""
+            rows.append(f"<tr>{lead}<td>{esc(_seed(run))}</td><td class=l>{esc(_display_path(run.run_dir))}</td><td>{len(run.search)}</td>"
+                        f"<td>{run.hypervolume():.4f}</td><td>{len(run.front())}</td></tr>")
+    return ("<table><tr><th class=l>search</th><th>hypervolume mean ± std</th><th>seed</th><th class=l>run</th><th>evaluations</th>"
+            f"<th>hypervolume</th><th>front size</th></tr>{''.join(rows)}</table>")
+
+
+def png(groups: list[Group], objectives: list[str], path: Path) -> None:
+    """Static fronts (first objective pair) + HV curves, for READMEs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xo, yo = (objectives + objectives)[:2]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for gi, g in enumerate(groups):
+        color = GROUP_COLORS[gi % len(GROUP_COLORS)]
+        mean, std = g.mean_std()
+        for si, run in enumerate(g.runs):
+            pts = sorted((p.scores.get(xo, 0), p.scores.get(yo, 0)) for p in run.front())
+            label = f"{g.label}: HV {mean:.3f}" + ("" if std is None else f" ± {std:.3f}") if si == 0 else None
+            ls = ["-", ":", "--", "-."][si % 4]
+            if pts:
+                a1.plot(*zip(*pts), "o" + ls, c=color, ms=4, label=label)
+            x, y = _curve(run)
+            a2.plot(x, y, ls, c=color, marker="o", ms=3, label=label if si == 0 else None)
+    for n, ref in enumerate(groups[0].runs[0].references):
+        a1.scatter(ref.scores.get(xo), ref.scores.get(yo), marker="*", s=180, zorder=5, c=REF_COLORS[n % len(REF_COLORS)], label=ref.name)
+    a1.set_xlabel(f"{xo} (higher is better)")
+    a1.set_ylabel(f"{yo} (higher is better)")
+    a1.set_title("Pareto fronts")
+    a2.set_xlabel("evaluations")
+    a2.set_ylabel("hypervolume")
+    a2.set_title("hypervolume vs. evaluations")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int | None = None, labels: Sequence[str] | None = None,
+                 name: str = "compare") -> dict[str, Any]:
+    """Write ``<out>/<name>.html``, ``.md`` and ``.png``; return the comparison as data."""
+    dirs = expand_runs(runs)
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"budget must be positive, got {budget}")
+    loaded = [load_run(d, budget=budget) for d in dirs]
+    objectives = loaded[0].objectives
+    for r in loaded[1:]:
+        if r.objectives != objectives:
+            raise ConfigError(f"runs optimise different objectives: {loaded[0].run_dir} has {objectives}, {r.run_dir} has {r.objectives}")
+    ref = loaded[0].ref_point
+    for r in loaded:
+        r.ref_point = ref  # one reference point, or hypervolumes are not comparable
+    extras = sorted(set().union(*(r.extras for r in loaded)))
+    groups = group_runs(loaded, labels)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown(groups, objectives, extras, budget, ref)
+    write_atomic(out_dir / f"{name}.md", md)
+    png(groups, objectives, out_dir / f"{name}.png")
+    data = {
+        "objectives": objectives,
+        "budget": budget,
+        "ref_point_losses": ref.tolist(),
+        "groups": [
+            {"label": g.label, "hypervolume_mean": g.mean_std()[0], "hypervolume_std": g.mean_std()[1],
+             "runs": [{"run": _display_path(r.run_dir), "seed": _seed(r), "evaluations": len(r.search), "hypervolume": r.hypervolume(),
+                       "hv_history": r.hv_history(), "front": [{"id": p.id, "scores": p.scores} for p in r.front()]} for r in g.runs]}
+            for g in groups
+        ],
+    }
+    md_html = "<pre>" + esc(md) + "</pre>"
+    sections = [
+        ("hv", "Hypervolume", html_table(groups) + '<p class="note">Runs that share their config except the seed form one group '
+         "(mean ± sample std over seeds).</p><details><summary>Markdown</summary>" + md_html + "</details>"),
+        ("fronts", "Fronts", '<p class="note">One colour per group, one dash style per seed; stars: base and experts of the first run.</p>'
+         + figure_block("fig-fronts", fronts_figure(groups, objectives))),
+        ("curves", "Hypervolume vs. evaluations", figure_block("fig-hv", hv_figure(groups)) + data_block("evomerge-compare-data", data)),
+    ]
+    subtitle = f"{len(loaded)} runs in {len(groups)} groups · objectives {esc(', '.join(objectives))}" + (f" · budget {budget}" if budget else "")
+    write_atomic(out_dir / f"{name}.html", page("evomerge run comparison", subtitle, sections))
+    return data
