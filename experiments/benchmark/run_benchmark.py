@@ -71,6 +71,7 @@ def run_one(root: Path, setting: str, search: str, budget: int, seed: int, extra
             f"search.max_evals={budget}",
             "fitness.test_rescore=front",
             "search.progress=false",
+            "report.html=false",  # presentation only: the benchmark reads summary.json
             f"hydra.run.dir={target}",
             *extra,
         ]
