@@ -40,8 +40,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SEARCHES: dict[str, list[str]] = {
     "default": [],
-    "grid_ta": ["algorithm=grid", "genome=modelwise_ta", "search.seed_with_references=false"],
-    "ties_default": ["algorithm=hand_made", "genome=modelwise_ties", "search.seed_with_references=false"],
+    # layer_groups=1 explicitly: a preset (e.g. smollm2) may set its own layer_groups
+    "grid_ta": ["algorithm=grid", "genome=modelwise_ta", "genome.layer_groups=1", "search.seed_with_references=false"],
+    "ties_default": ["algorithm=hand_made", "genome=modelwise_ties", "genome.layer_groups=1", "search.seed_with_references=false"],
     "random": ["algorithm=random", "search.seed_with_references=false"],
 }
 SETTINGS: dict[str, dict[str, Any]] = {
