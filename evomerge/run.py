@@ -113,12 +113,13 @@ def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome
         raise ConfigError(f"invalid genome config: {exc}") from None
 
 
-def build_strategy(cfg: DictConfig, space: GenomeSpace):
+def build_strategy(cfg: DictConfig, space: GenomeSpace, algorithm: dict | None = None):
+    """The run's ``algorithm`` (or a stage's own ``algorithm`` mapping) bound to ``space``."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        factory = instantiate(cfg.algorithm)
+        factory = instantiate(cfg.algorithm if algorithm is None else OmegaConf.create(algorithm))
     except InstantiationException as exc:
         raise ConfigError(f"invalid algorithm config: {str(exc).splitlines()[0]}") from None
     kwargs = {"space": space} if "space" in inspect.signature(factory.func).parameters else {}
@@ -212,7 +213,7 @@ def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     html = OmegaConf.select(cfg, "report.html") is not False
     for i, stage in enumerate(stages):
         space = build_space(cfg, session.merger, list(session.experts), stage.genome)
-        strategy = build_strategy(cfg, space)
+        strategy = build_strategy(cfg, space, stage.algorithm)
         initial = None
         if i > 0:  # later stages start from the front found so far (hand-made merges included)
             initial = carry_front(loop.archive.records, space)

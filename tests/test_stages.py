@@ -85,3 +85,11 @@ def test_staged_search_end_to_end(test_zoo, tmp_path):
     again = subprocess.run([sys.executable, "-m", "evomerge", f"resume={run}"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len((run / "archive.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_a_stage_can_bring_its_own_algorithm():
+    grid = {"_target_": "evomerge.search.algorithms.grid", "_partial_": True, "pop_size": 16}
+    stages = plan_stages(GENOME, [{"name": "grid", "fraction": 0.34, "algorithm": grid}, {"name": "fine"}], 48)
+    assert stages[0].algorithm == grid and stages[1].algorithm is None
+    with pytest.raises(ConfigError, match="algorithm must be an algorithm config"):
+        plan_stages(GENOME, [{"fraction": 0.5, "algorithm": "grid"}, {}], 48)

@@ -9,6 +9,9 @@ is a layer-wise one with every group equal), plus the hand-made merges. Pure: no
       stages:
         - {name: modelwise, fraction: 0.34, genome: {layer_groups: 1, separate_embed_head: false}}
         - {name: layerwise}          # the rest of the budget, the run's genome as configured
+
+A stage may bring its own ``algorithm`` (a mapping like the files in ``configs/algorithm/``),
+e.g. a coarse task-arithmetic grid whose front the layer-wise NSGA-II stage refines.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Stage:
     genome: dict[str, Any]
     evals: int
     checkpoint: str
+    algorithm: dict[str, Any] | None = None  # None: the run's algorithm
 
 
 def plan_stages(genome: dict[str, Any], stages: Sequence[dict[str, Any]] | None, max_evals: int) -> list[Stage]:
@@ -41,9 +45,12 @@ def plan_stages(genome: dict[str, Any], stages: Sequence[dict[str, Any]] | None,
     for i, raw in enumerate(stages):
         if not isinstance(raw, dict):
             raise ConfigError(f"search.stages[{i}] must be a mapping with name, fraction and genome, got {raw!r}")
-        unknown = set(raw) - {"name", "fraction", "genome"}
+        unknown = set(raw) - {"name", "fraction", "genome", "algorithm"}
         if unknown:
-            raise ConfigError(f"search.stages[{i}] has unknown key {sorted(unknown)[0]!r}; known: name, fraction, genome")
+            raise ConfigError(f"search.stages[{i}] has unknown key {sorted(unknown)[0]!r}; known: name, fraction, genome, algorithm")
+        algorithm = raw.get("algorithm")
+        if algorithm is not None and not (isinstance(algorithm, dict) and "_target_" in algorithm):
+            raise ConfigError(f"search.stages[{i}].algorithm must be an algorithm config with _target_ (as in configs/algorithm/), got {algorithm!r}")
         name = str(raw.get("name", f"stage{i}"))
         last = i == len(stages) - 1
         if last:
@@ -59,7 +66,8 @@ def plan_stages(genome: dict[str, Any], stages: Sequence[dict[str, Any]] | None,
         overrides = raw.get("genome") or {}
         if not isinstance(overrides, dict):
             raise ConfigError(f"search.stages[{i}].genome must be a mapping of genome options")
-        out.append(Stage(name, {**genome, **overrides}, evals, "checkpoint.pkl" if i == 0 else f"checkpoint.{name}.pkl"))
+        checkpoint = "checkpoint.pkl" if i == 0 else f"checkpoint.{name}.pkl"
+        out.append(Stage(name, {**genome, **overrides}, evals, checkpoint, dict(algorithm) if algorithm else None))
     if len({s.name for s in out}) != len(out):
         raise ConfigError("search.stages: stage names must be unique")
     return out
