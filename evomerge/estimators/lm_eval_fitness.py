@@ -1,9 +1,10 @@
 """lm-eval-harness fitness: one objective per task, scored on the live merged model.
 
-The model is wrapped in lm-eval's HFLM once and the task dict is built once; per
-candidate only ``evaluator.evaluate`` runs. lm-eval's result cache is never enabled
-(it is keyed on the request, not the weights, and would return the previous genome's
-answers).
+The model is wrapped in lm-eval's HFLM once, the task dict is built once and each doc's
+requests are built once (``items.ItemScorer``); per candidate only the model runs, then
+lm-eval's own filters and metrics -- the same scores as ``evaluator.evaluate`` on the same
+docs (tested). lm-eval's result cache is never enabled (it is keyed on the request, not
+the weights, and would return the previous genome's answers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from evomerge.errors import ConfigError
+from evomerge.estimators.base import Scores
+from evomerge.estimators.items import ItemScorer, ItemScores, standard_error
 from evomerge.estimators.tasks import find_tasks
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ class LmEvalFitness:
         max_length: int | None = None,
         include_paths: Iterable[str] = (),
         quiet: bool = True,
+        gc_every: int = 0,
     ):
         if not tasks:
             raise ConfigError("fitness needs at least one task")
@@ -131,43 +135,72 @@ class LmEvalFitness:
             self.subset = {k: sorted(int(i) for i in v) for k, v in subset.items()}
         else:
             self.subset = {
-                name: choose_subset(len(list(task.eval_docs)), subset_size, subset_seed + i)
+                name: choose_subset(len(task.eval_docs), subset_size, subset_seed + i)
                 for i, (name, task) in enumerate(sorted(self.task_objects.items()))
             }
         self.quiet = quiet
+        self.gc_every = int(gc_every)
+        self._calls = 0
+        self.scorer = ItemScorer(self.lm, self.task_objects, quiet=quiet)
 
     @property
     def objective_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    def score_items(self, ids: dict[str, list[int]] | None = None) -> ItemScores:
+        """Per-item metrics of the current weights on ``ids`` (task -> doc ids; default the subset)."""
+        with torch.no_grad():
+            items = self.scorer.score(self.subset if ids is None else ids)
+        self._after_candidate()
+        return items
+
+    def scores_from_items(self, items: ItemScores) -> Scores:
+        """Aggregate per-item values into one score per objective, with standard errors."""
+        scores: dict[str, float] = {}
+        stderr: dict[str, float] = {}
+        fidelity: dict[str, int] = {}
+        for t in self.tasks:
+            per_task = items.values.get(t.task, {})
+            if t.metric not in per_task:
+                raise ConfigError(
+                    f"fitness task '{t.task}' has no metric '{t.metric}'; available: " + ", ".join(sorted(per_task))
+                )
+            values = per_task[t.metric]
+            agg = self.scorer.aggregation_fn(t.task, t.metric)
+            scores[t.name] = float(agg(list(values)))
+            stderr[t.name] = standard_error(values, agg)
+            fidelity[t.name] = len(values)
+        return Scores(scores, stderr, fidelity)
+
+    def __call__(self) -> Scores:
+        return self.scores_from_items(self.score_items())
+
+    def _after_candidate(self) -> None:
+        # A full gc per candidate cost a third of the toy zoo's time; collect only every
+        # ``gc_every`` candidates (0 = never: the per-candidate objects are freed by refcount).
+        self._calls += 1
+        if self.gc_every and self._calls % self.gc_every == 0:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     @torch.no_grad()
-    def __call__(self) -> dict[str, float]:
+    def evaluate_with_harness(self, ids: dict[str, list[int]] | None = None) -> dict[str, float]:
+        """The same scores through ``lm_eval.evaluator.evaluate`` (the slow reference path)."""
         from lm_eval import evaluator
 
         with _maybe_silent(self.quiet):
             results = evaluator.evaluate(
                 lm=self.lm,
                 task_dict=self.task_dict,
-                samples=self.subset,
+                samples=self.subset if ids is None else ids,
                 bootstrap_iters=0,
                 log_samples=False,
                 verbosity="ERROR",
             )
         if results is None:  # only on non-zero ranks, which we never use
             raise RuntimeError("lm-eval returned no results")
-        scores: dict[str, float] = {}
-        for t in self.tasks:
-            per_task = results["results"].get(t.task, {})
-            if t.metric not in per_task:
-                raise ConfigError(
-                    f"fitness task '{t.task}' has no metric '{t.metric}'; available: "
-                    + ", ".join(k for k in per_task if "," in k and "_stderr" not in k)
-                )
-            scores[t.name] = float(per_task[t.metric])
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return scores
+        return {t.name: float(results["results"][t.task][t.metric]) for t in self.tasks}
 
 
 @contextlib.contextmanager
