@@ -15,6 +15,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.estimators.base import Estimator, FitnessContext
+from evomerge.estimators.build import build_estimator
 from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness, quiet_libraries
 from evomerge.merge.merger import Merger
 from evomerge.merge.recipe import Recipe
@@ -132,7 +134,7 @@ class Session:
     experts: dict[str, str]
     base: str
     merger: Merger
-    fitness: LmEvalFitness
+    fitness: Estimator
     objectives: list[str]
 
     def evaluate(self, recipe: Recipe) -> tuple[dict[str, float], float, float]:
@@ -150,23 +152,23 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     extra = _tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
     if not objectives:
         raise ConfigError("fitness.objectives must list at least one task")
-    subset_file = run_dir / "subset.json"
-    saved = json.loads(subset_file.read_text()) if subset_file.exists() else None
     subset_size = OmegaConf.select(cfg, "fitness.subset_size")
-    fitness = LmEvalFitness(
+    ctx = FitnessContext(
         merger.model,
         merger.tokenizer,
         objectives + extra,
+        [t.name for t in objectives],
         split=str(OmegaConf.select(cfg, "fitness.split") or "validation"),
         subset_size=None if subset_size is None else _get(cfg, "fitness.subset_size", int, positive=True),
         subset_seed=_get(cfg, "fitness.subset_seed", int),
-        subset=saved,
         batch_size=_get(cfg, "fitness.batch_size", int, positive=True),
         max_length=OmegaConf.select(cfg, "fitness.max_length"),
         include_paths=list(OmegaConf.select(cfg, "fitness.include_paths") or []),
+        run_dir=run_dir,
+        merger=merger,
+        seed=_get(cfg, "seed", int),
     )
-    if saved is None:
-        subset_file.write_text(json.dumps(fitness.subset))
+    fitness = build_estimator(OmegaConf.select(cfg, "fitness.estimator"), ctx)
     return Session(cfg, pool, experts, base, merger, fitness, [t.name for t in objectives])
 
 
@@ -221,6 +223,8 @@ def run_search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         progress=bool(OmegaConf.select(cfg, "search.progress")),
         initial=space.reference_genomes() if OmegaConf.select(cfg, "search.seed_with_references") else None,
     )
+    if hasattr(session.fitness, "attach"):  # multi-fidelity promotion reads the live front
+        session.fitness.attach(loop.archive)
     print(
         f"search: {strategy.name} over {space.n_var} genes ({len(space.slots)} groups, methods {', '.join(space.methods)}), "
         f"{max_evals} evaluations, objectives {', '.join(session.objectives)}; run dir {run_dir}",

@@ -1,0 +1,130 @@
+"""Estimators without a model: multi-fidelity promotion on constructed candidates."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.estimators.base import FitnessContext, Scores
+from evomerge.estimators.items import ItemScores
+from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness
+from evomerge.estimators.multifidelity import MultiFidelityEstimator, doc_order, fidelity_levels
+from evomerge.search.archive import Archive, Record
+from evomerge.search.pareto import nondominated
+from evomerge.search.promotion import Interval, could_enter_front, finite_population_se
+
+N = 200
+
+
+class FakeFitness:
+    """Per-item 0/1 correctness of the candidate currently "in the model" (``current``)."""
+
+    def __init__(self, correct: dict[str, np.ndarray]):
+        self.correct = correct
+        self.tasks = [FitnessTask("a", "task_a", "acc,none"), FitnessTask("b", "task_b", "acc,none")]
+        self.scorer = SimpleNamespace(n_docs={t: c.shape[1] for t, c in correct.items()}, aggregation_fn=lambda t, m: np.mean)
+        self.current = 0
+        self.items_scored = 0
+
+    @property
+    def objective_names(self):
+        return [t.name for t in self.tasks]
+
+    def score_items(self, ids):
+        self.items_scored += sum(len(v) for v in ids.values())
+        return ItemScores({t: list(v) for t, v in ids.items()}, {t: {"acc,none": self.correct[t][self.current, list(v)]} for t, v in ids.items()})
+
+    scores_from_items = LmEvalFitness.scores_from_items
+
+
+def constructed_population(seed: int, n: int = 60):
+    """Candidates on and behind a concave trade-off front, with per-item correctness."""
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(0, np.pi / 2, n)
+    radius = rng.uniform(0.3, 0.95, n)
+    p = np.stack([radius * np.cos(angle), radius * np.sin(angle)], 1)
+    correct = {t: (rng.random((n, N)) < p[:, [i]]).astype(float) for i, t in enumerate(["task_a", "task_b"])}
+    return correct
+
+
+def run_population(tmp_path, correct, k: float, subset: int = 20):
+    fake = FakeFitness(correct)
+    ctx = FitnessContext(None, None, fake.tasks, ["a", "b"], subset_size=subset, run_dir=tmp_path)
+    est = MultiFidelityEstimator(ctx, k=k, growth=2.0, fitness=fake)
+    archive = Archive(tmp_path / "archive.jsonl")
+    est.attach(archive)
+    n = correct["task_a"].shape[0]
+    for i in range(n):
+        fake.current = i
+        s = est()
+        archive.append(Record(i, "search", str(i), [0.0], {}, dict(s), [1 - s["a"], 1 - s["b"]], stderr=s.stderr, fidelity=s.fidelity))
+    exact = np.stack([correct["task_a"].mean(1), correct["task_b"].mean(1)], 1)
+    exact_front = set(int(i) for i in nondominated(1 - exact))
+    return archive, exact, exact_front, fake.items_scored
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_promotion_never_drops_an_exact_front_candidate(tmp_path, seed):
+    archive, exact, exact_front, items = run_population(tmp_path, constructed_population(seed), k=2.0)
+    for i in exact_front:
+        rec = archive.records[i]
+        assert rec.fidelity == {"a": N, "b": N}, f"exact-front candidate {i} stopped at {rec.fidelity}"
+        assert [rec.scores["a"], rec.scores["b"]] == pytest.approx(list(exact[i]))
+    # the archive's front (highest-fidelity scores) is exactly the exact front
+    F = np.array([r.losses for r in archive.records])
+    assert set(int(i) for i in nondominated(F)) == exact_front
+    print("items", items / (len(archive.records) * 2 * N))
+    assert items < 0.7 * len(archive.records) * 2 * N  # and it is cheaper than exact scoring
+
+
+def test_without_slack_promotion_does_drop_front_candidates(tmp_path):
+    """The check above can fail: with k = 0 exact-front candidates are lost."""
+    dropped = 0
+    for seed in range(6):
+        (tmp_path / str(seed)).mkdir()
+        archive, _, exact_front, _ = run_population(tmp_path / str(seed), constructed_population(seed), k=0.0)
+        dropped += sum(archive.records[i].fidelity != {"a": N, "b": N} for i in exact_front)
+    assert dropped > 0
+
+
+def test_resume_reuses_the_saved_doc_order(tmp_path):
+    correct = constructed_population(0, n=3)
+    fake = FakeFitness(correct)
+    ctx = FitnessContext(None, None, fake.tasks, ["a", "b"], subset_size=20, subset_seed=0, run_dir=tmp_path)
+    first = MultiFidelityEstimator(ctx, fitness=fake)
+    saved = json.loads((tmp_path / "fidelity.json").read_text())
+    ctx2 = FitnessContext(None, None, fake.tasks, ["a", "b"], subset_size=50, subset_seed=9, run_dir=tmp_path)
+    again = MultiFidelityEstimator(ctx2, fitness=fake)
+    assert again.order == first.order == saved["order"] and again.levels == first.levels
+    assert first.levels["task_a"] == [20, 40, 80, 160, 200]
+
+
+def test_fidelity_levels_and_order():
+    assert fidelity_levels(20, 200, 2.0) == [20, 40, 80, 160, 200]
+    assert fidelity_levels(30, 100, 3.0, cap=80) == [30, 80]
+    assert fidelity_levels(300, 200, 2.0) == [200]
+    with pytest.raises(ConfigError):
+        fidelity_levels(20, 200, 1.0)
+    order = doc_order(10, 4, 0)
+    assert sorted(order) == list(range(10)) and order[:4] == sorted(order[:4])
+
+
+def test_promotion_rule_by_hand():
+    # front point 0.8 +- 0.05 pessimistic 0.75; candidate 0.6 +- 0.1 optimistic 0.7 -> dominated
+    front = [Interval(np.array([0.8, 0.8]), np.array([0.05, 0.05]))]
+    assert not could_enter_front(Interval(np.array([0.6, 0.6]), np.array([0.1, 0.1])), front)
+    # wider candidate interval reaches 0.8 > 0.75 on one objective -> may enter
+    assert could_enter_front(Interval(np.array([0.6, 0.6]), np.array([0.2, 0.1])), front)
+    # finite-population correction: sqrt(0.25*0.75/20)=0.0968 * sqrt(180/199) = 0.0921; zero at the full split
+    assert finite_population_se(0.0968246, 20, 200) == pytest.approx(0.092085, abs=1e-5)
+    assert finite_population_se(0.1, 200, 200) == 0.0
+    assert finite_population_se(0.0, 18, 200) == pytest.approx(0.05 * np.sqrt(182 / 199))
+
+
+def test_scores_are_a_dict_with_stderr_and_fidelity():
+    s = Scores({"a": 0.5}, {"a": 0.1}, {"a": 20})
+    assert s == {"a": 0.5} and s.stderr == {"a": 0.1} and s.fidelity == {"a": 20}
