@@ -128,3 +128,51 @@ def test_promotion_rule_by_hand():
 def test_scores_are_a_dict_with_stderr_and_fidelity():
     s = Scores({"a": 0.5}, {"a": 0.1}, {"a": 20})
     assert s == {"a": 0.5} and s.stderr == {"a": 0.1} and s.fidelity == {"a": 20}
+
+
+def test_estimator_configs_build_their_targets():
+    import inspect
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "fitness" / "estimator"
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert names == ["irt", "multifidelity", "subset"]
+    for name in names:
+        factory = instantiate(OmegaConf.load(folder / f"{name}.yaml"))
+        inspect.signature(factory).bind(FitnessContext(None, None, [], []))  # every option is a real parameter
+
+
+def test_bad_estimator_option_is_a_config_error():
+    from omegaconf import OmegaConf
+
+    from evomerge.estimators.build import build_estimator
+
+    node = OmegaConf.create({"_target_": "evomerge.estimators.multifidelity.MultiFidelityEstimator", "_partial_": True, "bogus": 1})
+    with pytest.raises(ConfigError, match="invalid fitness.estimator option"):
+        build_estimator(node, FitnessContext(None, None, [], []))
+    with pytest.raises(ConfigError, match="must be a config with a _target_"):
+        build_estimator(OmegaConf.create({"k": 1}), FitnessContext(None, None, [], []))
+
+
+def test_archives_without_stderr_or_fidelity_still_load(tmp_path):
+    line = {"id": 0, "kind": "search", "key": "k", "genome": [0.1], "recipe": {}, "scores": {"a": 0.5}, "losses": [0.5]}
+    (tmp_path / "archive.jsonl").write_text(json.dumps(line) + "\n")
+    rec = Archive(tmp_path / "archive.jsonl").records[0]
+    assert rec.stderr == {} and rec.fidelity == {} and rec.scores == {"a": 0.5}
+
+
+def test_front_separability_marks_overlapping_neighbours():
+    from evomerge.search.report import separable_from_neighbours
+
+    def rec(i, a, b, se):
+        return Record(i, "search", str(i), [0.0], {}, {"a": a, "b": b}, [1 - a, 1 - b], stderr={"a": se, "b": se})
+
+    # 0 and 1 differ by 0.05 in a and b; 2 SE combined = 2 * hypot(0.03, 0.03) = 0.0849 -> not separable
+    # 2 is 0.3 away from 1 -> separable from its only neighbour
+    front = [rec(0, 0.2, 0.9, 0.03), rec(1, 0.25, 0.85, 0.03), rec(2, 0.55, 0.55, 0.03)]
+    assert separable_from_neighbours(front, ["a", "b"]) == [False, False, True]
+    exact = [rec(0, 0.2, 0.9, 0.0), rec(1, 0.25, 0.85, 0.0)]
+    assert separable_from_neighbours(exact, ["a", "b"]) == [True, True]
