@@ -40,6 +40,9 @@ class ModelTimer:
     def __init__(self, lm, device: torch.device):
         self.seconds = 0.0
         self.device = device
+        self.add(lm)
+
+    def add(self, lm) -> None:
         for name in ("_model_call", "_model_generate"):
             setattr(lm, name, self._wrap(getattr(lm, name)))
 
@@ -70,20 +73,20 @@ class Tally:
         )
 
 
-def score(mode: str, fitness) -> dict[str, float]:
-    if mode == "old":  # what LmEvalFitness.__call__ did before requests were reused
-        out = fitness.evaluate_with_harness()
+def score(mode: str, fitness, plain_lm=None) -> dict[str, float]:
+    if mode == "old":  # what LmEvalFitness.__call__ did before: evaluate() on a plain HFLM, then gc
+        out = fitness.evaluate_with_harness(lm=plain_lm)
         gc.collect()
         return out
     return dict(fitness())
 
 
-def bench(modes: list[str], merger, fitness, timer, recipes) -> dict[str, Tally]:
+def bench(modes: list[str], merger, fitness, timer, recipes, plain_lm) -> dict[str, Tally]:
     """Each candidate is scored by every mode in turn, so both see the same machine load."""
     tallies = {m: Tally() for m in modes}
     merger.apply(recipes[0])
     for m in modes:
-        score(m, fitness)  # warm-up (builds the fast path's requests)
+        score(m, fitness, plain_lm)  # warm-up (builds the fast path's requests)
     for recipe in recipes[1:]:
         for m in modes:
             t = tallies[m]
@@ -92,7 +95,7 @@ def bench(modes: list[str], merger, fitness, timer, recipes) -> dict[str, Tally]
             merger.apply(recipe)
             t.merge_s += time.perf_counter() - start
             t0 = time.perf_counter()
-            t.scores.append(score(m, fitness))
+            t.scores.append(score(m, fitness, plain_lm))
             t.eval_s += time.perf_counter() - t0
             t.model_s += timer.seconds
             t.total += time.perf_counter() - start
@@ -112,7 +115,11 @@ def main() -> None:
     zoo = build_zoo(default_cache_dir(), ZooConfig())
     merger = Merger(ModelPool(zoo.base, zoo.experts), device=args.device)
     fitness = LmEvalFitness(merger.model, merger.tokenizer, TASKS, subset_size=args.subset, batch_size=args.batch_size, max_length=64)
+    from lm_eval.models.huggingface import HFLM
+
+    plain_lm = HFLM(pretrained=merger.model, tokenizer=merger.tokenizer, batch_size=args.batch_size, max_length=64)
     timer = ModelTimer(fitness.lm, merger.device)
+    timer.add(plain_lm)
     space = GenomeSpace(
         n_experts=2, n_layers=merger.n_layers, expert_names=list(zoo.experts),
         methods=("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp"), layer_groups=2,
@@ -122,7 +129,7 @@ def main() -> None:
     docs = sum(len(v) for v in fitness.subset.values())
     print(f"device {merger.device}, {args.candidates} candidates, {docs} docs each ({len(TASKS)} tasks)")
     modes = ["old", "new"] if args.mode == "both" else [args.mode]
-    tallies = bench(modes, merger, fitness, timer, recipes)
+    tallies = bench(modes, merger, fitness, timer, recipes, plain_lm)
     for m in modes:
         print(tallies[m].line(m))
     if len(modes) == 2:

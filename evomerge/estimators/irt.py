@@ -13,7 +13,8 @@ anchor answers, and the full-split score is estimated as (gp-IRT)::
     lambda * sum_j w_j y_j  +  (1 - lambda) * (sum_{anchors} y_j + sum_{others} P_j(theta)) / N
 
 with ``lambda`` the inverse-variance weight of the anchor mean against the IRT
-prediction, whose error is measured by leave-one-model-out over the calibration models.
+prediction, both errors measured by leave-one-model-out over the calibration models
+(refit, re-chosen anchors); the blend's cross-validated error is the standard error.
 The fit, anchors and calibration scores are saved in ``<run_dir>/irt.json`` and reused
 on resume (nothing is re-scored).
 """
@@ -140,8 +141,11 @@ class TaskModel:
     weights: list[float]
     theta_mean: float
     theta_sd: float
-    var_pirt: float  # leave-one-model-out squared error of the IRT prediction
+    var_pirt: float  # leave-one-model-out mean squared error of the IRT prediction
     calibration: dict[str, float] = field(default_factory=dict)  # full-split scores of the calibration models
+    var_anchor: float = 0.0  # leave-one-model-out mean squared error of the weighted anchor mean
+    blend_lambda: float = 0.5  # weight of the anchor mean (inverse-variance from the two above)
+    cv_mse: float = 0.0  # leave-one-model-out mean squared error of the blended estimate
 
     def estimate(self, y_anchor: np.ndarray, blend: float | None = None) -> tuple[float, float]:
         """(estimated full-split score, its standard error) from the answers on the anchors."""
@@ -155,12 +159,11 @@ class TaskModel:
         rest[idx] = False
         pirt = float((y.sum() + p[rest].sum()) / self.n_items)
         anchor_mean = float((w * y).sum())
-        # the anchor mean's sampling variance, items' probabilities from the model
-        var_anchor = float((w**2 * p[idx] * (1 - p[idx])).sum()) + 1e-6
-        var_pirt = max(self.var_pirt, 1e-6)
-        lam = var_pirt / (var_pirt + var_anchor) if blend is None else float(blend)
+        lam = self.blend_lambda if blend is None else float(blend)
         estimate = lam * anchor_mean + (1 - lam) * pirt
-        se = math.sqrt(lam**2 * var_anchor + (1 - lam) ** 2 * var_pirt)
+        # standard error: the blend's cross-validated error (the anchors' binomial error
+        # would overstate it: they are chosen to stand for their clusters), at least one item
+        se = max(math.sqrt(self.cv_mse), 1.0 / self.n_items)
         return float(np.clip(estimate, 0.0, 1.0)), se
 
 
@@ -177,14 +180,22 @@ def fit_task_model(
         float(theta.mean()), float(max(theta.std(), 0.5)), 0.0,
         {str(lbl): float(Y[i].mean()) for i, lbl in enumerate(labels)},
     )
-    errors = []
+    # leave one calibration model out: refit, re-choose anchors, estimate the held-out model
+    err_anchor, err_pirt = [], []
     for m in range(len(Y)):
         rest = np.delete(Y, m, axis=0)
         th_m, a_m, c_m = fit_2pl(rest, iters=200)
-        held = TaskModel(name, task, metric, Y.shape[1], a_m.tolist(), c_m.tolist(), anchors, weights,
+        anc_m, w_m = choose_anchors(a_m, c_m, n_anchors, seed)
+        held = TaskModel(name, task, metric, Y.shape[1], a_m.tolist(), c_m.tolist(), anc_m, w_m,
                          float(th_m.mean()), float(max(th_m.std(), 0.5)), 0.0)
-        errors.append(held.estimate(Y[m, anchors], blend=0.0)[0] - Y[m].mean())
-    model.var_pirt = float(np.mean(np.square(errors)))
+        truth = Y[m].mean()
+        err_pirt.append(held.estimate(Y[m, anc_m], blend=0.0)[0] - truth)
+        err_anchor.append(float(np.dot(w_m, Y[m, anc_m])) - truth)
+    ea, ep = np.array(err_anchor), np.array(err_pirt)
+    model.var_anchor, model.var_pirt = float(np.mean(ea**2)), float(np.mean(ep**2))
+    total = model.var_anchor + model.var_pirt
+    model.blend_lambda = model.var_pirt / total if total > 0 else 0.5
+    model.cv_mse = float(np.mean((model.blend_lambda * ea + (1 - model.blend_lambda) * ep) ** 2))
     return model
 
 

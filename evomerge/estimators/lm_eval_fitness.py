@@ -58,7 +58,30 @@ def _quiet_hflm_class():
 
     class QuietHFLM(HFLM):
         """HFLM whose request loops never draw progress bars (lm-eval passes
-        ``disable_tqdm`` explicitly, so TQDM_DISABLE alone does not help)."""
+        ``disable_tqdm`` explicitly, so TQDM_DISABLE alone does not help) and which
+        tokenizes each prompt once per run: the same requests come back for every
+        candidate and tokenization does not depend on the weights."""
+
+        _memo_pairs: dict
+        _memo_batches: dict
+
+        def _encode_pair(self, context, continuation):
+            memo = self.__dict__.setdefault("_memo_pairs", {})
+            key = (context, continuation)
+            if key not in memo:
+                memo[key] = super()._encode_pair(context, continuation)
+            ctx, cont = memo[key]
+            return list(ctx), list(cont)
+
+        def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+            memo = self.__dict__.setdefault("_memo_batches", {})
+            key = (tuple(strings), padding_side, left_truncate_len, truncation)
+            if key not in memo:
+                if len(memo) > 4096:  # bounded: batches differ only when the doc sets do
+                    memo.clear()
+                memo[key] = super().tok_batch_encode(strings, padding_side, left_truncate_len, truncation)
+            ids, mask = memo[key]
+            return ids.clone(), mask.clone()
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
@@ -128,7 +151,7 @@ class LmEvalFitness:
         self.task_objects = loaded["tasks"]
         if max_length is None:
             max_length = int(getattr(model.config, "max_position_embeddings", 2048))
-        hflm_cls = _quiet_hflm_class() if quiet else __import__("lm_eval.models.huggingface", fromlist=["HFLM"]).HFLM
+        hflm_cls = _quiet_hflm_class()
         with _maybe_silent(quiet):
             self.lm = hflm_cls(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), max_length=int(max_length))
         if subset is not None:
@@ -185,13 +208,14 @@ class LmEvalFitness:
                 torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def evaluate_with_harness(self, ids: dict[str, list[int]] | None = None) -> dict[str, float]:
-        """The same scores through ``lm_eval.evaluator.evaluate`` (the slow reference path)."""
+    def evaluate_with_harness(self, ids: dict[str, list[int]] | None = None, lm: Any = None) -> dict[str, float]:
+        """The same scores through ``lm_eval.evaluator.evaluate`` (the slow reference path;
+        ``lm`` e.g. a plain ``HFLM`` on the same model, default ours)."""
         from lm_eval import evaluator
 
         with _maybe_silent(self.quiet):
             results = evaluator.evaluate(
-                lm=self.lm,
+                lm=self.lm if lm is None else lm,
                 task_dict=self.task_dict,
                 samples=self.subset if ids is None else ids,
                 bootstrap_iters=0,
