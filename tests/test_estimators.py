@@ -176,3 +176,63 @@ def test_front_separability_marks_overlapping_neighbours():
     assert separable_from_neighbours(front, ["a", "b"]) == [False, False, True]
     exact = [rec(0, 0.2, 0.9, 0.0), rec(1, 0.25, 0.85, 0.0)]
     assert separable_from_neighbours(exact, ["a", "b"]) == [True, True]
+
+
+def test_multifidelity_search_resumes_to_the_same_archive(tmp_path):
+    """A multi-fidelity search killed after a generation and resumed ends with the archive
+    (scores, fidelities) of an uninterrupted one."""
+    from evomerge.search.algorithms import nsga2
+    from evomerge.search.genome import GenomeSpace
+    from evomerge.search.loop import SearchLoop
+
+    space = GenomeSpace(n_experts=2, n_layers=2, methods=("task_arithmetic",), separate_embed_head=False)
+
+    def make(run_dir):
+        fake = FakeFitness({"task_a": np.zeros((1, N)), "task_b": np.zeros((1, N))})
+        ctx = FitnessContext(None, None, fake.tasks, ["a", "b"], subset_size=20, run_dir=run_dir)
+        est = MultiFidelityEstimator(ctx, k=2.0, fitness=fake)
+
+        def evaluate(recipe):
+            w0, w1 = recipe.groups[1].params["weight"]
+            p = [w0 * (1 - 0.5 * w1), w1 * (1 - 0.5 * w0)]
+            rng = np.random.default_rng(int(1e6 * w0) * 7 + int(1e6 * w1))
+            for t, pt in zip(["task_a", "task_b"], p):
+                fake.correct[t] = (rng.random((1, N)) < max(0.0, min(1.0, pt))).astype(float)
+            return est(), 0.0, 0.0
+
+        return est, evaluate
+
+    def loop_for(run_dir):
+        return SearchLoop(space, nsga2(pop_size=6), ["a", "b"], run_dir, max_evals=24, seed=0, progress=False)
+
+    (tmp_path / "whole").mkdir()
+    est, evaluate = make(tmp_path / "whole")
+    loop = loop_for(tmp_path / "whole")
+    est.attach(loop.archive)
+    loop.run(evaluate)
+
+    class Killed(Exception):
+        pass
+
+    def kill(lp):
+        if lp.state.generation == 2:
+            raise Killed
+
+    (tmp_path / "killed").mkdir()
+    est, evaluate = make(tmp_path / "killed")
+    loop = loop_for(tmp_path / "killed")
+    est.attach(loop.archive)
+    with pytest.raises(Killed):
+        loop.run(evaluate, on_generation=kill)
+    est, evaluate = make(tmp_path / "killed")  # a fresh process: order from fidelity.json, front from the archive
+    loop = loop_for(tmp_path / "killed")
+    est.attach(loop.archive)
+    loop.run(evaluate)
+
+    def summary(path):
+        return [(r.key, r.scores, r.fidelity) for r in Archive(path / "archive.jsonl").records]
+
+    whole = summary(tmp_path / "whole")
+    assert len(whole) == 24 and whole == summary(tmp_path / "killed")
+    assert {max(r[2].values()) for r in whole} > {20}  # some were promoted, some not
+    assert min(min(r[2].values()) for r in whole) == 20
