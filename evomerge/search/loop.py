@@ -146,7 +146,7 @@ class SearchLoop:
             key=key,
             genome=None if x is None else [float(v) for v in x],
             recipe=recipe.to_dict(),
-            scores=scores,
+            scores=dict(scores),
             losses=losses,
             error=error,
             label=label,
