@@ -53,6 +53,20 @@ def mae(est: list[dict[str, float]], exact: list[dict[str, float]], objectives: 
     return float(np.mean([abs(e[o] - x[o]) for e, x in zip(est, exact) for o in objectives]))
 
 
+def table(data: dict) -> str:
+    """results.json as a markdown table (the README's)."""
+    lines = ["| setting | estimator | items per task | MAE vs full split | s per candidate | notes |", "|---|---|---|---|---|---|"]
+    for setting, rows in data.items():
+        for name, r in rows.items():
+            notes = []
+            if "calibration_models" in r:
+                notes.append(f"calibration: {r['calibration_models']} models on the full split, {r['calibration_seconds']:.0f} s once; mean reported SE {r['mean_reported_stderr']:.3f}")
+            if "front_recall" in r:
+                notes.append(f"k={r['k']:g}; {r['full_split_share']:.0%} of candidates promoted to the full split; exact-front recall {r['front_recall']:.0%} ({r['exact_front_size']} points)")
+            lines.append(f"| {setting} | {name} | {r['items']:.1f} | {r['mae']:.4f} | {r['seconds_per_candidate']:.2f} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", choices=sorted(OVERRIDES), default="toy")
@@ -63,8 +77,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=12345, help="held-out candidates' seed")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--table", action="store_true", help="print results.json as a markdown table and exit")
     p.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
 
     from omegaconf import OmegaConf
 
