@@ -103,3 +103,16 @@ def test_irt_needs_the_merger(tmp_path):
     fake = type("F", (), {"scorer": type("S", (), {"n_docs": {}})(), "tasks": TASKS})()
     with pytest.raises(ConfigError, match="needs the merger"):
         IrtEstimator(ctx, fitness=fake)
+
+
+def test_collapsed_clusters_still_give_every_anchor():
+    # 3 distinct parameter values over 30 items (20/5/5): 8 anchors, weights still sum to 1,
+    # extra anchors go where a cluster has the most items per anchor: 20/1, 20/2, 20/3,
+    # 20/4 (> 5/1), then at 5 items per anchor a tie: 5 + 1 + 2 or 5 + 2 + 1
+    a = np.array([1.0] * 20 + [2.0] * 5 + [3.0] * 5)
+    c = np.array([0.0] * 20 + [1.0] * 5 + [-1.0] * 5)
+    anchors, weights = choose_anchors(a, c, 8)
+    assert len(anchors) == len(set(anchors)) == 8
+    assert sum(weights) == pytest.approx(1.0)
+    assert sum(i < 20 for i in anchors) == 5
+    assert sorted(weights)[-1] == pytest.approx(5 / 30) and sorted(weights)[0] == pytest.approx(2.5 / 30)

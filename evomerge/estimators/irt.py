@@ -117,12 +117,24 @@ def choose_anchors(a: np.ndarray, c: np.ndarray, n_anchors: int, seed: int = 0) 
     X = np.stack([a, c], 1)
     X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
     labels = kmeans(X, n_anchors, seed)
-    anchors, weights = [], []
+    # members of each cluster, nearest its centre first
+    clusters = []
     for j in sorted(set(labels.tolist())):
         members = np.flatnonzero(labels == j)
         centre = X[members].mean(0)
-        anchors.append(int(members[np.argmin(((X[members] - centre) ** 2).sum(1))]))
-        weights.append(len(members) / N)
+        clusters.append(members[np.argsort(((X[members] - centre) ** 2).sum(1), kind="stable")])
+    # one anchor per cluster; when clusters collapsed (few distinct parameter values),
+    # the clusters with the most items per anchor give further anchors
+    counts = [1] * len(clusters)
+    while sum(counts) < n_anchors:
+        open_ = [i for i, m in enumerate(clusters) if counts[i] < len(m)]
+        i = max(open_, key=lambda i: len(clusters[i]) / counts[i])
+        counts[i] += 1
+    anchors, weights = [], []
+    for members, k in zip(clusters, counts):
+        for item in members[:k]:
+            anchors.append(int(item))
+            weights.append(len(members) / N / k)
     order = np.argsort(anchors)
     return [anchors[i] for i in order], [weights[i] for i in order]
 
