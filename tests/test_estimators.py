@@ -77,7 +77,6 @@ def test_promotion_never_drops_an_exact_front_candidate(tmp_path, seed):
     # the archive's front (highest-fidelity scores) is exactly the exact front
     F = np.array([r.losses for r in archive.records])
     assert set(int(i) for i in nondominated(F)) == exact_front
-    print("items", items / (len(archive.records) * 2 * N))
     assert items < 0.7 * len(archive.records) * 2 * N  # and it is cheaper than exact scoring
 
 

@@ -83,7 +83,6 @@ def test_irt_estimates_the_experts_own_accuracies_within_their_standard_error(me
         s = est()
         for name in ("math", "lang"):
             exact = est.models[name].calibration[label]  # its score on all 200 items
-            print(label, name, s[name], exact, s.stderr[name])
             assert 0 < s.stderr[name] < 0.15
             assert abs(s[name] - exact) <= s.stderr[name], (label, name, s[name], exact, s.stderr[name])
             assert s.fidelity[name] == 15
