@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge import rundir
 from evomerge.checks import check_config, check_tasks, check_weights_finite
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.estimators.base import Estimator, FitnessContext
+from evomerge.estimators.build import build_estimator
 from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness, quiet_libraries
 from evomerge.merge.merger import Merger
 from evomerge.merge.recipe import Recipe
@@ -138,7 +140,7 @@ class Session:
     experts: dict[str, str]
     base: str
     merger: Merger
-    fitness: LmEvalFitness
+    fitness: Estimator
     objectives: list[str]
 
     def evaluate(self, recipe: Recipe) -> tuple[dict[str, float], float, float]:
@@ -160,23 +162,23 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     extra = _tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
     if not objectives:
         raise ConfigError("fitness.objectives must list at least one task")
-    subset_file = run_dir / "subset.json"
-    saved = rundir.load_subset(run_dir)
     subset_size = OmegaConf.select(cfg, "fitness.subset_size")
-    fitness = LmEvalFitness(
+    ctx = FitnessContext(
         merger.model,
         merger.tokenizer,
         objectives + extra,
+        [t.name for t in objectives],
         split=str(OmegaConf.select(cfg, "fitness.split") or "validation"),
         subset_size=None if subset_size is None else _get(cfg, "fitness.subset_size", int, positive=True),
         subset_seed=_get(cfg, "fitness.subset_seed", int),
-        subset=saved,
         batch_size=_get(cfg, "fitness.batch_size", int, positive=True),
         max_length=OmegaConf.select(cfg, "fitness.max_length"),
         include_paths=list(OmegaConf.select(cfg, "fitness.include_paths") or []),
+        run_dir=run_dir,
+        merger=merger,
+        seed=_get(cfg, "seed", int),
     )
-    if saved is None:
-        rundir.write_atomic(subset_file, json.dumps(fitness.subset))
+    fitness = build_estimator(OmegaConf.select(cfg, "fitness.estimator"), ctx)
     return Session(cfg, pool, experts, base, merger, fitness, [t.name for t in objectives])
 
 
@@ -234,6 +236,8 @@ def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             checkpoint_name=stage.checkpoint,
             retry_failed=bool(OmegaConf.select(cfg, "search.retry_failed")),
         )
+        if hasattr(session.fitness, "attach"):  # multi-fidelity promotion reads the live front
+            session.fitness.attach(loop.archive)
         label = f"stage {stage.name}: " if len(stages) > 1 else "search: "
         print(
             f"{label}{strategy.name} over {space.n_var} genes ({len(space.slots)} groups, methods {', '.join(space.methods)}), "

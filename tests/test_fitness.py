@@ -103,3 +103,41 @@ def test_splits_are_disjoint():
     for skill in SKILLS:
         prompts = [{r["question"] for r in fitness_records(skill, s)} for s in SPLITS]
         assert sum(map(len, prompts)) == len(set().union(*prompts))
+
+
+# ---------------------------------------------------------------- fast path, standard errors
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.0], [0.4, 0.7]])
+def test_prebuilt_requests_score_exactly_like_evaluator_evaluate(zoo_merger, fitness, weights):
+    """Requests built once and reused give the harness's scores on the same weights,
+    also after evaluate() rebuilt the tasks' own instances in between."""
+    zoo_merger.apply(Recipe.uniform("task_arithmetic", {"weight": weights}, zoo_merger.n_layers))
+    fast = fitness()
+    slow = fitness.evaluate_with_harness()
+    assert dict(fast) == slow
+    assert dict(fitness()) == slow
+    assert fast.fidelity == {"math": 80, "lang": 80}
+
+
+def test_item_scores_follow_the_requested_ids(zoo_merger, fitness):
+    zoo_merger.apply(Recipe.uniform("task_arithmetic", {"weight": [0.0, 1.0]}, zoo_merger.n_layers))
+    ids = {"toy_math": [5, 1, 9], "toy_lang": [3, 0]}
+    items = fitness.score_items(ids)
+    assert items.ids == ids
+    whole = fitness.score_items({"toy_math": list(range(10)), "toy_lang": list(range(4))})
+    assert list(items.values["toy_lang"]["acc,none"]) == list(whole.values["toy_lang"]["acc,none"][[3, 0]])
+    assert list(items.values["toy_math"]["exact_match,first-number"]) == list(
+        whole.values["toy_math"]["exact_match,first-number"][[5, 1, 9]]
+    )
+
+
+def test_standard_errors_binomial_and_bootstrap():
+    from evomerge.estimators.items import standard_error
+
+    # 3 of 4 right: sqrt(0.75 * 0.25 / 4) = 0.21650635
+    assert standard_error([1, 1, 0, 1]) == pytest.approx(0.21650635, abs=1e-8)
+    assert standard_error([1, 1, 1, 1]) == 0.0
+    # non-binary items: bootstrap over items approximates std / sqrt(n)
+    values = [0.0, 0.5, 1.0, 0.25] * 25  # std (ddof=0) 0.3750 over 100 items -> 0.0375
+    assert standard_error(values, iters=2000) == pytest.approx(0.0375, rel=0.08)

@@ -1,9 +1,10 @@
 """lm-eval-harness fitness: one objective per task, scored on the live merged model.
 
-The model is wrapped in lm-eval's HFLM once and the task dict is built once; per
-candidate only ``evaluator.evaluate`` runs. lm-eval's result cache is never enabled
-(it is keyed on the request, not the weights, and would return the previous genome's
-answers).
+The model is wrapped in lm-eval's HFLM once, the task dict is built once and each doc's
+requests are built once (``items.ItemScorer``); per candidate only the model runs, then
+lm-eval's own filters and metrics -- the same scores as ``evaluator.evaluate`` on the same
+docs (tested). lm-eval's result cache is never enabled (it is keyed on the request, not
+the weights, and would return the previous genome's answers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from evomerge.errors import ConfigError
+from evomerge.estimators.base import Scores
+from evomerge.estimators.items import ItemScorer, ItemScores, standard_error
 from evomerge.estimators.tasks import find_tasks
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,30 @@ def _quiet_hflm_class():
 
     class QuietHFLM(HFLM):
         """HFLM whose request loops never draw progress bars (lm-eval passes
-        ``disable_tqdm`` explicitly, so TQDM_DISABLE alone does not help)."""
+        ``disable_tqdm`` explicitly, so TQDM_DISABLE alone does not help) and which
+        tokenizes each prompt once per run: the same requests come back for every
+        candidate and tokenization does not depend on the weights."""
+
+        _memo_pairs: dict
+        _memo_batches: dict
+
+        def _encode_pair(self, context, continuation):
+            memo = self.__dict__.setdefault("_memo_pairs", {})
+            key = (context, continuation)
+            if key not in memo:
+                memo[key] = super()._encode_pair(context, continuation)
+            ctx, cont = memo[key]
+            return list(ctx), list(cont)
+
+        def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+            memo = self.__dict__.setdefault("_memo_batches", {})
+            key = (tuple(strings), padding_side, left_truncate_len, truncation)
+            if key not in memo:
+                if len(memo) > 4096:  # bounded: batches differ only when the doc sets do
+                    memo.clear()
+                memo[key] = super().tok_batch_encode(strings, padding_side, left_truncate_len, truncation)
+            ids, mask = memo[key]
+            return ids.clone(), mask.clone()
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
@@ -100,6 +126,7 @@ class LmEvalFitness:
         max_length: int | None = None,
         include_paths: Iterable[str] = (),
         quiet: bool = True,
+        gc_every: int = 0,
     ):
         if not tasks:
             raise ConfigError("fitness needs at least one task")
@@ -124,50 +151,80 @@ class LmEvalFitness:
         self.task_objects = loaded["tasks"]
         if max_length is None:
             max_length = int(getattr(model.config, "max_position_embeddings", 2048))
-        hflm_cls = _quiet_hflm_class() if quiet else __import__("lm_eval.models.huggingface", fromlist=["HFLM"]).HFLM
+        hflm_cls = _quiet_hflm_class()
         with _maybe_silent(quiet):
             self.lm = hflm_cls(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), max_length=int(max_length))
         if subset is not None:
             self.subset = {k: sorted(int(i) for i in v) for k, v in subset.items()}
         else:
             self.subset = {
-                name: choose_subset(len(list(task.eval_docs)), subset_size, subset_seed + i)
+                name: choose_subset(len(task.eval_docs), subset_size, subset_seed + i)
                 for i, (name, task) in enumerate(sorted(self.task_objects.items()))
             }
         self.quiet = quiet
+        self.gc_every = int(gc_every)
+        self._calls = 0
+        self.scorer = ItemScorer(self.lm, self.task_objects, quiet=quiet)
 
     @property
     def objective_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    def score_items(self, ids: dict[str, list[int]] | None = None) -> ItemScores:
+        """Per-item metrics of the current weights on ``ids`` (task -> doc ids; default the subset)."""
+        with torch.no_grad():
+            items = self.scorer.score(self.subset if ids is None else ids)
+        self._after_candidate()
+        return items
+
+    def scores_from_items(self, items: ItemScores) -> Scores:
+        """Aggregate per-item values into one score per objective, with standard errors."""
+        scores: dict[str, float] = {}
+        stderr: dict[str, float] = {}
+        fidelity: dict[str, int] = {}
+        for t in self.tasks:
+            per_task = items.values.get(t.task, {})
+            if t.metric not in per_task:
+                raise ConfigError(
+                    f"fitness task '{t.task}' has no metric '{t.metric}'; available: " + ", ".join(sorted(per_task))
+                )
+            values = per_task[t.metric]
+            agg = self.scorer.aggregation_fn(t.task, t.metric)
+            scores[t.name] = float(agg(list(values)))
+            stderr[t.name] = standard_error(values, agg)
+            fidelity[t.name] = len(values)
+        return Scores(scores, stderr, fidelity)
+
+    def __call__(self) -> Scores:
+        return self.scores_from_items(self.score_items())
+
+    def _after_candidate(self) -> None:
+        # A full gc per candidate cost a third of the toy zoo's time; collect only every
+        # ``gc_every`` candidates (0 = never: the per-candidate objects are freed by refcount).
+        self._calls += 1
+        if self.gc_every and self._calls % self.gc_every == 0:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     @torch.no_grad()
-    def __call__(self) -> dict[str, float]:
+    def evaluate_with_harness(self, ids: dict[str, list[int]] | None = None, lm: Any = None) -> dict[str, float]:
+        """The same scores through ``lm_eval.evaluator.evaluate`` (the slow reference path;
+        ``lm`` e.g. a plain ``HFLM`` on the same model, default ours)."""
         from lm_eval import evaluator
 
         with _maybe_silent(self.quiet):
             results = evaluator.evaluate(
-                lm=self.lm,
+                lm=self.lm if lm is None else lm,
                 task_dict=self.task_dict,
-                samples=self.subset,
+                samples=self.subset if ids is None else ids,
                 bootstrap_iters=0,
                 log_samples=False,
                 verbosity="ERROR",
             )
         if results is None:  # only on non-zero ranks, which we never use
             raise RuntimeError("lm-eval returned no results")
-        scores: dict[str, float] = {}
-        for t in self.tasks:
-            per_task = results["results"].get(t.task, {})
-            if t.metric not in per_task:
-                raise ConfigError(
-                    f"fitness task '{t.task}' has no metric '{t.metric}'; available: "
-                    + ", ".join(k for k in per_task if "," in k and "_stderr" not in k)
-                )
-            scores[t.name] = float(per_task[t.metric])
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return scores
+        return {t.name: float(results["results"][t.task][t.metric]) for t in self.tasks}
 
 
 @contextlib.contextmanager

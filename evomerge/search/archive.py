@@ -52,6 +52,8 @@ class Record:
     merge_s: float = 0.0
     eval_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    stderr: dict[str, float] = field(default_factory=dict)  # standard error per score
+    fidelity: dict[str, int] = field(default_factory=dict)  # items each score came from
 
 
 def record_crc(data: dict[str, Any]) -> str:

@@ -210,19 +210,24 @@ class SearchLoop:
             losses = [self.worst_loss] * len(self.objectives)
             scores = {k: v for k, v in scores.items() if math.isfinite(v)}  # keep the archive valid JSON
             _free_accelerator_memory()
+        # estimators return Scores (a dict) carrying standard errors and fidelities
+        stderr = {k: float(v) for k, v in (getattr(scores, "stderr", None) or {}).items() if k in scores and math.isfinite(v)}
+        fidelity = {k: int(v) for k, v in (getattr(scores, "fidelity", None) or {}).items() if k in scores}
         record = Record(
             id=self.archive.next_id(),
             kind=kind,
             key=key,
             genome=None if x is None else [float(v) for v in x],
             recipe=recipe.to_dict(),
-            scores=scores,
+            scores=dict(scores),
             losses=losses,
             error=error,
             label=label,
             generation=(self.state.generation if generation is None else generation) if kind == "search" else None,
             merge_s=round(merge_s, 6),
             eval_s=round(eval_s, 6),
+            stderr=stderr,
+            fidelity=fidelity,
         )
         self.archive.append(record)
         self.evaluated += 1

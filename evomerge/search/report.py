@@ -26,6 +26,23 @@ def front(records: Sequence[Record]) -> list[Record]:
     return [ok[i] for i in nondominated(np.array([r.losses for r in ok]))]
 
 
+def separable_from_neighbours(pareto: Sequence[Record], objectives: Sequence[str], k: float = 2.0) -> list[bool]:
+    """For front points in order along the first objective: False where a neighbour on
+    the front lies within ``k`` combined standard errors in every objective (the two are
+    not told apart by the evaluation). Records without standard errors count as exact."""
+    def close(a: Record, b: Record) -> bool:
+        return all(
+            abs(a.scores[o] - b.scores[o]) <= k * float(np.hypot(a.stderr.get(o, 0.0), b.stderr.get(o, 0.0)))
+            for o in objectives
+        )
+
+    out = []
+    for i, r in enumerate(pareto):
+        neighbours = [pareto[j] for j in (i - 1, i + 1) if 0 <= j < len(pareto)]
+        out.append(not any(close(r, n) for n in neighbours))
+    return out
+
+
 def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_point: np.ndarray) -> dict[str, Any]:
     search = archive.search_records()
     pareto = sorted(front(search), key=lambda r: r.losses)
@@ -37,6 +54,7 @@ def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_
             methods = sorted({g["method"] for g in r.recipe["groups"]})
             w.writerow([r.id, *(r.scores[o] for o in objectives), *(r.scores.get(e, "") for e in extras), "+".join(methods)])
     F = np.array([r.losses for r in pareto]) if pareto else np.zeros((0, len(objectives)))
+    separable = separable_from_neighbours(pareto, objectives)
     summary: dict[str, Any] = {
         "objectives": list(objectives),
         "ref_point_losses": ref_point.tolist(),
@@ -44,6 +62,10 @@ def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_
         "n_evaluated": len(search),
         "n_failed": sum(r.error is not None for r in search),
         "front": [{"id": r.id, "scores": r.scores} for r in pareto],
+        # standard errors, items per score, and whether a front neighbour is within 2 SE
+        "front_uncertainty": [
+            {"id": r.id, "stderr": r.stderr, "fidelity": r.fidelity, "separable": sep} for r, sep in zip(pareto, separable)
+        ],
         "references": {r.label: r.scores for r in archive.records if r.kind == "reference"},
     }
     (run_dir / "pareto_front.json").write_text(json.dumps(summary, indent=2))
@@ -93,9 +115,19 @@ def plot_run(run_dir: Path, objectives: Sequence[str], archive: Archive, history
     for ax, (i, j) in zip(axes[0], pairs):
         xi, yj = objectives[i], objectives[j]
         ax.scatter([r.scores[xi] for r in search], [r.scores[yj] for r in search], s=12, c="lightgray", label="evaluated")
-        pts = sorted((r.scores[xi], r.scores[yj]) for r in pareto)
-        if pts:
-            ax.plot(*zip(*pts), "o-", c="tab:blue", ms=5, label="Pareto front (all objectives)")
+        ordered = sorted(pareto, key=lambda r: (r.scores[xi], r.scores[yj]))
+        if ordered:
+            ax.plot([r.scores[xi] for r in ordered], [r.scores[yj] for r in ordered], "o-", c="tab:blue", ms=5,
+                    label="Pareto front (all objectives)")
+            ax.errorbar(
+                [r.scores[xi] for r in ordered], [r.scores[yj] for r in ordered],
+                xerr=[r.stderr.get(xi, 0.0) for r in ordered], yerr=[r.stderr.get(yj, 0.0) for r in ordered],
+                fmt="none", ecolor="tab:blue", alpha=0.5, lw=1, capsize=2,
+            )
+            blurred = [r for r, sep in zip(pareto, separable_from_neighbours(pareto, objectives)) if not sep]
+            if blurred:
+                ax.scatter([r.scores[xi] for r in blurred], [r.scores[yj] for r in blurred], s=70, facecolors="none",
+                           edgecolors="tab:red", zorder=6, label="within 2 SE of a front neighbour")
         for name, recs in (extra_fronts or {}).items():
             p2 = sorted((r.scores[xi], r.scores[yj]) for r in front(recs))
             if p2:
