@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evomerge.errors import MergeError
-from evomerge.merge.groups import DeltaGroup, MagnitudeTable
-from evomerge.merge.methods import REGISTRY, apply_method, get_method
+from evomerge.merge.groups import DeltaGroup, MagnitudeTable, keep_counts
+from evomerge.merge.methods import REGISTRY, apply_method, get_method, random_keep, trim_by_magnitude
 
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
 D1 = torch.tensor([1.0, -2.0, 3.0, -4.0])
@@ -156,18 +156,81 @@ def test_multi_segment_group_equals_per_tensor_merges():
         close(merged, alone)
 
 
+def mergekit_count(density: float, n: int) -> int:
+    """mergekit's kept count for TIES: int(d * n), at least one, all at d >= 1."""
+    if density >= 1:
+        return n
+    return 0 if density <= 0 else max(1, int(density * n))
+
+
 @given(density=st.floats(0.0, 1.0), n=st.integers(1, 3000))
 @settings(max_examples=40, deadline=None)
 def test_magnitude_table_keeps_about_density(density, n):
     torch.manual_seed(n)
     deltas = torch.randn(1, n)
     table = MagnitudeTable(deltas, (n,), table_size=256)
-    kept = int((deltas.abs() >= table.threshold(torch.tensor([density]))).sum())
-    # the density arrives as float32, so round its float32 value times n (as the table does)
-    target = int(torch.round(torch.tensor([density]).double() * n))
+    kept = int((deltas.abs() >= table.threshold(torch.tensor([density], dtype=torch.float64))).sum())
+    target = mergekit_count(density, n)
     assert abs(kept - target) <= max(1, math.ceil(n / 256))
-    if n <= 256:
-        assert kept == target  # exact for small tensors
+    if n <= 256 or density in (0.0, 1.0):
+        assert kept == target  # exact for small tensors, and for all / nothing
+
+
+@pytest.mark.parametrize("density, n, expected", [(0.7, 10, 7), (0.3, 10, 3), (0.29, 100, 28), (0.001, 10, 1), (0.999, 5, 4)])
+def test_kept_count_is_floor_with_at_least_one(density, n, expected):
+    # float32(0.7) * 10 = 6.99999988 would floor to 6; the count uses the float64 value,
+    # exactly like mergekit's int(d * n) (which gives 28 for 0.29 * 100 = 28.999999999999996)
+    assert keep_counts(torch.tensor([density], dtype=torch.float64), torch.tensor([n]))[0, 0] == expected
+    g = group(torch.arange(1.0, n + 1), base=torch.zeros(n))
+    out = apply_method("ties", g, {"weight": [1.0], "density": [density]})
+    assert int((out != 0).sum()) == expected
+
+
+SIZES = st.sampled_from([1, 2, 3, 7, 255, 4095, 4096, 4097, 5001, 8193, 12289])
+
+
+def _deltas(k: int, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(k, n, generator=gen)
+    d[:, ::7] = 0.0  # exact zeros and repeated magnitudes must be kept too
+    d[:, 1::11] = 0.5
+    return d
+
+
+@given(n=SIZES, k=st.integers(1, 3), seed=st.integers(0, 2**16), extra=st.integers(0, 2))
+@settings(max_examples=30, deadline=None)
+def test_density_one_trimming_is_exactly_a_no_op(n, k, seed, extra):
+    """At density 1 TIES / breadcrumbs / DARE / DELLA keep every entry bit for bit, on
+    tensors of every size (the approximate table starts above 4096 elements)."""
+    deltas = _deltas(k, n, seed)
+    sizes = (n,) if not extra else (n, 3 + extra * 1000)  # multi-segment groups too
+    if extra:
+        deltas = torch.cat([deltas, _deltas(k, sizes[1], seed + 1)], dim=1)
+    g = DeltaGroup(torch.zeros(deltas.shape[1]), deltas, segments=sizes)
+    ones, w = torch.ones(k, dtype=torch.float64), torch.ones(k)
+    assert torch.equal(trim_by_magnitude(g, ones, w), deltas)
+    assert torch.equal(random_keep(g, ones[:, None], seed), deltas)
+    # whole methods with one expert and weight 1: exactly base + delta
+    single = DeltaGroup(torch.zeros(deltas.shape[1]), deltas[:1], segments=sizes)
+    expected = deltas[0]
+    for method, params in [
+        ("ties", {"normalize": 0}),
+        ("breadcrumbs", {"gamma": 0.3}),
+        ("dare_linear", {"seed": seed}),
+        ("dare_ties", {"normalize": 0, "seed": seed}),
+        ("della", {"epsilon": 0.4, "normalize": 0, "seed": seed}),
+    ]:
+        out = apply_method(method, single, {"weight": [1.0], "density": [1.0], **params}, chunk_size=1000)
+        assert torch.equal(out, expected), method
+
+
+@given(n=SIZES, seed=st.integers(0, 2**16))
+@settings(max_examples=20, deadline=None)
+def test_density_zero_keeps_nothing(n, seed):
+    g = DeltaGroup(torch.zeros(n), _deltas(2, n, seed), segments=(n,))
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert not trim_by_magnitude(g, zero, torch.ones(2)).any()
+    assert not random_keep(g, zero[:, None], seed).any()
 
 
 def test_out_buffer_is_written_in_place():

@@ -1,19 +1,22 @@
 """Merge methods as pure functions of a ``DeltaGroup`` and validated parameters.
 
 Every method returns the merged *weights* (not a delta) of shape ``[N]``. Per-model
-parameters arrive as float tensors of shape ``[K]`` on the group's device, shared
-parameters as Python numbers. Per-tensor semantics (magnitude ranks, angles) are per
+parameters arrive as float64 tensors of shape ``[K]`` on the group's device (exact decimal
+values, so kept-entry counts match ``int(d * n)``; cast with ``.to(dtype)`` before mixing
+them with weights), shared parameters as Python numbers. Per-tensor semantics (magnitude ranks, angles) are per
 segment of the group; see ``groups.py``.
 
 To add a method: write ``def my_method(g: DeltaGroup, p: Params, out=None) -> Tensor`` and call
-``register(MergeMethod(name=..., fn=my_method, params=(...)))`` (see README).
+``register(MergeMethod(name=..., fn=my_method, params=(...)))`` (see README). To make it
+exportable to mergekit, pass ``mergekit=MergekitSpec(...)``; without one the export
+refuses the method with ``mergekit_reason``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -23,6 +26,7 @@ from evomerge.merge.groups import DeltaGroup
 
 Params = Mapping[str, "Tensor | float | int"]
 _EPS = 1e-8
+SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this: linear interpolation (mergekit's value)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,35 @@ class ParamSpec:
     help: str = ""
 
 
+Sources = Literal["base+experts", "experts", "all", "pair"]
+
+
+@dataclass(frozen=True)
+class MergekitSpec:
+    """How a method is written as a mergekit 0.1.5 config (declared next to the method).
+
+    ``sources``: ``base+experts`` (base_model = base, every expert a source with its
+    per-model parameters), ``experts`` (no base model; the experts are the sources),
+    ``all`` (no base model; base and experts are sources) or ``pair`` (the two
+    interpolation endpoints: base_model = first endpoint).
+    ``fixed``: shared parameters always written (mergekit defaults differ from ours, so
+    everything is explicit). ``skip``: our parameters mergekit has no counterpart for.
+    ``check(params, n_models)`` returns a one-line reason when mergekit cannot express
+    these (validated) parameters, else None. ``translate(params, n_models)`` may replace
+    the default mapping; it returns ``(shared, {source: per-source params})`` with
+    sources ``"base"`` or an expert index. ``random``: masks are drawn, so the export
+    reproduces the recipe only in distribution (and exactly at density 1).
+    """
+
+    method: str
+    sources: Sources = "base+experts"
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    skip: tuple[str, ...] = ("seed",)
+    check: Callable[[Mapping[str, Any], int], "str | None"] | None = None
+    translate: Callable[[Mapping[str, Any], int], "tuple[dict, dict]"] | None = None
+    random: bool = False
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -50,6 +83,8 @@ class MergeMethod:
     # True when each output element depends only on the same element of the inputs and
     # per-tensor magnitude statistics: the merge can then run chunk by chunk
     elementwise: bool = True
+    mergekit: MergekitSpec | None = None
+    mergekit_reason: str = "mergekit has no equivalent method"
 
     def spec(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -124,7 +159,8 @@ def _weighted(g: DeltaGroup, weight: Tensor, deltas: Tensor | None = None) -> Te
 
 
 def magnitude_mask(g: DeltaGroup, density: Tensor) -> Tensor:
-    """Keep the top ``density`` fraction of each task vector by magnitude, per tensor."""
+    """Keep the top ``density`` fraction of each task vector by magnitude, per tensor:
+    ``floor(d * n)`` entries (at least one when d > 0, see ``keep_counts``); d >= 1 keeps all."""
     return g.compare(g.deltas.abs(), g.thresholds(density))
 
 
@@ -137,10 +173,13 @@ def trim_by_magnitude(g: DeltaGroup, density: Tensor, weight: Tensor) -> Tensor:
 def random_keep(g: DeltaGroup, keep_prob: Tensor, seed: int) -> Tensor:
     """DARE-style drop: keep each element with ``keep_prob`` and rescale by ``1/keep_prob``.
 
-    ``keep_prob`` broadcasts against ``[K, N]``. Elements with ``keep_prob == 0`` become 0.
+    ``keep_prob`` broadcasts against ``[K, N]``. Elements with ``keep_prob == 0`` become 0;
+    ``keep_prob == 1`` keeps the element unchanged (exactly: the noise is < 1).
     """
-    noise = torch.rand(g.deltas.shape, generator=g.generator(seed), device=g.deltas.device, dtype=torch.float32)
     keep_prob = keep_prob.to(torch.float32)
+    if keep_prob.numel() and bool((keep_prob >= 1).all()):
+        return g.deltas.clone()
+    noise = torch.rand(g.deltas.shape, generator=g.generator(seed), device=g.deltas.device, dtype=torch.float32)
     scale = torch.where(keep_prob > 0, 1.0 / keep_prob.clamp(min=_EPS), torch.zeros_like(keep_prob))
     return g.deltas * ((noise < keep_prob) * scale).to(g.deltas.dtype)
 
@@ -153,7 +192,7 @@ def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
     merged = aligned.sum(0).mul_(majority)
     if normalize:
         divisor = weight.to(weighted.dtype) @ (aligned > 0).to(weighted.dtype)
-        merged = merged.div_(torch.where(divisor.abs() < _EPS, torch.ones_like(divisor), divisor))
+        merged = merged.div_(torch.where(divisor == 0, torch.ones_like(divisor), divisor))  # as mergekit
     return merged
 
 
@@ -207,21 +246,42 @@ def dare_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
 
 
 def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Drop the largest ``gamma`` fraction (outliers) and keep the next ``density`` fraction."""
-    gamma = torch.full_like(p["density"], float(p["gamma"]))
-    upper = g.thresholds(gamma)
-    lower = g.thresholds((gamma + p["density"]).clamp(max=1))
+    """Keep ``density`` of each task vector after cutting the largest ``gamma`` (outliers).
+
+    Counts follow mergekit: keep ``t = floor(d * n)`` entries, cut the ``min(floor(gamma * n),
+    n - t)`` largest (the outlier cut shrinks when ``density + gamma > 1``, so the kept
+    fraction is always ``density``); density >= 1 keeps everything.
+    """
+    d = p["density"].double()[:, None]
+    n = g.sizes()[None, :].double()  # of the whole tensors (chunks share them)
+    target = torch.where(d >= 1, n, (d.clamp(min=0) * n).floor())  # no "at least one" here, as mergekit
+    top = torch.minimum((float(p["gamma"]) * n).floor(), n - target)
+    upper = g.thresholds_for(top)  # in the top `top` -> cut
+    lower = g.thresholds_for(top + target)  # in the top `top + target` -> candidate
     mags = g.deltas.abs()
     kept = g.deltas * (g.compare(mags, upper, torch.lt) & g.compare(mags, lower, torch.ge))
     return _finish(g, p["weight"].to(kept.dtype) @ kept, p, out)
 
 
+def della_epsilon(density: Tensor, epsilon: float) -> Tensor:
+    """Spread actually used per model: ``min(epsilon, d, 1 - d)``, so every keep probability
+    stays in [0, 1] and their mean stays ``d`` (the paper requires ``d +- eps`` in range);
+    at density 1 (or 0) the spread is 0 and DELLA is exactly a no-op (or drops all)."""
+    d = density.double().clamp(0, 1)
+    return torch.minimum(torch.minimum(torch.full_like(d, float(epsilon)), d), 1 - d)
+
+
 def della(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """DELLA: keep probability rises linearly with magnitude rank within
-    ``[density - epsilon, density + epsilon]``; survivors are rescaled, then TIES consensus."""
-    eps = float(p["epsilon"])
-    rank = g.rank_fraction()
-    keep_prob = (p["density"][:, None] - eps + 2 * eps * rank).clamp(0, 1)
+    ``[density - eps, density + eps]`` (``eps`` from ``della_epsilon``); survivors are
+    rescaled by ``1 / keep_prob`` (paper), then TIES consensus."""
+    eps = della_epsilon(p["density"], float(p["epsilon"])).to(torch.float32)
+    density = p["density"].to(torch.float32).clamp(0, 1)
+    if bool((eps == 0).all()):
+        keep_prob = density[:, None]
+    else:
+        rank = g.rank_fraction()
+        keep_prob = (density - eps)[:, None] + (2 * eps)[:, None] * rank
     w = p["weight"]
     kept = _weighted(g, w, random_keep(g, keep_prob, int(p["seed"])))
     return _finish(g, sign_consensus(kept, w, bool(p["normalize"])), p, out)
@@ -241,10 +301,10 @@ def slerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     dot = g.segment_sum(a * b)
     norms = (g.segment_sum(a * a) * g.segment_sum(b * b)).sqrt().clamp(min=_EPS)
     cos = (dot / norms).clamp(-1, 1)
-    theta = torch.arccos(cos)
-    sin = torch.sin(theta)
-    nearly_parallel = sin.abs() < 1e-6
-    safe_sin = torch.where(nearly_parallel, torch.ones_like(sin), sin)
+    # nearly (anti)parallel tensors interpolate linearly, with mergekit's threshold
+    nearly_parallel = cos.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.arccos(torch.where(nearly_parallel, torch.zeros_like(cos), cos))
+    safe_sin = torch.where(nearly_parallel, torch.ones_like(theta), torch.sin(theta))
     s0 = torch.where(nearly_parallel, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / safe_sin)
     s1 = torch.where(nearly_parallel, torch.full_like(theta, t), torch.sin(t * theta) / safe_sin)
     return g.expand(s0) * a + g.expand(s1) * b
@@ -254,13 +314,17 @@ def model_stock(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """Model Stock: interpolate between the experts' mean and the base by
     ``t = K cos / (1 + (K - 1) cos)``, cos = mean pairwise cosine of task vectors, per tensor."""
     k = g.n_models
-    norms = g.segment_sum(g.deltas * g.deltas).sqrt().clamp(min=_EPS)  # [K, S]
+    norms = g.segment_sum(g.deltas * g.deltas).sqrt()  # [K, S]
     pair_cos = []
     for i in range(k):
         for j in range(i + 1, k):
-            pair_cos.append(g.segment_sum(g.deltas[i] * g.deltas[j]) / (norms[i] * norms[j]))
+            dot = g.segment_sum(g.deltas[i] * g.deltas[j])
+            pair_cos.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(pair_cos).mean(0)
-    t = k * cos / (1 + (k - 1) * cos).clamp(min=_EPS)
+    denominator = 1 + (k - 1) * cos
+    # at the singularity (mean cosine -1/(K-1)) there is no finite estimate: keep the base
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(cos), denominator))
     return g.base + g.expand(t) * g.deltas.mean(0)
 
 
@@ -272,6 +336,33 @@ def passthrough(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     return g.base.clone() if source == 0 else g.base + g.deltas[source - 1]
 
 
+# ---------------------------------------------------------------- mergekit export
+
+
+def _linear_check(p: Mapping[str, Any], n_models: int) -> str | None:
+    if p["normalize"] and abs(sum(p["weight"])) < _EPS:
+        return "normalize with weights summing to 0 divides by 0 in mergekit"
+    return None
+
+
+def _della_check(p: Mapping[str, Any], n_models: int) -> str | None:
+    eps = float(p["epsilon"])
+    for i, d in enumerate(p["density"]):
+        if 0 < d < 1 and not (d - eps > 0 and d + eps < 1):
+            return f"mergekit needs density +- epsilon inside (0, 1), expert {i} has density {d:g}, epsilon {eps:g}"
+    return None
+
+
+def _passthrough_as_linear(p: Mapping[str, Any], n_models: int) -> tuple[dict, dict]:
+    # mergekit's passthrough takes one source per slice, so a per-group choice of source is
+    # written as a linear merge with one-hot weights (1 * x + 0 * y = x exactly)
+    source = int(p["source"])
+    if source > n_models:
+        raise MergeError(f"'passthrough.source' = {source} but there are only {n_models} experts")
+    keys: list[Any] = ["base", *range(n_models)]
+    return {"normalize": False}, {key: {"weight": 1.0 if j == source else 0.0} for j, key in enumerate(keys)}
+
+
 # ---------------------------------------------------------------- registry
 
 WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True, help="scale of each task vector")
@@ -280,12 +371,35 @@ LAMBDA = ParamSpec("lambda", 0.0, 3.0, 1.0, help="global scale of the merged tas
 NORMALIZE = ParamSpec("normalize", 0, 1, 1, integer=True, searchable=False, help="divide by the summed weights")
 SEED = ParamSpec("seed", 0, 2**31 - 1, 0, integer=True, searchable=False, help="seed of random drops")
 
-register(MergeMethod("linear", linear, (WEIGHT, NORMALIZE), "weighted average of the experts"))
-register(MergeMethod("task_arithmetic", task_arithmetic, (WEIGHT, LAMBDA), "base + lambda * sum(w_i * tau_i)"))
-register(MergeMethod("ties", ties, (WEIGHT, DENSITY, LAMBDA, NORMALIZE), "trim by magnitude, elect sign, disjoint mean"))
-register(MergeMethod("dare_linear", dare_linear, (WEIGHT, DENSITY, LAMBDA, SEED), "random drop + rescale, then sum"))
 register(
-    MergeMethod("dare_ties", dare_ties, (WEIGHT, DENSITY, LAMBDA, NORMALIZE, SEED), "random drop + rescale, then TIES sign election")
+    MergeMethod(
+        "linear", linear, (WEIGHT, NORMALIZE), "weighted average of the experts",
+        mergekit=MergekitSpec("linear", sources="experts", check=_linear_check),
+    )
+)
+register(
+    MergeMethod(
+        "task_arithmetic", task_arithmetic, (WEIGHT, LAMBDA), "base + lambda * sum(w_i * tau_i)",
+        mergekit=MergekitSpec("task_arithmetic", fixed={"normalize": False, "rescale": False}),
+    )
+)
+register(
+    MergeMethod(
+        "ties", ties, (WEIGHT, DENSITY, LAMBDA, NORMALIZE), "trim by magnitude, elect sign, disjoint mean",
+        mergekit=MergekitSpec("ties", fixed={"rescale": False}),
+    )
+)
+register(
+    MergeMethod(
+        "dare_linear", dare_linear, (WEIGHT, DENSITY, LAMBDA, SEED), "random drop + rescale, then sum",
+        mergekit=MergekitSpec("dare_linear", fixed={"normalize": False, "rescale": True}, random=True),
+    )
+)
+register(
+    MergeMethod(
+        "dare_ties", dare_ties, (WEIGHT, DENSITY, LAMBDA, NORMALIZE, SEED), "random drop + rescale, then TIES sign election",
+        mergekit=MergekitSpec("dare_ties", fixed={"rescale": True}, random=True),
+    )
 )
 register(
     MergeMethod(
@@ -293,6 +407,7 @@ register(
         breadcrumbs,
         (WEIGHT, DENSITY, ParamSpec("gamma", 0.0, 0.5, 0.01, help="fraction of largest entries dropped"), LAMBDA),
         "drop the largest gamma and the smallest entries, then sum",
+        mergekit=MergekitSpec("breadcrumbs", fixed={"normalize": False, "rescale": False}),
     )
 )
 register(
@@ -301,18 +416,28 @@ register(
         della,
         (WEIGHT, DENSITY, ParamSpec("epsilon", 0.0, 0.5, 0.1, help="spread of keep probabilities"), LAMBDA, NORMALIZE, SEED),
         "magnitude-ranked drop probabilities, rescale, TIES sign election",
+        mergekit=MergekitSpec("della", fixed={"rescale": True}, check=_della_check, random=True),
     )
 )
 register(
-    MergeMethod("slerp", slerp, (ParamSpec("t", 0.0, 1.0, 0.5, help="interpolation factor"),), "spherical interpolation of two models", max_models=2, elementwise=False)
+    MergeMethod(
+        "slerp", slerp, (ParamSpec("t", 0.0, 1.0, 0.5, help="interpolation factor"),), "spherical interpolation of two models",
+        max_models=2, elementwise=False, mergekit=MergekitSpec("slerp", sources="pair"),
+    )
 )
-register(MergeMethod("model_stock", model_stock, (), "geometry-derived interpolation towards the experts' mean", min_models=2, elementwise=False))
+register(
+    MergeMethod(
+        "model_stock", model_stock, (), "geometry-derived interpolation towards the experts' mean", min_models=2,
+        elementwise=False, mergekit=MergekitSpec("model_stock", fixed={"filter_wise": False}),
+    )
+)
 register(
     MergeMethod(
         "passthrough",
         passthrough,
         (ParamSpec("source", 0, 64, 0, integer=True, help="0 = base, i = expert i"),),
         "copy one source model's tensors",
+        mergekit=MergekitSpec("linear", sources="all", translate=_passthrough_as_linear),
     )
 )
 
@@ -329,7 +454,7 @@ def apply_method(
     checked = method.validate(values, group.n_models)
     device = group.deltas.device
     params: dict[str, object] = {
-        k: (torch.tensor(v, dtype=torch.float32, device=device) if isinstance(v, list) else v) for k, v in checked.items()
+        k: (torch.tensor(v, dtype=torch.float64, device=device) if isinstance(v, list) else v) for k, v in checked.items()
     }
     if chunk_size and method.elementwise and group.numel > chunk_size:
         target = out if out is not None else torch.empty_like(group.base)
