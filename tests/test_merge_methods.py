@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from evomerge.errors import MergeError
 from evomerge.merge.groups import DeltaGroup, MagnitudeTable, keep_counts
-from evomerge.merge.methods import REGISTRY, apply_method, get_method, random_keep, trim_by_magnitude
+from evomerge.merge.methods import REGISTRY, apply_method, della_epsilon, get_method, random_keep, trim_by_magnitude
 
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
 D1 = torch.tensor([1.0, -2.0, 3.0, -4.0])
@@ -57,6 +57,25 @@ def test_breadcrumbs_hand_computed():
     # D1: drop -4, keep -2, 3; D2: drop 2, keep 1.5, -1
     out = apply_method("breadcrumbs", group(D1, D2), {"weight": [1.0, 1.0], "density": [0.5, 0.5], "gamma": 0.25})
     close(out, BASE + torch.tensor([-1.0, -0.5, 3.0, 0.0]))
+
+
+def test_breadcrumbs_outlier_cut_shrinks_to_keep_density():
+    # density 0.75 keeps 3 of 4; gamma 0.5 would cut 2, but only 4 - 3 = 1 can go (mergekit's rule)
+    g = group(D1, base=BASE)
+    out = apply_method("breadcrumbs", g, {"weight": [1.0], "density": [0.75], "gamma": 0.5})
+    close(out, BASE + torch.tensor([1.0, -2.0, 3.0, 0.0]))
+    # density 1 keeps everything: no outlier cut at all
+    close(apply_method("breadcrumbs", g, {"weight": [1.0], "density": [1.0], "gamma": 0.5}), BASE + D1)
+
+
+def test_della_spread_shrinks_to_stay_in_range():
+    eps = della_epsilon(torch.tensor([0.95, 0.05, 1.0, 0.5], dtype=torch.float64), 0.2)
+    close(eps, [0.05, 0.05, 0.0, 0.2])
+    torch.manual_seed(8)
+    delta = torch.randn(20000)
+    out = apply_method("della", group(delta, base=torch.zeros(20000)), {"weight": [1.0], "density": [0.9], "epsilon": 0.4, "seed": 1})
+    # mean keep rate stays the density (clamping 0.5..1.3 instead would keep ~84%)
+    assert abs((out != 0).float().mean().item() - 0.9) < 0.01
 
 
 def test_slerp_hand_computed_orthogonal():

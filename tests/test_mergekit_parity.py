@@ -159,3 +159,48 @@ def test_default_table_is_exact_below_its_size_and_at_density_1(models, tmp_path
     assert_same_weights({k: v for k, v in ours.items() if ".mlp." not in k}, {k: v for k, v in theirs.items() if ".mlp." not in k})
     recipe, experts = CASES["ties_density_1"]
     assert_same_weights(evomerge_merge(models, recipe, experts, table_size=4096), mergekit_merge(models, recipe, experts, tmp_path / "m1"))
+
+
+# ------------------------------------------------------------------ export contents and refusals (no mergekit run)
+
+
+def test_exports_write_every_parameter_explicitly():
+    cfg = uniform("dare_ties", {"weight": [0.5, 0.5], "density": [0.4, 0.6]}).to_mergekit(base="B", experts=["X", "Y"])
+    shared = cfg["slices"][0]["parameters"]
+    # evomerge's DARE-TIES normalizes by default, mergekit's does not: it must be written
+    assert shared["normalize"] is True and shared["rescale"] is True and shared["lambda"] == 1.0
+    assert "seed" not in shared
+    assert [s["model"] for s in cfg["slices"][0]["sources"]] == ["B", "X", "Y"]
+    assert cfg["slices"][0]["sources"][2]["parameters"] == {"weight": 0.5, "density": 0.6}
+    ta = uniform("task_arithmetic", {"weight": [0.5, 0.5]}).to_mergekit(base="B", experts=["X", "Y"])
+    assert ta["slices"][0]["parameters"] == {"normalize": False, "rescale": False, "lambda": 1.0}
+
+
+def test_linear_slerp_exports_name_the_right_sources():
+    lin = uniform("linear", {"weight": [0.2, 0.6]}).to_mergekit(base="B", experts=["X", "Y"])
+    assert "base_model" not in lin and [s["model"] for s in lin["slices"][0]["sources"]] == ["X", "Y"]
+    sl = uniform("slerp", {"t": 0.3}).to_mergekit(base="B", experts=["X", "Y"])
+    assert sl["base_model"] == "X" and [s["model"] for s in sl["slices"][0]["sources"]] == ["X", "Y"]
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        (uniform("della", {"weight": [1, 1], "density": [0.5, 0.95], "epsilon": 0.1}), r"density \+- epsilon inside \(0, 1\), expert 1 has density 0.95"),
+        (uniform("linear", {"weight": [0.5, -0.5]}), "weights summing to 0"),
+        (
+            Recipe(groups=[Group("e", "embed", "ties", {}), Group("l", "layers", "slerp", {}, layers=(0, 1)), Group("h", "head", "ties", {})]),
+            r"mixing methods \(slerp, ties\)",
+        ),
+    ],
+)
+def test_export_refuses_what_mergekit_cannot_express(recipe, message):
+    with pytest.raises(MergeError, match=message):
+        recipe.to_mergekit(base="B", experts=["X", "Y"])
+
+
+def test_random_method_export_says_masks_differ():
+    text = uniform("della", {"weight": [1, 1], "density": [0.5, 0.5]}).to_mergekit_yaml(base="B", experts=["X", "Y"])
+    assert text.startswith("# exported by evomerge") and "masks differ" in text.splitlines()[0]
+    assert yaml.safe_load(text)["merge_method"] == "della"
+    assert "masks differ" not in uniform("ties", {}).to_mergekit_yaml(base="B", experts=["X", "Y"])

@@ -284,15 +284,15 @@ def _covering(groups: list[Group], unit: Unit) -> Group:
 
 
 def _settings(roles: list[tuple[str | None, dict[str, Any]]]) -> dict[str, Any]:
-    """Per parameter: a plain value when one role, else filter conditions (first match
-    wins in mergekit) ending with the unfiltered fallback (the last role)."""
+    """Per parameter: a plain value when every role agrees, else filter conditions (first
+    match wins in mergekit) ending with the unfiltered fallback (the last role)."""
     names: list[str] = []
     for _, params in roles:
         names += [n for n in params if n not in names]
     out: dict[str, Any] = {}
     for name in names:
         conditions = [(f, params[name]) for f, params in roles if name in params]
-        if len(roles) == 1:
+        if all(v == conditions[-1][1] for _, v in conditions):
             out[name] = conditions[-1][1]
             continue
         out[name] = [{"filter": f, "value": v} if f is not None else {"value": v} for f, v in conditions]
