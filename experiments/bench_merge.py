@@ -7,11 +7,13 @@ hardware limit each method runs (1x = as fast as a copy of its inputs).
 
     python experiments/bench_merge.py                       # SmolLM2-135M shape, 2 experts
     python experiments/bench_merge.py --layers 8 --experts 3 --device cuda --dtype bfloat16
+    python experiments/bench_merge.py --json                # one JSON object per method
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -69,7 +71,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk", default="auto", help="merger chunk size in elements, 'auto' or 0 (whole units)")
-    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties", "della", "slerp"])
+    p.add_argument(
+        "--methods", nargs="+",
+        default=["task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "breadcrumbs", "slerp", "model_stock"],
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object per method (ms, x_bound) instead of the table")
     args = p.parse_args()
     device = resolve_device(args.device)
     torch.set_grad_enabled(False)
@@ -84,12 +90,14 @@ def main() -> None:
     dst = torch.empty_like(src)
     copy_s = timed(lambda: dst.copy_(src), device, args.repeats)
     del src, dst
-    print(f"device {device}, {n / 1e6:.1f}M parameters, {k} experts, {args.dtype}, chunk {merger.chunk_size}; resident {merger.resident_bytes() / 2**30:.2f} GiB")
-    print(f"bound: copy of the {inputs / 2**30:.2f} GiB of merge inputs: {copy_s * 1e3:.1f} ms ({2 * inputs / copy_s / 1e9:.1f} GB/s moved)")
-    print(f"{'method':<16} {'ms / candidate':>14} {'x bound':>8}")
+    say = (lambda *a, **kw: None) if args.json else print
+    say(f"device {device}, {n / 1e6:.1f}M parameters, {k} experts, {args.dtype}, chunk {merger.chunk_size}; resident {merger.resident_bytes() / 2**30:.2f} GiB")
+    say(f"bound: copy of the {inputs / 2**30:.2f} GiB of merge inputs: {copy_s * 1e3:.1f} ms ({2 * inputs / copy_s / 1e9:.1f} GB/s moved)")
+    say(f"{'method':<16} {'ms / candidate':>14} {'x bound':>8}")
     params = {
         "task_arithmetic": {"weight": [0.6] * k},
         "ties": {"weight": [0.6] * k, "density": [0.4] * k},
+        "passthrough": {"source": 1},
         "dare_ties": {"weight": [0.6] * k, "density": [0.4] * k},
         "dare_linear": {"weight": [0.6] * k, "density": [0.4] * k},
         "della": {"weight": [0.6] * k, "density": [0.4] * k},
@@ -101,7 +109,13 @@ def main() -> None:
     for method in args.methods:
         recipe = Recipe.uniform(method, params[method], merger.n_layers)
         s = timed(lambda: merger.apply(recipe), device, args.repeats)
-        print(f"{method:<16} {s * 1e3:14.1f} {s / copy_s:8.2f}")
+        if args.json:
+            print(json.dumps({
+                "method": method, "ms": round(s * 1e3, 2), "x_bound": round(s / copy_s, 3), "copy_ms": round(copy_s * 1e3, 2),
+                "device": str(device), "params_m": round(n / 1e6, 2), "experts": k, "dtype": args.dtype,
+            }), flush=True)
+        else:
+            print(f"{method:<16} {s * 1e3:14.1f} {s / copy_s:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

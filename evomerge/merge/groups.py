@@ -125,6 +125,12 @@ class DeltaGroup:
     # for chunks: which segment of the parent table each of our segments belongs to
     _table_index: tuple[int, ...] | None = field(default=None, repr=False)
     _chunk_cache: dict = field(default_factory=dict, repr=False)
+    # for chunks: the whole unit and our [a, b) span in it (noise and ranks live there)
+    _parent: "DeltaGroup | None" = field(default=None, repr=False)
+    _span: tuple[int, int] = (0, 0)
+    _noise: tuple[int, Tensor] | None = field(default=None, repr=False)
+    _ranks: Tensor | None = field(default=None, repr=False)
+    _stats: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_tensors(cls, base: Tensor, experts: list[Tensor], **kwargs) -> "DeltaGroup":
@@ -206,6 +212,8 @@ class DeltaGroup:
                     table_size=self.table_size,
                     _table=table,
                     _table_index=tuple(self._index()[j] for _, j in pieces),
+                    _parent=self,
+                    _span=(a, b),
                 )
                 out.append((a, b, sub))
             self._chunk_cache[size] = out
@@ -233,6 +241,47 @@ class DeltaGroup:
     def segment_sum(self, values: Tensor) -> Tensor:
         """Sum ``[..., N]`` over each segment, giving ``[..., S]``."""
         return torch.stack([chunk.sum(-1) for chunk in values.split(list(self.segments), dim=-1)], dim=-1)
+
+    def noise(self, seed: int) -> Tensor:
+        """``[K, N]`` int16 uniform noise levels (-32768..32767; ``u = (level + 32768) / 65536``)
+        for random drops ("common random numbers"): drawn once per unit and seed on the CPU,
+        kept resident, and sliced by chunks -- so masks do not depend on the chunk size or
+        the device, and candidates differing only in density share their draws."""
+        if self._parent is not None:
+            a, b = self._span
+            return self._parent.noise(seed)[:, a:b]
+        if self._noise is None or self._noise[0] != int(seed):
+            self._noise = None  # free the previous seed's noise first
+            gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + self.seed_offset) % (2**63))
+            levels = torch.randint(-32768, 32768, tuple(self.deltas.shape), generator=gen, dtype=torch.int16)
+            self._noise = (int(seed), levels.to(self.deltas.device))
+        return self._noise[1]
+
+    def ranks(self) -> Tensor:
+        """``[K, N]`` int16 magnitude rank of each entry within its tensor, quantised:
+        ``rank = (level + 32768) / 65535`` in [0, 1] (1 = largest). Computed once (a sort
+        per tensor) and kept resident; chunks slice the unit's ranks."""
+        if self._parent is not None:
+            a, b = self._span
+            return self._parent.ranks()[:, a:b]
+        if self._ranks is None:
+            out = torch.empty(self.deltas.shape, dtype=torch.int16, device=self.deltas.device)
+            start = 0
+            for n in self.segments:
+                order = self.deltas[:, start : start + n].abs().float().argsort(dim=1)
+                frac = torch.arange(n, device=order.device, dtype=torch.float64) / max(n - 1, 1)
+                levels = (frac * 65535).round().sub(32768).to(torch.int16).expand(order.shape[0], n)
+                out[:, start : start + n].scatter_(1, order, levels)
+                start += n
+            self._ranks = out
+        return self._ranks
+
+    def cached(self, key: str, compute):
+        """Genome-independent per-unit statistics (SLERP angles, Model Stock factors),
+        computed on first use and reused by every later candidate."""
+        if key not in self._stats:
+            self._stats[key] = compute()
+        return self._stats[key]
 
     def generator(self, seed: int) -> torch.Generator:
         gen = torch.Generator(device=self.base.device)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import MergeError
+from evomerge.merge import kernels
 from evomerge.merge.groups import DeltaGroup
 
 Params = Mapping[str, "Tensor | float | int"]
@@ -173,15 +174,35 @@ def trim_by_magnitude(g: DeltaGroup, density: Tensor, weight: Tensor) -> Tensor:
 def random_keep(g: DeltaGroup, keep_prob: Tensor, seed: int) -> Tensor:
     """DARE-style drop: keep each element with ``keep_prob`` and rescale by ``1/keep_prob``.
 
-    ``keep_prob`` broadcasts against ``[K, N]``. Elements with ``keep_prob == 0`` become 0;
-    ``keep_prob == 1`` keeps the element unchanged (exactly: the noise is < 1).
+    ``keep_prob`` broadcasts against ``[K, N]``. The draws are the unit's resident noise
+    (``DeltaGroup.noise``: common random numbers, the same for every candidate, chunk size
+    and device). An element is kept iff its uniform ``u < keep_prob`` (``u`` on a 1/65536
+    grid) and rescaled by ``1 / keep_prob`` (paper). ``keep_prob <= 0`` drops the element,
+    ``keep_prob >= 1`` keeps it unchanged (exactly).
     """
     keep_prob = keep_prob.to(torch.float32)
     if keep_prob.numel() and bool((keep_prob >= 1).all()):
         return g.deltas.clone()
-    noise = torch.rand(g.deltas.shape, generator=g.generator(seed), device=g.deltas.device, dtype=torch.float32)
-    scale = torch.where(keep_prob > 0, 1.0 / keep_prob.clamp(min=_EPS), torch.zeros_like(keep_prob))
-    return g.deltas * ((noise < keep_prob) * scale).to(g.deltas.dtype)
+    levels = g.noise(seed)
+    if keep_prob.shape[-1] == 1:
+        thr, scale = _noise_threshold(keep_prob[:, 0])
+        mask = levels < thr.clamp(max=32767).to(torch.int16)[:, None]
+        full = thr >= 32768
+        if bool(full.any()):
+            mask[full] = True
+        return (g.deltas * mask).mul_(scale.to(g.deltas.dtype)[:, None])
+    u = (levels.to(torch.float32) + 32768.0) / 65536.0
+    kept = torch.where(u < keep_prob, g.deltas / keep_prob.clamp(min=_EPS).to(g.deltas.dtype), torch.zeros_like(g.deltas))
+    return kept
+
+
+def _noise_threshold(keep_prob: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-model ``(level threshold, rescale)``: ``level < ceil(p * 65536) - 32768`` is the
+    same test as ``u < p``; survivors are multiplied by ``1 / p``."""
+    p = keep_prob.to(torch.float32).double().clamp(0, 1)  # the float32 p the torch path compares with
+    q = (p * 65536).ceil()
+    scale = torch.where(p > 0, 1 / p.clamp(min=_EPS), torch.zeros_like(p))
+    return q - 32768, scale
 
 
 def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
@@ -230,19 +251,40 @@ def task_arithmetic(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tens
 
 def ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     w = p["weight"]
+    if kernels.available(g.base, g.deltas):
+        return kernels.fused_merge(
+            g.base, g.deltas, g.segments, kernels.MAG, w, g.thresholds(p["density"]),
+            consensus=True, normalize=bool(p["normalize"]), lam=_lambda(p), out=out,
+        )
     trimmed = trim_by_magnitude(g, p["density"], w)
     return _finish(g, sign_consensus(trimmed, w, bool(p["normalize"])), p, out)
 
 
+def _lambda(p: Params) -> float:
+    return float(p.get("lambda", 1.0))
+
+
+def _dare(g: DeltaGroup, p: Params, out: Tensor | None, consensus: bool) -> Tensor:
+    w, seed = p["weight"], int(p["seed"])
+    if kernels.available(g.base, g.deltas):
+        thr, scale = _noise_threshold(p["density"])
+        k, s = g.n_models, len(g.segments)
+        return kernels.fused_merge(
+            g.base, g.deltas, g.segments, kernels.NOISE, w, thr[:, None].expand(k, s), scale=scale[:, None].expand(k, s),
+            levels=g.noise(seed), consensus=consensus, normalize=consensus and bool(p["normalize"]), lam=_lambda(p), out=out,
+        )
+    kept = random_keep(g, p["density"][:, None], seed)
+    if not consensus:
+        return _finish(g, w.to(kept.dtype) @ kept, p, out)
+    return _finish(g, sign_consensus(_weighted(g, w, kept), w, bool(p["normalize"])), p, out)
+
+
 def dare_linear(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    kept = random_keep(g, p["density"][:, None], int(p["seed"]))
-    return _finish(g, p["weight"].to(kept.dtype) @ kept, p, out)
+    return _dare(g, p, out, consensus=False)
 
 
 def dare_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    w = p["weight"]
-    kept = _weighted(g, w, random_keep(g, p["density"][:, None], int(p["seed"])))
-    return _finish(g, sign_consensus(kept, w, bool(p["normalize"])), p, out)
+    return _dare(g, p, out, consensus=True)
 
 
 def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
@@ -258,6 +300,8 @@ def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     top = torch.minimum((float(p["gamma"]) * n).floor(), n - target)
     upper = g.thresholds_for(top)  # in the top `top` -> cut
     lower = g.thresholds_for(top + target)  # in the top `top + target` -> candidate
+    if kernels.available(g.base, g.deltas):
+        return kernels.fused_merge(g.base, g.deltas, g.segments, kernels.BAND, p["weight"], lower, upper, lam=_lambda(p), out=out)
     mags = g.deltas.abs()
     kept = g.deltas * (g.compare(mags, upper, torch.lt) & g.compare(mags, lower, torch.ge))
     return _finish(g, p["weight"].to(kept.dtype) @ kept, p, out)
@@ -277,13 +321,19 @@ def della(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     rescaled by ``1 / keep_prob`` (paper), then TIES consensus."""
     eps = della_epsilon(p["density"], float(p["epsilon"])).to(torch.float32)
     density = p["density"].to(torch.float32).clamp(0, 1)
+    w, seed = p["weight"], int(p["seed"])
+    if kernels.available(g.base, g.deltas):
+        k, s = g.n_models, len(g.segments)
+        return kernels.fused_merge(
+            g.base, g.deltas, g.segments, kernels.DELLA, w, (density - eps)[:, None].expand(k, s), (2 * eps)[:, None].expand(k, s),
+            levels=g.noise(seed), ranks=g.ranks(), consensus=True, normalize=bool(p["normalize"]), lam=_lambda(p), out=out,
+        )
     if bool((eps == 0).all()):
         keep_prob = density[:, None]
     else:
-        rank = g.rank_fraction()
+        rank = (g.ranks().to(torch.float32) + 32768.0) / 65535.0
         keep_prob = (density - eps)[:, None] + (2 * eps)[:, None] * rank
-    w = p["weight"]
-    kept = _weighted(g, w, random_keep(g, keep_prob, int(p["seed"])))
+    kept = _weighted(g, w, random_keep(g, keep_prob, seed))
     return _finish(g, sign_consensus(kept, w, bool(p["normalize"])), p, out)
 
 
@@ -293,10 +343,8 @@ def _endpoints(g: DeltaGroup) -> tuple[Tensor, Tensor]:
     return g.base + g.deltas[0], g.base + g.deltas[1]
 
 
-def slerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Spherical interpolation per tensor between expert 0 and expert 1 (or base and
-    expert 0 when there is only one expert); ``t=0`` gives the first endpoint."""
-    t = float(p["t"])
+def _slerp_angles(g: DeltaGroup) -> tuple[Tensor, Tensor]:
+    """Per-tensor angle between the endpoints and the (anti)parallel flag (genome-independent)."""
     a, b = _endpoints(g)
     dot = g.segment_sum(a * b)
     norms = (g.segment_sum(a * a) * g.segment_sum(b * b)).sqrt().clamp(min=_EPS)
@@ -304,15 +352,43 @@ def slerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     # nearly (anti)parallel tensors interpolate linearly, with mergekit's threshold
     nearly_parallel = cos.abs() > SLERP_DOT_THRESHOLD
     theta = torch.arccos(torch.where(nearly_parallel, torch.zeros_like(cos), cos))
-    safe_sin = torch.where(nearly_parallel, torch.ones_like(theta), torch.sin(theta))
-    s0 = torch.where(nearly_parallel, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / safe_sin)
-    s1 = torch.where(nearly_parallel, torch.full_like(theta, t), torch.sin(t * theta) / safe_sin)
-    return g.expand(s0) * a + g.expand(s1) * b
+    return theta.double(), nearly_parallel
 
 
-def model_stock(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Model Stock: interpolate between the experts' mean and the base by
-    ``t = K cos / (1 + (K - 1) cos)``, cos = mean pairwise cosine of task vectors, per tensor."""
+def slerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """Spherical interpolation per tensor between expert 0 and expert 1 (or base and
+    expert 0 when there is only one expert); ``t=0`` gives the first endpoint.
+
+    The angles are cached per unit; a candidate then costs one fused pass per tensor:
+    ``(s0 + s1) * base + s0 * delta_0 + s1 * delta_1`` (``s0 * base + s1 * (base + delta_0)``
+    with one expert)."""
+    t = float(p["t"])
+    theta, parallel = g.cached("slerp", lambda: _slerp_angles(g))
+    sin = torch.where(parallel, torch.ones_like(theta), torch.sin(theta))
+    s0 = torch.where(parallel, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / sin)
+    s1 = torch.where(parallel, torch.full_like(theta, t), torch.sin(t * theta) / sin)
+    if g.n_models == 1:
+        coeffs = torch.stack([s1])  # [1, S]
+    else:
+        coeffs = torch.stack([s0, s1])
+    return _per_segment_addmv(g, (s0 + s1).tolist(), coeffs, out)
+
+
+def _per_segment_addmv(g: DeltaGroup, beta: list[float], coeffs: Tensor, out: Tensor | None) -> Tensor:
+    """``out_s = beta_s * base_s + sum_k coeffs[k, s] * deltas[k]_s`` per segment, one pass each."""
+    target = out if out is not None else torch.empty_like(g.base)
+    k = coeffs.shape[0]
+    cols = coeffs.to(g.deltas.dtype).t().contiguous()  # [S, k]
+    start = 0
+    for s, n in enumerate(g.segments):
+        end = start + n
+        torch.addmv(g.base[start:end], g.deltas[:k, start:end].t(), cols[s], beta=beta[s], out=target[start:end])
+        start = end
+    return target
+
+
+def _model_stock_factors(g: DeltaGroup) -> Tensor:
+    """Per-tensor ``t = K cos / (1 + (K - 1) cos)`` (genome-independent)."""
     k = g.n_models
     norms = g.segment_sum(g.deltas * g.deltas).sqrt()  # [K, S]
     pair_cos = []
@@ -324,8 +400,16 @@ def model_stock(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     denominator = 1 + (k - 1) * cos
     # at the singularity (mean cosine -1/(K-1)) there is no finite estimate: keep the base
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(cos), denominator))
-    return g.base + g.expand(t) * g.deltas.mean(0)
+    return torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(cos), denominator))
+
+
+def model_stock(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """Model Stock: interpolate between the experts' mean and the base by
+    ``t = K cos / (1 + (K - 1) cos)``, cos = mean pairwise cosine of task vectors, per tensor.
+    ``t`` is cached per unit; a candidate costs one fused pass per tensor."""
+    t = g.cached("model_stock", lambda: _model_stock_factors(g))  # [S]
+    coeffs = (t / g.n_models).expand(g.n_models, -1)
+    return _per_segment_addmv(g, [1.0] * len(g.segments), coeffs, out)
 
 
 def passthrough(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
