@@ -75,10 +75,19 @@ def main() -> None:
         "--methods", nargs="+",
         default=["task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "breadcrumbs", "slerp", "model_stock"],
     )
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and numba (0: their defaults)")
     p.add_argument("--json", action="store_true", help="print one JSON object per method (ms, x_bound) instead of the table")
     args = p.parse_args()
     device = resolve_device(args.device)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            import numba
+
+            numba.set_num_threads(args.threads)
+        except ImportError:
+            pass
 
     chunk = "auto" if args.chunk == "auto" else (int(args.chunk) or None)
     merger = Merger(build_pool(args), device=device, check_finite=False, chunk_size=chunk)

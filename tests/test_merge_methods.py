@@ -314,3 +314,67 @@ def test_chunked_random_merges_are_reproducible():
         assert torch.equal(a, apply_method(method, g, p, chunk_size=16))
         kept = (a - g.base) != 0
         assert 0.3 < kept.float().mean() < 0.9
+
+
+# ------------------------------------------------------------------ fused kernels, common random numbers
+
+ELEMENTWISE = [
+    ("ties", {"density": [0.4, 0.7, 1.0], "normalize": 1}),
+    ("ties", {"density": [0.2, 0.5, 0.9], "normalize": 0, "lambda": 1.3}),
+    ("breadcrumbs", {"density": [0.5, 0.8, 1.0], "gamma": 0.1}),
+    ("dare_linear", {"density": [0.3, 0.6, 1.0], "seed": 4}),
+    ("dare_ties", {"density": [0.3, 0.6, 0.9], "seed": 4}),
+    ("della", {"density": [0.4, 0.6, 1.0], "epsilon": 0.2, "seed": 9}),
+]
+
+
+def _unit():
+    torch.manual_seed(10)
+    # segments above and below the table size; an odd-sized one
+    return DeltaGroup(torch.randn(6001), torch.randn(3, 6001), segments=(5000, 1000, 1))
+
+
+@pytest.mark.parametrize("method, params", ELEMENTWISE)
+def test_fused_kernel_equals_torch_path(method, params, monkeypatch):
+    from evomerge.merge import kernels
+
+    if not kernels.available(torch.zeros(1)):
+        pytest.skip("numba kernels unavailable")
+    p = {"weight": [0.8, -0.3, 0.6], **params}
+    fused = apply_method(method, _unit(), p)
+    monkeypatch.setattr(kernels, "available", lambda *t: False)
+    plain = apply_method(method, _unit(), p)
+    close(fused, plain)
+    assert torch.equal(fused == _unit().base, plain == _unit().base)  # same entries dropped
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della"])
+def test_random_merges_do_not_depend_on_chunk_size(method, monkeypatch):
+    """The noise is drawn once per unit and seed, so chunked merges (any size, fused or
+    torch path) drop exactly the same entries as the whole-unit merge."""
+    from evomerge.merge import kernels
+
+    p = {"weight": [0.5, 0.9, 0.4], "density": [0.3, 0.6, 0.8], "seed": 3}
+    if method == "della":
+        p["epsilon"] = 0.15
+    g = _unit()
+    whole = apply_method(method, g, p)
+    for chunk in (7, 1000, 4096):
+        assert torch.equal(apply_method(method, g, p, chunk_size=chunk), whole), chunk
+    monkeypatch.setattr(kernels, "available", lambda *t: False)
+    for chunk in (None, 999):
+        torch.testing.assert_close(apply_method(method, g, p, chunk_size=chunk), whole, rtol=1e-5, atol=1e-6)
+    # common random numbers: a higher density keeps a superset of the entries
+    denser = apply_method(method, g, {**p, "density": [0.5, 0.7, 0.9]})
+    assert bool(((whole - g.base != 0) <= (denser - g.base != 0)).all())
+
+
+def test_noise_is_resident_compact_and_seeded():
+    g = _unit()
+    a = g.noise(5)
+    assert a.dtype == torch.int16 and a.shape == g.deltas.shape
+    assert g.noise(5) is a  # drawn once
+    assert not torch.equal(g.noise(6), a)
+    assert torch.equal(DeltaGroup(g.base, g.deltas, g.segments).noise(5), a)  # reproducible
+    u = (a.float() + 32768) / 65536
+    assert abs(u.mean().item() - 0.5) < 0.01 and u.min() >= 0 and u.max() < 1

@@ -18,7 +18,7 @@ from torch import Tensor
 try:  # numba is a dependency (pymoo's AGE-MOEA), but keep the torch path if it is broken
     import numba
 
-    _njit = numba.njit(cache=True, nogil=True, parallel=True)
+    _njit = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
     _prange = numba.prange
 except Exception:  # pragma: no cover - exercised only without numba
     numba = None
@@ -28,72 +28,93 @@ NOISE_OFFSET = 32768.0  # int16 noise levels -32768..32767 stand for u = (level 
 
 if numba is not None:
 
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _accumulate(mode, d, lv, rk, wk, lk, uk, sk, total, acc, div, phase):  # pragma: no cover - compiled
+        """One task vector over one block. ``phase`` 0: ``total += x``; phase 1: add the
+        entries agreeing with the elected sign (+ when ``total >= 0``) to ``acc``/``div``,
+        where ``x`` = w_k * kept, rescaled entry, else 0. The mode and phase tests sit
+        outside the loops so every loop is branch-free and vectorises."""
+        n = d.shape[0]
+        zero = total[0] * 0
+        one = zero + 1
+        if phase == 0:
+            if mode == 0:  # magnitude threshold (TIES); |v| >= lk as two comparisons (vectorises)
+                for i in range(n):
+                    v = d[i]
+                    total[i] += wk * v if (v >= lk) | (v <= -lk) else zero
+            elif mode == 1:  # magnitude band (breadcrumbs)
+                for i in range(n):
+                    v = d[i]
+                    total[i] += wk * v if ((v >= lk) | (v <= -lk)) & (v < uk) & (v > -uk) else zero
+            elif mode == 2:  # noise level below the density's level (DARE)
+                for i in range(n):
+                    total[i] += wk * (d[i] * sk) if lv[i] < lk else zero
+            else:  # DELLA: keep probability lk + uk * rank, survivors times 1 / p
+                for i in range(n):
+                    p = lk + uk * ((rk[i] + 32768.0 * one) / (65535.0 * one))
+                    total[i] += wk * (d[i] / p) if (lv[i] + 32768.0 * one) / (65536.0 * one) < p else zero
+            return
+        if mode == 0:
+            for i in range(n):
+                v = d[i]
+                x = wk * v if (v >= lk) | (v <= -lk) else zero
+                agree = ((x > 0) & (total[i] >= 0)) | ((x < 0) & (total[i] < 0))
+                acc[i] += x if agree else zero
+                div[i] += wk if agree else zero
+        elif mode == 1:
+            for i in range(n):
+                v = d[i]
+                x = wk * v if ((v >= lk) | (v <= -lk)) & (v < uk) & (v > -uk) else zero
+                agree = ((x > 0) & (total[i] >= 0)) | ((x < 0) & (total[i] < 0))
+                acc[i] += x if agree else zero
+                div[i] += wk if agree else zero
+        elif mode == 2:
+            for i in range(n):
+                x = wk * (d[i] * sk) if lv[i] < lk else zero
+                agree = ((x > 0) & (total[i] >= 0)) | ((x < 0) & (total[i] < 0))
+                acc[i] += x if agree else zero
+                div[i] += wk if agree else zero
+        else:
+            for i in range(n):
+                p = lk + uk * ((rk[i] + 32768.0 * one) / (65535.0 * one))
+                x = wk * (d[i] / p) if (lv[i] + 32768.0 * one) / (65536.0 * one) < p else zero
+                agree = ((x > 0) & (total[i] >= 0)) | ((x < 0) & (total[i] < 0))
+                acc[i] += x if agree else zero
+                div[i] += wk if agree else zero
+
     @_njit
     def _fused(base, deltas, bounds, lower, upper, weight, scale, levels, ranks, mode, consensus, normalize, lam, out):  # pragma: no cover - compiled
+        # blocks of 2048 entries with their sums kept in L1
         k_models = deltas.shape[0]
         n_seg = bounds.shape[0] - 1
-        block = 4096
+        block = 2048
+        noise = mode >= 2  # otherwise levels / ranks are 1 x 1 placeholders
+        ranked = mode == 3
         for s in range(n_seg):
             a, b = bounds[s], bounds[s + 1]
             n_blocks = (b - a + block - 1) // block
             for blk in _prange(n_blocks):
                 lo = a + blk * block
                 hi = min(lo + block, b)
-                for j in range(lo, hi):
-                    total = 0.0
+                total = np.zeros(hi - lo, dtype=base.dtype)
+                acc = np.zeros(hi - lo, dtype=base.dtype)
+                div = np.zeros(hi - lo, dtype=base.dtype)
+                for phase in range(2 if consensus else 1):
                     for k in range(k_models):
-                        v = deltas[k, j]
-                        keep = False
-                        factor = scale[k, s]
-                        if mode == 0:
-                            keep = abs(v) >= lower[k, s]
-                        elif mode == 1:
-                            m = abs(v)
-                            keep = m >= lower[k, s] and m < upper[k, s]
-                        elif mode == 2:
-                            keep = levels[k, j] < lower[k, s]
-                        else:
-                            # DELLA: keep probability lower + upper * rank, rescaled by 1/p
-                            r = (ranks[k, j] + NOISE_OFFSET) / 65535.0
-                            p = lower[k, s] + upper[k, s] * r
-                            u = (levels[k, j] + NOISE_OFFSET) / 65536.0
-                            keep = u < p
-                            if keep:
-                                factor = 1.0 / p
-                        if keep:
-                            total += weight[k] * (v * factor)
-                    if not consensus:
-                        out[j] = base[j] + lam * total
-                        continue
-                    sign = 1.0 if total >= 0 else -1.0
-                    acc = 0.0
-                    div = 0.0
-                    for k in range(k_models):
-                        v = deltas[k, j]
-                        keep = False
-                        factor = scale[k, s]
-                        if mode == 0:
-                            keep = abs(v) >= lower[k, s]
-                        elif mode == 1:
-                            m = abs(v)
-                            keep = m >= lower[k, s] and m < upper[k, s]
-                        elif mode == 2:
-                            keep = levels[k, j] < lower[k, s]
-                        else:
-                            r = (ranks[k, j] + NOISE_OFFSET) / 65535.0
-                            p = lower[k, s] + upper[k, s] * r
-                            u = (levels[k, j] + NOISE_OFFSET) / 65536.0
-                            keep = u < p
-                            if keep:
-                                factor = 1.0 / p
-                        if keep:
-                            x = weight[k] * (v * factor)
-                            if x * sign > 0:
-                                acc += x
-                                div += weight[k]
-                    if normalize and div != 0:
-                        acc = acc / div
-                    out[j] = base[j] + lam * acc
+                        lv = levels[k, lo:hi] if noise else levels[0, 0:1]
+                        rk = ranks[k, lo:hi] if ranked else ranks[0, 0:1]
+                        _accumulate(mode, deltas[k, lo:hi], lv, rk, weight[k], lower[k, s], upper[k, s], scale[k, s], total, acc, div, phase)
+                ob = out[lo:hi]
+                bb = base[lo:hi]
+                if not consensus:
+                    for i in range(hi - lo):
+                        ob[i] = bb[i] + lam * total[i]
+                elif normalize:
+                    for i in range(hi - lo):
+                        ob[i] = bb[i] + lam * (acc[i] / div[i] if div[i] != 0 else acc[i])
+                else:
+                    for i in range(hi - lo):
+                        ob[i] = bb[i] + lam * acc[i]
 
 
 def available(*tensors: Tensor) -> bool:
