@@ -287,6 +287,10 @@ def dare_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     return _dare(g, p, out, consensus=True)
 
 
+for _fn in (ties, dare_linear, dare_ties):
+    _fn.streams = True  # type: ignore[attr-defined]  # runs as one fused kernel on the CPU
+
+
 def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """Keep ``density`` of each task vector after cutting the largest ``gamma`` (outliers).
 
@@ -341,6 +345,10 @@ def _endpoints(g: DeltaGroup) -> tuple[Tensor, Tensor]:
     if g.n_models == 1:
         return g.base, g.base + g.deltas[0]
     return g.base + g.deltas[0], g.base + g.deltas[1]
+
+
+breadcrumbs.streams = True  # type: ignore[attr-defined]
+della.streams = True  # type: ignore[attr-defined]
 
 
 def _slerp_angles(g: DeltaGroup) -> tuple[Tensor, Tensor]:
@@ -540,7 +548,10 @@ def apply_method(
     params: dict[str, object] = {
         k: (torch.tensor(v, dtype=torch.float64, device=device) if isinstance(v, list) else v) for k, v in checked.items()
     }
-    if chunk_size and method.elementwise and group.numel > chunk_size:
+    # the fused CPU kernels stream the whole unit block by block (no temporaries to bound);
+    # chunk views would also make their inputs strided, which stops them vectorising
+    streams = getattr(method.fn, "streams", False) and kernels.available(group.base, group.deltas)
+    if chunk_size and method.elementwise and group.numel > chunk_size and not streams:
         target = out if out is not None else torch.empty_like(group.base)
         for a, b, sub in group.chunks(chunk_size):
             piece = target[a:b]
