@@ -24,7 +24,10 @@ except Exception:  # pragma: no cover - exercised only without numba
     numba = None
 
 MAG, BAND, NOISE, DELLA = 0, 1, 2, 3
-NOISE_OFFSET = 32768.0  # int16 noise levels -32768..32767 stand for u = (level + 32768) / 65536
+# int16 levels -32768..32767 stand for u = (level + 32768) * LEVEL_SCALE in [0, 1) (noise)
+# and rank = (level + 32768) * RANK_SCALE in [0, 1] (DELLA's magnitude ranks)
+LEVEL_SCALE = 1.0 / 65536.0
+RANK_SCALE = 1.0 / 65535.0
 
 if numba is not None:
 
@@ -36,7 +39,10 @@ if numba is not None:
         outside the loops so every loop is branch-free and vectorises."""
         n = d.shape[0]
         zero = total[0] * 0
-        one = zero + 1
+        # float32 constants (a bare 32768.0 would make numba compute in float64)
+        off = np.float32(32768.0)
+        rank_scale = np.float32(RANK_SCALE)
+        level_scale = np.float32(LEVEL_SCALE)
         if phase == 0:
             if mode == 0:  # magnitude threshold (TIES); |v| >= lk as two comparisons (vectorises)
                 for i in range(n):
@@ -51,8 +57,8 @@ if numba is not None:
                     total[i] += wk * (d[i] * sk) if lv[i] < lk else zero
             else:  # DELLA: keep probability lk + uk * rank, survivors times 1 / p
                 for i in range(n):
-                    p = lk + uk * ((rk[i] + 32768.0 * one) / (65535.0 * one))
-                    total[i] += wk * (d[i] / p) if (lv[i] + 32768.0 * one) / (65536.0 * one) < p else zero
+                    p = lk + uk * ((np.float32(rk[i]) + off) * rank_scale)
+                    total[i] += wk * (d[i] / p) if (np.float32(lv[i]) + off) * level_scale < p else zero
             return
         if mode == 0:
             for i in range(n):
@@ -76,8 +82,8 @@ if numba is not None:
                 div[i] += wk if agree else zero
         else:
             for i in range(n):
-                p = lk + uk * ((rk[i] + 32768.0 * one) / (65535.0 * one))
-                x = wk * (d[i] / p) if (lv[i] + 32768.0 * one) / (65536.0 * one) < p else zero
+                p = lk + uk * ((np.float32(rk[i]) + off) * rank_scale)
+                x = wk * (d[i] / p) if (np.float32(lv[i]) + off) * level_scale < p else zero
                 agree = ((x > 0) & (total[i] >= 0)) | ((x < 0) & (total[i] < 0))
                 acc[i] += x if agree else zero
                 div[i] += wk if agree else zero

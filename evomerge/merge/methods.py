@@ -191,7 +191,7 @@ def random_keep(g: DeltaGroup, keep_prob: Tensor, seed: int) -> Tensor:
         if bool(full.any()):
             mask[full] = True
         return (g.deltas * mask).mul_(scale.to(g.deltas.dtype)[:, None])
-    u = (levels.to(torch.float32) + 32768.0) / 65536.0
+    u = (levels.to(torch.float32) + 32768.0) * kernels.LEVEL_SCALE
     kept = torch.where(u < keep_prob, g.deltas / keep_prob.clamp(min=_EPS).to(g.deltas.dtype), torch.zeros_like(g.deltas))
     return kept
 
@@ -335,7 +335,7 @@ def della(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     if bool((eps == 0).all()):
         keep_prob = density[:, None]
     else:
-        rank = (g.ranks().to(torch.float32) + 32768.0) / 65535.0
+        rank = (g.ranks().to(torch.float32) + 32768.0) * kernels.RANK_SCALE
         keep_prob = (density - eps)[:, None] + (2 * eps)[:, None] * rank
     kept = _weighted(g, w, random_keep(g, keep_prob, seed))
     return _finish(g, sign_consensus(kept, w, bool(p["normalize"])), p, out)
