@@ -6,8 +6,11 @@ Models are HF folders (safetensors or bin) or GGUF files (loaded through transfo
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -81,6 +84,48 @@ def layer_index(param_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def count_parameters(ref: ModelRef) -> int | None:
+    """Parameter count of an HF folder from its safetensors headers (no tensor is read);
+    None when it cannot be known without loading (``.bin`` weights, GGUF)."""
+    if ref.is_gguf or not ref.path.is_dir():
+        return None
+    files = sorted(ref.path.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= int(d)
+                total += n
+    return total
+
+
+def available_bytes(device) -> int | None:
+    """Free memory on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class ModelPool:
     """A base model and its experts; loads lazily and validates mergeability.
 
@@ -104,6 +149,10 @@ class ModelPool:
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
+
+    def parameter_count(self) -> int | None:
+        """Parameters of the base (tied weights counted once when the file stores them once)."""
+        return count_parameters(self.base)
 
     def load_base(self) -> tuple[nn.Module, object]:
         model = load_causal_lm(self.base, self.dtype)
@@ -139,6 +188,13 @@ class InMemoryPool:
     @property
     def expert_names(self) -> list[str]:
         return list(self._experts)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._base.parameters()).dtype
+
+    def parameter_count(self) -> int | None:
+        return sum(p.numel() for p in parameters_of(self._base).values())
 
     def load_base(self) -> tuple[nn.Module, object]:
         return self._base, self._tokenizer

@@ -137,3 +137,38 @@ def test_tokenizer_mismatch_is_a_clear_error(tiny_models, tmp_path):
     tok.save_pretrained(str(other))
     with pytest.raises(PoolError, match="expert 'other_vocab' has a different tokenizer vocabulary"):
         Merger(ModelPool(tiny_models["base"], [tiny_models["a"], other]), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("ties", {"weight": [1.0, 0.4], "density": [0.3, 0.8]}),
+        ("dare_ties", {"weight": [0.6, 0.5], "density": [0.4, 0.7], "seed": 2}),
+        ("della", {"weight": [0.6, 0.5], "density": [0.4, 0.7], "epsilon": 0.2}),
+        ("slerp", {"t": 0.35}),
+        ("model_stock", {}),
+    ],
+)
+def test_offloaded_task_vectors_merge_like_resident_ones(merger, tiny_models, method, params):
+    offloaded = Merger(ModelPool(tiny_models["base"], {"a": tiny_models["a"], "b": tiny_models["b"]}), device="cpu", offload=True)
+    assert offloaded.host_bytes() > 0 and offloaded.resident_bytes() < merger.resident_bytes()
+    recipe = Recipe.uniform(method, params, merger.n_layers)
+    for _ in range(2):  # twice: the staging buffers are refilled, cached statistics reused
+        merger.apply(recipe)
+        offloaded.apply(recipe)
+        for (name, x), (_, y) in zip(merger.model.named_parameters(), offloaded.model.named_parameters()):
+            assert torch.equal(x, y), name
+
+
+def test_memory_estimate_matches_the_buffers_and_fails_early(merger, tiny_models, monkeypatch):
+    from evomerge.merge import merger as merger_module
+
+    pool = ModelPool(tiny_models["base"], {"a": tiny_models["a"], "b": tiny_models["b"]})
+    n = pool.parameter_count()
+    assert n == sum(p.numel() for p in merger.model.parameters())
+    device_bytes, host_bytes = merger_module.estimate_bytes(n, 2, torch.float32)
+    assert (device_bytes, host_bytes) == (merger.resident_bytes(), 0) == (16 * n, 0)
+    monkeypatch.setattr(merger_module, "available_bytes", lambda device: 1000)  # 1000 bytes free
+    need = f"{16 * n / 2**30:.1f}"
+    with pytest.raises(MergeError, match=rf"^merging needs {need} GiB on cpu \(base, output and 2 task vectors; .* in float32\) but cpu has 0.0 GiB free"):
+        Merger(pool, device="cpu")

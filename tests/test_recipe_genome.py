@@ -37,7 +37,7 @@ def test_recipe_from_bad_yaml():
 
 def test_mergekit_export_single_method():
     s = space(methods=["ties"], layer_groups=2, split_attn_mlp=True)
-    x = np.full(s.n_var, 0.5)
+    x = np.linspace(0.1, 0.9, s.n_var)  # distinct values per group: filters are needed
     cfg = s.decode(x).to_mergekit(base="/m/base", experts=["/m/a", "/m/b"])
     assert cfg["merge_method"] == "ties" and cfg["base_model"] == "/m/base"
     assert [sl["sources"][1]["layer_range"] for sl in cfg["slices"]] == [[0, 4], [4, 8]]
@@ -45,6 +45,9 @@ def test_mergekit_export_single_method():
     filters = [c.get("filter") for c in weight]
     assert "embed_tokens" in filters and "mlp" in filters and "self_attn" in filters
     assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg
+    # equal values everywhere collapse to one plain value per parameter
+    same = s.decode(np.full(s.n_var, 0.5)).to_mergekit(base="/m/base", experts=["/m/a", "/m/b"])
+    assert isinstance(same["slices"][0]["sources"][1]["parameters"]["weight"], float)
 
 
 def test_mergekit_export_refuses_mixed_methods():

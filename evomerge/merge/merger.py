@@ -21,7 +21,7 @@ from evomerge.errors import MergeError
 from evomerge.merge.groups import DEFAULT_TABLE_SIZE, DeltaGroup
 from evomerge.merge.methods import apply_method
 from evomerge.merge.recipe import Recipe, Unit
-from evomerge.pool import InMemoryPool, ModelPool, layer_index, parameters_of
+from evomerge.pool import InMemoryPool, ModelPool, available_bytes, layer_index, parameters_of
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,38 @@ class _UnitBuffers:
     unit: Unit
     group: DeltaGroup
     out: torch.Tensor
+    host_deltas: torch.Tensor | None = None  # offloaded task vectors (pinned on CUDA hosts)
+
+
+def estimate_bytes(n_params: int, n_experts: int, dtype: torch.dtype, offload: bool = False) -> tuple[int, int]:
+    """(device bytes, host bytes) the merger keeps resident: base and output on the device,
+    the K task vectors on the device (or, offloaded, on the host). DARE/DELLA add 2 bytes
+    per task-vector entry on the device for their noise, DELLA 2 more for its ranks."""
+    el = torch.empty((), dtype=dtype).element_size()
+    vectors = n_experts * n_params * el
+    return (2 * n_params * el + (0 if offload else vectors), vectors if offload else 0)
+
+
+def check_fits(pool, device: torch.device, offload: bool = False) -> None:
+    """Fail before loading anything when the resident buffers cannot fit (one line)."""
+    n = pool.parameter_count() if hasattr(pool, "parameter_count") else None
+    if not n:
+        return
+    k = len(pool.experts)
+    dtype = getattr(pool, "dtype", torch.float32)
+    need_dev, need_host = estimate_bytes(n, k, dtype, offload)
+    checks = [(device, need_dev)] + ([(torch.device("cpu"), need_host)] if offload and device.type != "cpu" else [])
+    if offload and device.type == "cpu":
+        checks = [(device, need_dev + need_host)]
+    for dev, need in checks:
+        have = available_bytes(dev)
+        if have is not None and need > have:
+            what = "base, output" + ("" if offload and dev.type != "cpu" else f" and {k} task vectors")
+            raise MergeError(
+                f"merging needs {need / 2**30:.1f} GiB on {dev} ({what}; {n / 1e9:.2f}B parameters in "
+                f"{str(dtype).replace('torch.', '')}) but {dev} has {have / 2**30:.1f} GiB free; "
+                "use dtype=bfloat16, fewer experts or offload the task vectors"
+            )
 
 
 @dataclass
@@ -74,10 +106,17 @@ class Merger:
         table_size: int = DEFAULT_TABLE_SIZE,
         check_finite: bool = True,
         chunk_size: int | None | str = "auto",
+        offload: bool = False,
+        check_memory: bool = True,
     ):
         self.pool = pool
         self.device = resolve_device(device)
         self.check_finite = check_finite
+        # offload: task vectors stay in host memory (pinned when the device is a GPU) and
+        # stream through two device staging buffers, one unit ahead of the merge
+        self.offload = offload
+        if check_memory:
+            check_fits(pool, self.device, offload)
         # bounded temporaries: element-wise methods run over pieces of this many elements
         # (smaller on CPU for cache locality; large on GPU, where launch overhead dominates)
         self.chunk_size = (1 << 18 if self.device.type == "cpu" else 1 << 26) if chunk_size == "auto" else chunk_size
@@ -92,7 +131,12 @@ class Merger:
         self._param_slices: dict[str, tuple[int, int, int]] = {}  # name -> (unit index, start, numel)
         self._units: list[_UnitBuffers] = []
         k = len(pool.experts)
-        for idx, (unit, names) in enumerate(sorted(by_unit.items(), key=lambda kv: _unit_order(kv[0]))):
+        ordered = sorted(by_unit.items(), key=lambda kv: _unit_order(kv[0]))
+        width = max(sum(params[n].numel() for n in names) for _, names in ordered)
+        dtype = next(iter(params.values())).dtype
+        pinned = offload and self.device.type == "cuda"
+        self._staging = [torch.empty((k, width), dtype=dtype, device=self.device) for _ in range(2)] if offload else []
+        for idx, (unit, names) in enumerate(ordered):
             sizes = tuple(params[n].numel() for n in names)
             base = torch.cat([params[n].detach().reshape(-1) for n in names])
             out = base.clone()
@@ -101,14 +145,21 @@ class Merger:
                 params[n].data = out[start : start + size].view(params[n].shape)
                 self._param_slices[n] = (idx, start, size)
                 start += size
-            deltas = torch.empty((k, base.numel()), dtype=base.dtype, device=self.device)
+            host = None
+            if offload:
+                host = torch.empty((k, base.numel()), dtype=base.dtype, pin_memory=pinned)
+                deltas = self._staging[idx % 2][:, : base.numel()]  # a unit always uses the same buffer
+            else:
+                deltas = torch.empty((k, base.numel()), dtype=base.dtype, device=self.device)
             group = DeltaGroup(base=base, deltas=deltas, segments=sizes, seed_offset=idx, table_size=table_size)
-            self._units.append(_UnitBuffers(unit, group, out))
+            self._units.append(_UnitBuffers(unit, group, out, host))
         for i, expert_params in pool.iter_experts(self.model, tokenizer):
             for name, tensor in expert_params.items():
                 u, start, size = self._param_slices[name]
-                buf = self._units[u].group
-                buf.deltas[i, start : start + size] = tensor.reshape(-1).to(self.device, buf.deltas.dtype) - buf.base[start : start + size]
+                buf = self._units[u]
+                delta = tensor.reshape(-1).to(self.device, buf.group.deltas.dtype) - buf.group.base[start : start + size]
+                target = buf.host_deltas if buf.host_deltas is not None else buf.group.deltas
+                target[i, start : start + size] = delta
         log.info("merger ready: %d units, %d experts, %s", len(self._units), k, self.device)
 
     @property
@@ -120,17 +171,27 @@ class Merger:
         return len(self.pool.experts)
 
     def resident_bytes(self) -> int:
-        return sum(
-            (u.group.base.numel() + u.group.deltas.numel() + u.out.numel()) * u.out.element_size() for u in self._units
-        )
+        """Bytes of the merge buffers on the device (task vectors: staging only when offloaded)."""
+        el = self._units[0].out.element_size()
+        vectors = sum(s.numel() for s in self._staging) if self.offload else sum(u.group.deltas.numel() for u in self._units)
+        return el * (vectors + sum(u.group.base.numel() + u.out.numel() for u in self._units))
+
+    def host_bytes(self) -> int:
+        """Bytes of offloaded task vectors in host memory (0 when resident)."""
+        return sum(u.host_deltas.numel() * u.host_deltas.element_size() for u in self._units if u.host_deltas is not None)
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> MergeTiming:
         """Write the recipe's merged weights into the live model, in place."""
         plan = recipe.assign(self.units, self.n_experts)
         started = time.perf_counter()
-        for buffers, (_, group) in zip(self._units, plan):
+        stream = _Prefetch(self._units, self.device) if self.offload else None
+        for idx, (buffers, (_, group)) in enumerate(zip(self._units, plan)):
+            if stream is not None:
+                stream.ready(idx)  # this unit's task vectors are in its staging buffer
             apply_method(group.method, buffers.group, group.params, out=buffers.out, chunk_size=self.chunk_size)
+            if stream is not None:
+                stream.done(idx)  # its staging buffer may be refilled for unit idx + 2
             if self.check_finite and not bool(torch.isfinite(buffers.out).all()):
                 raise MergeError(f"merged weights of {buffers.unit.name} are not finite (NaN or inf)")
         if self.device.type == "cuda":
@@ -150,6 +211,46 @@ class Merger:
         if recipe is not None:
             recipe.save(target / "evomerge_recipe.yaml")
         return target
+
+
+class _Prefetch:
+    """Streams offloaded task vectors into two staging buffers, one unit ahead: on CUDA the
+    copy of unit i + 1 runs on a side stream while unit i merges; on the CPU it is a copy."""
+
+    def __init__(self, units: list[_UnitBuffers], device: torch.device):
+        self.units = units
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.copied: dict[int, object] = {}
+        self.merged: dict[int, object] = {}
+        self._copy(0)
+
+    def _copy(self, idx: int) -> None:
+        if idx >= len(self.units):
+            return
+        unit = self.units[idx]
+        if not self.cuda:
+            unit.group.deltas.copy_(unit.host_deltas)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            previous = self.merged.get(idx - 2)  # the last unit that used this buffer
+            if previous is not None:
+                self.copy_stream.wait_event(previous)
+            unit.group.deltas.copy_(unit.host_deltas, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+            self.copied[idx] = event
+
+    def ready(self, idx: int) -> None:
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(self.copied.pop(idx))
+        self._copy(idx + 1)
+
+    def done(self, idx: int) -> None:
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream())
+            self.merged[idx] = event
 
 
 def _unit_order(unit: Unit) -> tuple[int, int, int]:

@@ -1,28 +1,33 @@
 """Merge methods as pure functions of a ``DeltaGroup`` and validated parameters.
 
 Every method returns the merged *weights* (not a delta) of shape ``[N]``. Per-model
-parameters arrive as float tensors of shape ``[K]`` on the group's device, shared
-parameters as Python numbers. Per-tensor semantics (magnitude ranks, angles) are per
+parameters arrive as float64 tensors of shape ``[K]`` on the group's device (exact decimal
+values, so kept-entry counts match ``int(d * n)``; cast with ``.to(dtype)`` before mixing
+them with weights), shared parameters as Python numbers. Per-tensor semantics (magnitude ranks, angles) are per
 segment of the group; see ``groups.py``.
 
 To add a method: write ``def my_method(g: DeltaGroup, p: Params, out=None) -> Tensor`` and call
-``register(MergeMethod(name=..., fn=my_method, params=(...)))`` (see README).
+``register(MergeMethod(name=..., fn=my_method, params=(...)))`` (see README). To make it
+exportable to mergekit, pass ``mergekit=MergekitSpec(...)``; without one the export
+refuses the method with ``mergekit_reason``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import Tensor
 
 from evomerge.errors import MergeError
+from evomerge.merge import kernels
 from evomerge.merge.groups import DeltaGroup
 
 Params = Mapping[str, "Tensor | float | int"]
 _EPS = 1e-8
+SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this: linear interpolation (mergekit's value)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,35 @@ class ParamSpec:
     help: str = ""
 
 
+Sources = Literal["base+experts", "experts", "all", "pair"]
+
+
+@dataclass(frozen=True)
+class MergekitSpec:
+    """How a method is written as a mergekit 0.1.5 config (declared next to the method).
+
+    ``sources``: ``base+experts`` (base_model = base, every expert a source with its
+    per-model parameters), ``experts`` (no base model; the experts are the sources),
+    ``all`` (no base model; base and experts are sources) or ``pair`` (the two
+    interpolation endpoints: base_model = first endpoint).
+    ``fixed``: shared parameters always written (mergekit defaults differ from ours, so
+    everything is explicit). ``skip``: our parameters mergekit has no counterpart for.
+    ``check(params, n_models)`` returns a one-line reason when mergekit cannot express
+    these (validated) parameters, else None. ``translate(params, n_models)`` may replace
+    the default mapping; it returns ``(shared, {source: per-source params})`` with
+    sources ``"base"`` or an expert index. ``random``: masks are drawn, so the export
+    reproduces the recipe only in distribution (and exactly at density 1).
+    """
+
+    method: str
+    sources: Sources = "base+experts"
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    skip: tuple[str, ...] = ("seed",)
+    check: Callable[[Mapping[str, Any], int], "str | None"] | None = None
+    translate: Callable[[Mapping[str, Any], int], "tuple[dict, dict]"] | None = None
+    random: bool = False
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -50,6 +84,8 @@ class MergeMethod:
     # True when each output element depends only on the same element of the inputs and
     # per-tensor magnitude statistics: the merge can then run chunk by chunk
     elementwise: bool = True
+    mergekit: MergekitSpec | None = None
+    mergekit_reason: str = "mergekit has no equivalent method"
 
     def spec(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -124,7 +160,8 @@ def _weighted(g: DeltaGroup, weight: Tensor, deltas: Tensor | None = None) -> Te
 
 
 def magnitude_mask(g: DeltaGroup, density: Tensor) -> Tensor:
-    """Keep the top ``density`` fraction of each task vector by magnitude, per tensor."""
+    """Keep the top ``density`` fraction of each task vector by magnitude, per tensor:
+    ``floor(d * n)`` entries (at least one when d > 0, see ``keep_counts``); d >= 1 keeps all."""
     return g.compare(g.deltas.abs(), g.thresholds(density))
 
 
@@ -137,12 +174,35 @@ def trim_by_magnitude(g: DeltaGroup, density: Tensor, weight: Tensor) -> Tensor:
 def random_keep(g: DeltaGroup, keep_prob: Tensor, seed: int) -> Tensor:
     """DARE-style drop: keep each element with ``keep_prob`` and rescale by ``1/keep_prob``.
 
-    ``keep_prob`` broadcasts against ``[K, N]``. Elements with ``keep_prob == 0`` become 0.
+    ``keep_prob`` broadcasts against ``[K, N]``. The draws are the unit's resident noise
+    (``DeltaGroup.noise``: common random numbers, the same for every candidate, chunk size
+    and device). An element is kept iff its uniform ``u < keep_prob`` (``u`` on a 1/65536
+    grid) and rescaled by ``1 / keep_prob`` (paper). ``keep_prob <= 0`` drops the element,
+    ``keep_prob >= 1`` keeps it unchanged (exactly).
     """
-    noise = torch.rand(g.deltas.shape, generator=g.generator(seed), device=g.deltas.device, dtype=torch.float32)
     keep_prob = keep_prob.to(torch.float32)
-    scale = torch.where(keep_prob > 0, 1.0 / keep_prob.clamp(min=_EPS), torch.zeros_like(keep_prob))
-    return g.deltas * ((noise < keep_prob) * scale).to(g.deltas.dtype)
+    if keep_prob.numel() and bool((keep_prob >= 1).all()):
+        return g.deltas.clone()
+    levels = g.noise(seed)
+    if keep_prob.shape[-1] == 1:
+        thr, scale = _noise_threshold(keep_prob[:, 0])
+        mask = levels < thr.clamp(max=32767).to(torch.int16)[:, None]
+        full = thr >= 32768
+        if bool(full.any()):
+            mask[full] = True
+        return (g.deltas * mask).mul_(scale.to(g.deltas.dtype)[:, None])
+    u = (levels.to(torch.float32) + 32768.0) * kernels.LEVEL_SCALE
+    kept = torch.where(u < keep_prob, g.deltas / keep_prob.clamp(min=_EPS).to(g.deltas.dtype), torch.zeros_like(g.deltas))
+    return kept
+
+
+def _noise_threshold(keep_prob: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-model ``(level threshold, rescale)``: ``level < ceil(p * 65536) - 32768`` is the
+    same test as ``u < p``; survivors are multiplied by ``1 / p``."""
+    p = keep_prob.to(torch.float32).double().clamp(0, 1)  # the float32 p the torch path compares with
+    q = (p * 65536).ceil()
+    scale = torch.where(p > 0, 1 / p.clamp(min=_EPS), torch.zeros_like(p))
+    return q - 32768, scale
 
 
 def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
@@ -153,7 +213,7 @@ def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
     merged = aligned.sum(0).mul_(majority)
     if normalize:
         divisor = weight.to(weighted.dtype) @ (aligned > 0).to(weighted.dtype)
-        merged = merged.div_(torch.where(divisor.abs() < _EPS, torch.ones_like(divisor), divisor))
+        merged = merged.div_(torch.where(divisor == 0, torch.ones_like(divisor), divisor))  # as mergekit
     return merged
 
 
@@ -191,39 +251,93 @@ def task_arithmetic(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tens
 
 def ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     w = p["weight"]
+    if kernels.available(g.base, g.deltas):
+        return kernels.fused_merge(
+            g.base, g.deltas, g.segments, kernels.MAG, w, g.thresholds(p["density"]),
+            consensus=True, normalize=bool(p["normalize"]), lam=_lambda(p), out=out,
+        )
     trimmed = trim_by_magnitude(g, p["density"], w)
     return _finish(g, sign_consensus(trimmed, w, bool(p["normalize"])), p, out)
 
 
+def _lambda(p: Params) -> float:
+    return float(p.get("lambda", 1.0))
+
+
+def _dare(g: DeltaGroup, p: Params, out: Tensor | None, consensus: bool) -> Tensor:
+    w, seed = p["weight"], int(p["seed"])
+    if kernels.available(g.base, g.deltas):
+        thr, scale = _noise_threshold(p["density"])
+        k, s = g.n_models, len(g.segments)
+        return kernels.fused_merge(
+            g.base, g.deltas, g.segments, kernels.NOISE, w, thr[:, None].expand(k, s), scale=scale[:, None].expand(k, s),
+            levels=g.noise(seed), consensus=consensus, normalize=consensus and bool(p["normalize"]), lam=_lambda(p), out=out,
+        )
+    kept = random_keep(g, p["density"][:, None], seed)
+    if not consensus:
+        return _finish(g, w.to(kept.dtype) @ kept, p, out)
+    return _finish(g, sign_consensus(_weighted(g, w, kept), w, bool(p["normalize"])), p, out)
+
+
 def dare_linear(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    kept = random_keep(g, p["density"][:, None], int(p["seed"]))
-    return _finish(g, p["weight"].to(kept.dtype) @ kept, p, out)
+    return _dare(g, p, out, consensus=False)
 
 
 def dare_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    w = p["weight"]
-    kept = _weighted(g, w, random_keep(g, p["density"][:, None], int(p["seed"])))
-    return _finish(g, sign_consensus(kept, w, bool(p["normalize"])), p, out)
+    return _dare(g, p, out, consensus=True)
+
+
+for _fn in (ties, dare_linear, dare_ties):
+    _fn.streams = True  # type: ignore[attr-defined]  # runs as one fused kernel on the CPU
 
 
 def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Drop the largest ``gamma`` fraction (outliers) and keep the next ``density`` fraction."""
-    gamma = torch.full_like(p["density"], float(p["gamma"]))
-    upper = g.thresholds(gamma)
-    lower = g.thresholds((gamma + p["density"]).clamp(max=1))
+    """Keep ``density`` of each task vector after cutting the largest ``gamma`` (outliers).
+
+    Counts follow mergekit: keep ``t = floor(d * n)`` entries, cut the ``min(floor(gamma * n),
+    n - t)`` largest (the outlier cut shrinks when ``density + gamma > 1``, so the kept
+    fraction is always ``density``); density >= 1 keeps everything.
+    """
+    d = p["density"].double()[:, None]
+    n = g.sizes()[None, :].double()  # of the whole tensors (chunks share them)
+    target = torch.where(d >= 1, n, (d.clamp(min=0) * n).floor())  # no "at least one" here, as mergekit
+    top = torch.minimum((float(p["gamma"]) * n).floor(), n - target)
+    upper = g.thresholds_for(top)  # in the top `top` -> cut
+    lower = g.thresholds_for(top + target)  # in the top `top + target` -> candidate
+    if kernels.available(g.base, g.deltas):
+        return kernels.fused_merge(g.base, g.deltas, g.segments, kernels.BAND, p["weight"], lower, upper, lam=_lambda(p), out=out)
     mags = g.deltas.abs()
     kept = g.deltas * (g.compare(mags, upper, torch.lt) & g.compare(mags, lower, torch.ge))
     return _finish(g, p["weight"].to(kept.dtype) @ kept, p, out)
 
 
+def della_epsilon(density: Tensor, epsilon: float) -> Tensor:
+    """Spread actually used per model: ``min(epsilon, d, 1 - d)``, so every keep probability
+    stays in [0, 1] and their mean stays ``d`` (the paper requires ``d +- eps`` in range);
+    at density 1 (or 0) the spread is 0 and DELLA is exactly a no-op (or drops all)."""
+    d = density.double().clamp(0, 1)
+    return torch.minimum(torch.minimum(torch.full_like(d, float(epsilon)), d), 1 - d)
+
+
 def della(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """DELLA: keep probability rises linearly with magnitude rank within
-    ``[density - epsilon, density + epsilon]``; survivors are rescaled, then TIES consensus."""
-    eps = float(p["epsilon"])
-    rank = g.rank_fraction()
-    keep_prob = (p["density"][:, None] - eps + 2 * eps * rank).clamp(0, 1)
-    w = p["weight"]
-    kept = _weighted(g, w, random_keep(g, keep_prob, int(p["seed"])))
+    ``[density - eps, density + eps]`` (``eps`` from ``della_epsilon``); survivors are
+    rescaled by ``1 / keep_prob`` (paper), then TIES consensus."""
+    eps = della_epsilon(p["density"], float(p["epsilon"])).to(torch.float32)
+    density = p["density"].to(torch.float32).clamp(0, 1)
+    w, seed = p["weight"], int(p["seed"])
+    if kernels.available(g.base, g.deltas):
+        k, s = g.n_models, len(g.segments)
+        return kernels.fused_merge(
+            g.base, g.deltas, g.segments, kernels.DELLA, w, (density - eps)[:, None].expand(k, s), (2 * eps)[:, None].expand(k, s),
+            levels=g.noise(seed), ranks=g.ranks(), consensus=True, normalize=bool(p["normalize"]), lam=_lambda(p), out=out,
+        )
+    if bool((eps == 0).all()):
+        keep_prob = density[:, None]
+    else:
+        rank = (g.ranks().to(torch.float32) + 32768.0) * kernels.RANK_SCALE
+        keep_prob = (density - eps)[:, None] + (2 * eps)[:, None] * rank
+    kept = _weighted(g, w, random_keep(g, keep_prob, seed))
     return _finish(g, sign_consensus(kept, w, bool(p["normalize"])), p, out)
 
 
@@ -233,35 +347,77 @@ def _endpoints(g: DeltaGroup) -> tuple[Tensor, Tensor]:
     return g.base + g.deltas[0], g.base + g.deltas[1]
 
 
-def slerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Spherical interpolation per tensor between expert 0 and expert 1 (or base and
-    expert 0 when there is only one expert); ``t=0`` gives the first endpoint."""
-    t = float(p["t"])
+breadcrumbs.streams = True  # type: ignore[attr-defined]
+della.streams = True  # type: ignore[attr-defined]
+
+
+def _slerp_angles(g: DeltaGroup) -> tuple[Tensor, Tensor]:
+    """Per-tensor angle between the endpoints and the (anti)parallel flag (genome-independent)."""
     a, b = _endpoints(g)
     dot = g.segment_sum(a * b)
     norms = (g.segment_sum(a * a) * g.segment_sum(b * b)).sqrt().clamp(min=_EPS)
     cos = (dot / norms).clamp(-1, 1)
-    theta = torch.arccos(cos)
-    sin = torch.sin(theta)
-    nearly_parallel = sin.abs() < 1e-6
-    safe_sin = torch.where(nearly_parallel, torch.ones_like(sin), sin)
-    s0 = torch.where(nearly_parallel, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / safe_sin)
-    s1 = torch.where(nearly_parallel, torch.full_like(theta, t), torch.sin(t * theta) / safe_sin)
-    return g.expand(s0) * a + g.expand(s1) * b
+    # nearly (anti)parallel tensors interpolate linearly, with mergekit's threshold
+    nearly_parallel = cos.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.arccos(torch.where(nearly_parallel, torch.zeros_like(cos), cos))
+    return theta.double(), nearly_parallel
+
+
+def slerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """Spherical interpolation per tensor between expert 0 and expert 1 (or base and
+    expert 0 when there is only one expert); ``t=0`` gives the first endpoint.
+
+    The angles are cached per unit; a candidate then costs one fused pass per tensor:
+    ``(s0 + s1) * base + s0 * delta_0 + s1 * delta_1`` (``s0 * base + s1 * (base + delta_0)``
+    with one expert)."""
+    t = float(p["t"])
+    theta, parallel = g.cached("slerp", lambda: _slerp_angles(g))
+    sin = torch.where(parallel, torch.ones_like(theta), torch.sin(theta))
+    s0 = torch.where(parallel, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / sin)
+    s1 = torch.where(parallel, torch.full_like(theta, t), torch.sin(t * theta) / sin)
+    if g.n_models == 1:
+        coeffs = torch.stack([s1])  # [1, S]
+    else:
+        coeffs = torch.stack([s0, s1])
+    return _per_segment_addmv(g, (s0 + s1).tolist(), coeffs, out)
+
+
+def _per_segment_addmv(g: DeltaGroup, beta: list[float], coeffs: Tensor, out: Tensor | None) -> Tensor:
+    """``out_s = beta_s * base_s + sum_k coeffs[k, s] * deltas[k]_s`` per segment, one pass each."""
+    target = out if out is not None else torch.empty_like(g.base)
+    k = coeffs.shape[0]
+    cols = coeffs.to(g.deltas.dtype).t().contiguous()  # [S, k]
+    start = 0
+    for s, n in enumerate(g.segments):
+        end = start + n
+        torch.addmv(g.base[start:end], g.deltas[:k, start:end].t(), cols[s], beta=beta[s], out=target[start:end])
+        start = end
+    return target
+
+
+def _model_stock_factors(g: DeltaGroup) -> Tensor:
+    """Per-tensor ``t = K cos / (1 + (K - 1) cos)`` (genome-independent)."""
+    k = g.n_models
+    norms = g.segment_sum(g.deltas * g.deltas).sqrt()  # [K, S]
+    pair_cos = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            dot = g.segment_sum(g.deltas[i] * g.deltas[j])
+            pair_cos.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(pair_cos).mean(0)
+    denominator = 1 + (k - 1) * cos
+    # at the singularity (mean cosine -1/(K-1)) there is no finite estimate: keep the base
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(cos), denominator))
 
 
 def model_stock(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """Model Stock: interpolate between the experts' mean and the base by
-    ``t = K cos / (1 + (K - 1) cos)``, cos = mean pairwise cosine of task vectors, per tensor."""
-    k = g.n_models
-    norms = g.segment_sum(g.deltas * g.deltas).sqrt().clamp(min=_EPS)  # [K, S]
-    pair_cos = []
-    for i in range(k):
-        for j in range(i + 1, k):
-            pair_cos.append(g.segment_sum(g.deltas[i] * g.deltas[j]) / (norms[i] * norms[j]))
-    cos = torch.stack(pair_cos).mean(0)
-    t = k * cos / (1 + (k - 1) * cos).clamp(min=_EPS)
-    return g.base + g.expand(t) * g.deltas.mean(0)
+    ``t = K cos / (1 + (K - 1) cos)``, cos = mean pairwise cosine of task vectors, per tensor.
+    ``t`` is cached per unit; a candidate costs one fused pass per tensor."""
+    t = g.cached("model_stock", lambda: _model_stock_factors(g))  # [S]
+    coeffs = (t / g.n_models).expand(g.n_models, -1)
+    return _per_segment_addmv(g, [1.0] * len(g.segments), coeffs, out)
 
 
 def passthrough(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
@@ -272,6 +428,33 @@ def passthrough(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     return g.base.clone() if source == 0 else g.base + g.deltas[source - 1]
 
 
+# ---------------------------------------------------------------- mergekit export
+
+
+def _linear_check(p: Mapping[str, Any], n_models: int) -> str | None:
+    if p["normalize"] and abs(sum(p["weight"])) < _EPS:
+        return "normalize with weights summing to 0 divides by 0 in mergekit"
+    return None
+
+
+def _della_check(p: Mapping[str, Any], n_models: int) -> str | None:
+    eps = float(p["epsilon"])
+    for i, d in enumerate(p["density"]):
+        if 0 < d < 1 and not (d - eps > 0 and d + eps < 1):
+            return f"mergekit needs density +- epsilon inside (0, 1), expert {i} has density {d:g}, epsilon {eps:g}"
+    return None
+
+
+def _passthrough_as_linear(p: Mapping[str, Any], n_models: int) -> tuple[dict, dict]:
+    # mergekit's passthrough takes one source per slice, so a per-group choice of source is
+    # written as a linear merge with one-hot weights (1 * x + 0 * y = x exactly)
+    source = int(p["source"])
+    if source > n_models:
+        raise MergeError(f"'passthrough.source' = {source} but there are only {n_models} experts")
+    keys: list[Any] = ["base", *range(n_models)]
+    return {"normalize": False}, {key: {"weight": 1.0 if j == source else 0.0} for j, key in enumerate(keys)}
+
+
 # ---------------------------------------------------------------- registry
 
 WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True, help="scale of each task vector")
@@ -280,12 +463,35 @@ LAMBDA = ParamSpec("lambda", 0.0, 3.0, 1.0, help="global scale of the merged tas
 NORMALIZE = ParamSpec("normalize", 0, 1, 1, integer=True, searchable=False, help="divide by the summed weights")
 SEED = ParamSpec("seed", 0, 2**31 - 1, 0, integer=True, searchable=False, help="seed of random drops")
 
-register(MergeMethod("linear", linear, (WEIGHT, NORMALIZE), "weighted average of the experts"))
-register(MergeMethod("task_arithmetic", task_arithmetic, (WEIGHT, LAMBDA), "base + lambda * sum(w_i * tau_i)"))
-register(MergeMethod("ties", ties, (WEIGHT, DENSITY, LAMBDA, NORMALIZE), "trim by magnitude, elect sign, disjoint mean"))
-register(MergeMethod("dare_linear", dare_linear, (WEIGHT, DENSITY, LAMBDA, SEED), "random drop + rescale, then sum"))
 register(
-    MergeMethod("dare_ties", dare_ties, (WEIGHT, DENSITY, LAMBDA, NORMALIZE, SEED), "random drop + rescale, then TIES sign election")
+    MergeMethod(
+        "linear", linear, (WEIGHT, NORMALIZE), "weighted average of the experts",
+        mergekit=MergekitSpec("linear", sources="experts", check=_linear_check),
+    )
+)
+register(
+    MergeMethod(
+        "task_arithmetic", task_arithmetic, (WEIGHT, LAMBDA), "base + lambda * sum(w_i * tau_i)",
+        mergekit=MergekitSpec("task_arithmetic", fixed={"normalize": False, "rescale": False}),
+    )
+)
+register(
+    MergeMethod(
+        "ties", ties, (WEIGHT, DENSITY, LAMBDA, NORMALIZE), "trim by magnitude, elect sign, disjoint mean",
+        mergekit=MergekitSpec("ties", fixed={"rescale": False}),
+    )
+)
+register(
+    MergeMethod(
+        "dare_linear", dare_linear, (WEIGHT, DENSITY, LAMBDA, SEED), "random drop + rescale, then sum",
+        mergekit=MergekitSpec("dare_linear", fixed={"normalize": False, "rescale": True}, random=True),
+    )
+)
+register(
+    MergeMethod(
+        "dare_ties", dare_ties, (WEIGHT, DENSITY, LAMBDA, NORMALIZE, SEED), "random drop + rescale, then TIES sign election",
+        mergekit=MergekitSpec("dare_ties", fixed={"rescale": True}, random=True),
+    )
 )
 register(
     MergeMethod(
@@ -293,6 +499,7 @@ register(
         breadcrumbs,
         (WEIGHT, DENSITY, ParamSpec("gamma", 0.0, 0.5, 0.01, help="fraction of largest entries dropped"), LAMBDA),
         "drop the largest gamma and the smallest entries, then sum",
+        mergekit=MergekitSpec("breadcrumbs", fixed={"normalize": False, "rescale": False}),
     )
 )
 register(
@@ -301,18 +508,28 @@ register(
         della,
         (WEIGHT, DENSITY, ParamSpec("epsilon", 0.0, 0.5, 0.1, help="spread of keep probabilities"), LAMBDA, NORMALIZE, SEED),
         "magnitude-ranked drop probabilities, rescale, TIES sign election",
+        mergekit=MergekitSpec("della", fixed={"rescale": True}, check=_della_check, random=True),
     )
 )
 register(
-    MergeMethod("slerp", slerp, (ParamSpec("t", 0.0, 1.0, 0.5, help="interpolation factor"),), "spherical interpolation of two models", max_models=2, elementwise=False)
+    MergeMethod(
+        "slerp", slerp, (ParamSpec("t", 0.0, 1.0, 0.5, help="interpolation factor"),), "spherical interpolation of two models",
+        max_models=2, elementwise=False, mergekit=MergekitSpec("slerp", sources="pair"),
+    )
 )
-register(MergeMethod("model_stock", model_stock, (), "geometry-derived interpolation towards the experts' mean", min_models=2, elementwise=False))
+register(
+    MergeMethod(
+        "model_stock", model_stock, (), "geometry-derived interpolation towards the experts' mean", min_models=2,
+        elementwise=False, mergekit=MergekitSpec("model_stock", fixed={"filter_wise": False}),
+    )
+)
 register(
     MergeMethod(
         "passthrough",
         passthrough,
         (ParamSpec("source", 0, 64, 0, integer=True, help="0 = base, i = expert i"),),
         "copy one source model's tensors",
+        mergekit=MergekitSpec("linear", sources="all", translate=_passthrough_as_linear),
     )
 )
 
@@ -329,9 +546,12 @@ def apply_method(
     checked = method.validate(values, group.n_models)
     device = group.deltas.device
     params: dict[str, object] = {
-        k: (torch.tensor(v, dtype=torch.float32, device=device) if isinstance(v, list) else v) for k, v in checked.items()
+        k: (torch.tensor(v, dtype=torch.float64, device=device) if isinstance(v, list) else v) for k, v in checked.items()
     }
-    if chunk_size and method.elementwise and group.numel > chunk_size:
+    # the fused CPU kernels stream the whole unit block by block (no temporaries to bound);
+    # chunk views would also make their inputs strided, which stops them vectorising
+    streams = getattr(method.fn, "streams", False) and kernels.available(group.base, group.deltas)
+    if chunk_size and method.elementwise and group.numel > chunk_size and not streams:
         target = out if out is not None else torch.empty_like(group.base)
         for a, b, sub in group.chunks(chunk_size):
             piece = target[a:b]

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Literal
 import yaml
 
 from evomerge.errors import MergeError
-from evomerge.merge.methods import get_method
+from evomerge.merge.methods import MergeMethod, get_method
 
 Part = Literal["embed", "head", "layers"]
 Component = Literal["all", "attn", "mlp"]
@@ -159,88 +159,143 @@ class Recipe:
 
     # ---- mergekit export
     def to_mergekit(self, base: str | None = None, experts: list[str] | None = None) -> dict[str, Any]:
-        """A mergekit config reproducing this recipe (single-method recipes only).
+        """A mergekit (0.1.5) config that reproduces this recipe's weights.
 
-        Layer groups become slices; attention/MLP splits and the embed/head groups become
-        per-tensor ``filter`` conditions. mergekit has one merge method per config, so
-        recipes that mix methods raise ``MergeError``.
+        Every layer range where the groups change becomes one slice; attention/MLP splits
+        and the embed/head groups become per-tensor ``filter`` conditions (Llama-style
+        names: ``embed_tokens``, ``mlp``, ``self_attn``, ``lm_head``, ``model.norm``).
+        Every parameter is written explicitly (mergekit's defaults differ from ours). Each
+        method declares its translation (``MergeMethod.mergekit``); what mergekit cannot
+        express (mixed methods, DELLA spreads outside (0, 1), ...) raises ``MergeError``
+        with a one-line reason. Random methods (DARE, DELLA) reproduce the recipe only in
+        distribution: the masks (and DARE/DELLA's rescaling, see README) differ.
         """
-        methods = {g.method for g in self.groups}
+        methods = sorted({g.method for g in self.groups})
         if len(methods) != 1:
-            raise MergeError(f"mergekit cannot express a recipe mixing methods ({', '.join(sorted(methods))}) in one config")
-        method = methods.pop()
+            raise MergeError(f"mergekit cannot express a recipe mixing methods ({', '.join(methods)}) in one config")
+        method = get_method(methods[0])
+        spec = method.mergekit
+        if spec is None:
+            raise MergeError(f"mergekit cannot express method '{method.name}': {method.mergekit_reason}")
         base = base or self.base
-        experts = experts or self.experts
+        experts = list(experts or self.experts)
         if not base or not experts:
             raise MergeError("mergekit export needs the base and expert model paths")
-        layer_groups = sorted((g for g in self.groups if g.part == "layers"), key=lambda g: (g.layers, g.component))
-        ranges = sorted({g.layers for g in layer_groups})  # type: ignore[type-var]
-        embed = [g for g in self.groups if g.part == "embed"]
-        head = [g for g in self.groups if g.part == "head"]
-        shared_names = {"lambda", "normalize", "t", "gamma", "epsilon"}
+        k = len(experts)
+        translated: dict[int, tuple[dict[str, Any], dict[Any, dict[str, Any]]]] = {}
+        for g in self.groups:
+            checked = method.validate(g.params, k)
+            reason = spec.check(checked, k) if spec.check else None
+            if reason:
+                raise MergeError(f"mergekit cannot express group '{g.name}' ({method.name}): {reason}")
+            translated[id(g)] = (spec.translate or default_mergekit_translation(method))(checked, k)
+        sources = _mergekit_sources(spec.sources, base, experts)
+        layer_groups = [g for g in self.groups if g.part == "layers"]
+        if not layer_groups:
+            raise MergeError("mergekit export needs at least one layer group")
+        n_layers = 1 + max(g.layers[1] for g in layer_groups)  # type: ignore[index]
+        cuts = sorted({0, n_layers} | {g.layers[0] for g in layer_groups} | {g.layers[1] + 1 for g in layer_groups})  # type: ignore[index]
+        embed = next((g for g in self.groups if g.part == "embed"), None)
+        head = next((g for g in self.groups if g.part == "head"), None)
         slices = []
-        for i, (a, b) in enumerate(ranges):
-            in_range = [g for g in layer_groups if g.layers == (a, b)]
-            extra = (embed if i == 0 else []) + (head if i == len(ranges) - 1 else [])
-            sources = [{"model": base, "layer_range": [a, b + 1]}] if method != "slerp" else []
-            for k, expert in enumerate(experts[: 2 if method == "slerp" else None]):
-                params = _mergekit_params(in_range, extra, k, per_model_only=True, exclude=shared_names)
-                src: dict[str, Any] = {"model": expert, "layer_range": [a, b + 1]}
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            attn = _covering(self.groups, Unit("layers", a, "attn"))
+            mlp = _covering(self.groups, Unit("layers", a, "mlp"))
+            roles: list[tuple[str | None, Group]] = []
+            if i == 0 and embed is not None:
+                roles.append(("embed_tokens", embed))
+            if i == len(cuts) - 2 and head is not None:
+                roles += [("lm_head", head), ("model.norm", head)]
+            if mlp is not attn:
+                roles += [("mlp", mlp), ("self_attn", attn)]
+            roles.append((None, attn))  # norms of the layer follow its attention group
+            slice_: dict[str, Any] = {"sources": []}
+            for key, model in sources:
+                src: dict[str, Any] = {"model": model, "layer_range": [a, b]}
+                params = _settings([(f, translated[id(g)][1].get(key, {})) for f, g in roles])
                 if params:
                     src["parameters"] = params
-                sources.append(src)
-            slice_: dict[str, Any] = {"sources": sources}
-            shared = _mergekit_params(in_range, extra, None, per_model_only=False, include=shared_names)
+                slice_["sources"].append(src)
+            shared = _settings([(f, {**spec.fixed, **translated[id(g)][0]}) for f, g in roles])
             if shared:
                 slice_["parameters"] = shared
             slices.append(slice_)
-        cfg: dict[str, Any] = {"merge_method": method, "base_model": base, "slices": slices, "dtype": "float32"}
+        cfg: dict[str, Any] = {"merge_method": spec.method}
+        if spec.sources in ("base+experts", "pair"):  # the base model is the first source
+            cfg["base_model"] = sources[0][1]
+        cfg.update({"slices": slices, "dtype": "float32"})
         return _plain(cfg)
 
+    def to_mergekit_yaml(self, base: str | None = None, experts: list[str] | None = None) -> str:
+        """``to_mergekit`` as YAML text, with a header saying what it reproduces."""
+        cfg = self.to_mergekit(base, experts)
+        spec = get_method(self.groups[0].method).mergekit
+        note = "# exported by evomerge for mergekit 0.1.5: same weights up to float rounding\n"
+        if spec is not None and spec.random:
+            note = (
+                "# exported by evomerge for mergekit 0.1.5: random method -- drop masks differ between the tools\n"
+                "# (and mergekit rescales by the L1 norm, evomerge by 1/keep-probability); equal only at density 1\n"
+            )
+        return note + yaml.safe_dump(cfg, sort_keys=False)
 
-def _condition_value(group: Group, name: str, k: int | None) -> Any:
-    value = group.params.get(name)
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return value[k] if k is not None else None
-    return value if k is None else None
+
+def default_mergekit_translation(method: MergeMethod):
+    """Shared parameters to the slice, per-model ones to each expert's source; 0/1 switches
+    (``normalize``) become booleans; ``spec.skip`` names (the seed) are dropped."""
+    spec = method.mergekit
+    assert spec is not None
+
+    def translate(params: dict[str, Any], n_models: int) -> tuple[dict[str, Any], dict[Any, dict[str, Any]]]:
+        shared: dict[str, Any] = {}
+        per_source: dict[Any, dict[str, Any]] = {i: {} for i in range(n_models)}
+        for p in method.params:
+            if p.name in spec.skip:
+                continue
+            value = params[p.name]
+            if p.per_model:
+                for i in range(n_models):
+                    per_source[i][p.name] = value[i]
+            else:
+                shared[p.name] = bool(value) if p.name in _BOOLEAN_PARAMS else value
+        return shared, per_source
+
+    return translate
 
 
-def _mergekit_params(
-    layer_groups: list[Group],
-    extra: list[Group],
-    k: int | None,
-    per_model_only: bool,
-    include: set[str] | None = None,
-    exclude: set[str] | None = None,
-) -> dict[str, Any]:
-    names = sorted({n for g in layer_groups + extra for n in g.params})
+_BOOLEAN_PARAMS = {"normalize", "rescale"}
+
+
+def _mergekit_sources(layout: str, base: str, experts: list[str]) -> list[tuple[Any, str]]:
+    """(key, model path) per mergekit source; keys match the translation's per_source keys."""
+    if layout in ("base+experts", "all"):
+        return [("base", base)] + list(enumerate(experts))
+    if layout == "experts":
+        return list(enumerate(experts))
+    if layout == "pair":
+        return [("base", base), (0, experts[0])] if len(experts) == 1 else [(0, experts[0]), (1, experts[1])]
+    raise MergeError(f"unknown mergekit source layout {layout!r}")
+
+
+def _covering(groups: list[Group], unit: Unit) -> Group:
+    covering = [g for g in groups if g.covers(unit)]
+    if len(covering) != 1:
+        raise MergeError(f"{unit.name} is covered by {len(covering)} recipe groups (needs exactly one)")
+    return covering[0]
+
+
+def _settings(roles: list[tuple[str | None, dict[str, Any]]]) -> dict[str, Any]:
+    """Per parameter: a plain value when every role agrees, else filter conditions (first
+    match wins in mergekit) ending with the unfiltered fallback (the last role)."""
+    names: list[str] = []
+    for _, params in roles:
+        names += [n for n in params if n not in names]
     out: dict[str, Any] = {}
     for name in names:
-        if (include is not None and name not in include) or (exclude is not None and name in exclude):
+        conditions = [(f, params[name]) for f, params in roles if name in params]
+        if all(v == conditions[-1][1] for _, v in conditions):
+            out[name] = conditions[-1][1]
             continue
-        conditions = []
-        for g in extra:
-            v = _condition_value(g, name, k)
-            if v is not None:
-                conditions.append({"filter": "embed_tokens" if g.part == "embed" else "lm_head", "value": v})
-                if g.part == "head":
-                    conditions.append({"filter": "model.norm", "value": v})
-        fallback = None
-        for g in layer_groups:
-            v = _condition_value(g, name, k)
-            if v is None:
-                continue
-            if g.component == "all":
-                fallback = v
-            else:
-                conditions.append({"filter": "self_attn" if g.component == "attn" else "mlp", "value": v})
-                if g.component == "attn":
-                    fallback = v if fallback is None else fallback
-        if not conditions and fallback is None:
-            continue
-        out[name] = fallback if not conditions else conditions + ([{"value": fallback}] if fallback is not None else [])
+        out[name] = [{"filter": f, "value": v} if f is not None else {"value": v} for f, v in conditions]
     return out
 
 

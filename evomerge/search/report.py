@@ -90,10 +90,8 @@ def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, ba
         recipe.metadata = {"archive_id": rid, "scores": by_id[rid].scores}
         recipe.save(out / f"{name}.yaml")
         try:
-            import yaml
-
-            cfg = recipe.to_mergekit(base=base, experts=list(experts.values()))
-            (out / f"{name}.mergekit.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            text = recipe.to_mergekit_yaml(base=base, experts=list(experts.values()))
+            (out / f"{name}.mergekit.yaml").write_text(text)
         except EvomergeError as exc:
             (out / f"{name}.mergekit.txt").write_text(f"not exported: {exc}\n")
     return chosen
