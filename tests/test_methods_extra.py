@@ -9,7 +9,7 @@ from evomerge.errors import MergeError
 from evomerge.merge.groups import DeltaGroup
 from evomerge.merge.methods import REGISTRY, apply_method
 from evomerge.merge.methods_extra import row_rank_fraction
-from evomerge.merge.svd import attach_shapes
+from evomerge.merge.segments import attach_shapes
 
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
 D1 = torch.tensor([1.0, -2.0, 3.0, -4.0])

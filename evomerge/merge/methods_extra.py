@@ -11,7 +11,7 @@ search that must not crash on a sampled point:
 - ``karcher``, ``multislerp``, ``nuslerp``: all-zero weights mean equal weights.
 
 Row-wise statistics (DELLA's per-row magnitude ranks, nuslerp's non-flattened mode) need
-each segment's 2-D shape: ``group.shapes`` (set by the merger, see ``svd.attach_shapes``);
+each segment's 2-D shape: ``group.shapes`` (set by the merger, see ``segments.attach_shapes``);
 without it every segment counts as one row.
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from evomerge.merge.groups import DeltaGroup
 from evomerge.merge.methods import MergeMethod, Params, ParamSpec, register, sign_consensus
-from evomerge.merge.svd import cache_of, segment_layout
+from evomerge.merge.segments import cache_of, segment_layout
 
 _EPS = 1e-8
 
