@@ -112,113 +112,155 @@ def della_linear(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
 # ---------------------------------------------------------------- SCE
 
 
+def _variance_table(g: DeltaGroup, start: int, n: int) -> tuple[Tensor, Tensor, int]:
+    """Per-element variance across experts, its descending sort and non-zero count (cached)."""
+    cache = cache_of(g)
+    key = ("sce_var", start)
+    if key not in cache:
+        var = g.deltas[:, start : start + n].float().var(0, unbiased=False)
+        cache[key] = (var, var.sort(descending=True).values, int(torch.count_nonzero(var)))
+    return cache[key]
+
+
 def sce(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """SCE: keep the ``select_topk`` fraction of elements with the highest variance across
-    experts, weight each task vector by its mean square, TIES sign election, weighted mean."""
+    experts, weight each task vector by its mean square, TIES sign election, weighted mean.
+    (Elements tied with the k-th variance are all kept; mergekit's topk keeps exactly k.)"""
     topk = float(p["select_topk"])
     merged = torch.empty_like(g.base)
     for start, n, _ in segment_layout(g):
         tv = g.deltas[:, start : start + n]
         if topk < 1:
-            var = tv.float().var(0, unbiased=False)
-            k = int(int(torch.count_nonzero(var)) * topk) if topk > 0 else 0
-            if k == 0:
-                mask = torch.zeros_like(var, dtype=torch.bool)
-            else:
-                mask = torch.zeros_like(var, dtype=torch.bool)
-                mask[torch.topk(var, k).indices] = True
-            tv = tv * mask.to(tv.dtype)
-        weights = tv.float().square().mean(1)
+            var, ordered, nonzero = _variance_table(g, start, n)
+            k = int(nonzero * topk)
+            keep = var >= ordered[k - 1] if k > 0 else torch.zeros_like(var, dtype=torch.bool)
+            tv = tv * keep.to(tv.dtype)
+        weights = torch.linalg.vector_norm(tv, dim=1, dtype=torch.float32).square() / n  # mean squares
         total = float(weights.sum())
         weights = torch.full_like(weights, 1.0 / g.n_models) if abs(total) < 1e-6 else weights / total
-        majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0).to(tv.dtype)
-        agree = (tv.sign() == majority).to(tv.dtype) * weights.to(tv.dtype)[:, None]  # erased weights
-        merged[start : start + n] = (tv * agree).sum(0) / agree.sum(0).clamp(min=1e-6)
+        majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0).to(tv.dtype)  # of the unweighted task vectors
+        aligned = (tv * majority).clamp_(min=0)  # > 0 where an entry agrees; zeros never agree
+        w = weights.to(tv.dtype)
+        merged[start : start + n] = (w @ aligned).mul_(majority) / (w @ (aligned > 0).to(tv.dtype)).clamp(min=1e-6)
     return _finish(g, merged, 1.0, out)
 
 
 # ---------------------------------------------------------------- spherical methods
+#
+# Every spherical mean below is a linear combination of the inputs, so it is computed in
+# the K-dimensional span: the inner products of the task vectors (and the base) are
+# genome-independent and cached per tensor; a candidate costs one weighted sum, like
+# task arithmetic, instead of K-vector arithmetic in every iteration.
 
 
-def karcher_mean(points: Tensor, alphas: Tensor, max_iter: int, tol: float) -> Tensor:
-    """Weighted Karcher (Fréchet) mean of the rows of ``points`` on the unit sphere, scaled by
-    the weighted mean norm (mergekit's ``karcher_merge_tensors``)."""
-    x = points.float()
-    norms = x.norm(dim=1)
+def _gram(g: DeltaGroup, start: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(deltas deltas^T [K, K], deltas base [K], base base)`` of one segment, float64."""
+    cache = cache_of(g)
+    key = ("gram", start)
+    if key not in cache:
+        d = g.deltas[:, start : start + n].double()
+        b = g.base[start : start + n].double()
+        cache[key] = (d @ d.t(), d @ b, b @ b)
+    return cache[key]
+
+
+def _norm(c: Tensor, gram: Tensor) -> Tensor:
+    return (c @ gram @ c).clamp(min=0).sqrt()
+
+
+def karcher_coefficients(gram: Tensor, alphas: Tensor, max_iter: int, tol: float) -> Tensor:
+    """Coefficients ``gamma`` with ``sum_k gamma_k x_k`` = the weighted Karcher mean of the
+    points ``x_k`` (Gram matrix ``gram``) on the sphere, scaled by their weighted mean norm
+    (mergekit's ``karcher_merge_tensors``, iterated in the span of the points)."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    gamma = torch.zeros_like(norms)
     valid = norms > tol
     if not bool(valid.any()):
-        return torch.zeros_like(x[0])
-    units = x[valid] / norms[valid, None]
-    a = alphas[valid] / alphas[valid].sum().clamp(min=_EPS)
-    mean = a @ units
-    mean = units[0].clone() if float(mean.norm()) < tol else mean / mean.norm()
+        return gamma
+    nv = norms[valid]
+    gu = gram[valid][:, valid] / (nv[:, None] * nv[None, :])  # Gram matrix of the unit vectors
+    a = alphas[valid] / alphas[valid].sum().clamp(min=1e-12)
+    c = a.clone()
+    m = _norm(c, gu)
+    c = torch.nn.functional.one_hot(torch.tensor(0), len(a)).to(c) if float(m) < tol else c / m
     for _ in range(max_iter):
-        dots = (units @ mean).clamp(-1, 1)
+        dots = (gu @ c).clamp(-1, 1)  # cosines between each unit point and the mean
         theta = torch.arccos(dots)
-        active = theta >= tol
-        factor = torch.where(active, theta / torch.sin(theta).clamp(min=1e-12), torch.zeros_like(theta))
-        tangent = (a * factor) @ (units - dots[:, None] * mean)
-        t_norm = tangent.norm()
+        factor = torch.where(theta >= tol, theta / torch.sin(theta).clamp(min=1e-300), torch.zeros_like(theta))
+        tangent = a * factor - (a * factor * dots).sum() * c
+        t_norm = _norm(tangent, gu)
         if float(t_norm) < tol:
             break
-        mean = torch.cos(t_norm) * mean + torch.sin(t_norm) * (tangent / t_norm)
-        m_norm = mean.norm()
-        if float(m_norm) > tol:
-            mean = mean / m_norm
-    return (alphas @ norms) * mean
+        c = torch.cos(t_norm) * c + torch.sin(t_norm) * tangent / t_norm
+        m = _norm(c, gu)
+        if float(m) > tol:
+            c = c / m
+    gamma[valid] = (alphas @ norms) * c / nv
+    return gamma
 
 
 def karcher(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Karcher mean of the experts' full weights per tensor (base not included)."""
-    alphas = _mix_weights(p["weight"])
+    """Karcher mean of the experts' full weights ``base + delta_k`` per tensor (base not included)."""
+    alphas = _mix_weights(p["weight"]).double()
     result = out if out is not None else torch.empty_like(g.base)
     for start, n, _ in segment_layout(g):
-        points = g.base[start : start + n] + g.deltas[:, start : start + n]
-        if g.n_models == 1:
-            result[start : start + n] = points[0]
-            continue
-        result[start : start + n] = karcher_mean(points, alphas, int(p["max_iter"]), float(p["tol"])).to(result.dtype)
+        dd, db, bb = _gram(g, start, n)
+        points = dd + db[:, None] + db[None, :] + bb  # (b + d_i) . (b + d_j)
+        gamma = karcher_coefficients(points, alphas, int(p["max_iter"]), float(p["tol"]))
+        seg = result[start : start + n]
+        torch.mul(g.base[start : start + n], float(gamma.sum()), out=seg)
+        seg.addmv_(g.deltas[:, start : start + n].t(), gamma.to(seg.dtype))
     return result
 
 
-def multislerp_vectors(vectors: Tensor, weights: Tensor, eps: float = 1e-8) -> Tensor:
-    """Barycentric interpolation on the sphere (mergekit ``multislerp``): project the unit
-    vectors to the tangent space at their weighted mean direction, average, map back, and
-    scale by the weighted mean norm."""
-    x = vectors.float()
-    norms = x.norm(dim=1, keepdim=True)
-    units = x / (norms + eps)
-    mean = weights @ units
-    if float(mean.norm()) < eps:
-        return weights @ x  # antipodal or all-zero inputs: weighted sum
-    mean = mean / mean.norm()
-    tangent = weights @ (units - (units @ mean)[:, None] * mean)
-    t_norm = tangent.norm() + eps
-    result = mean * torch.cos(t_norm) + tangent * (torch.sin(t_norm) / t_norm)
-    return result * (weights @ norms.squeeze(1))
+def multislerp_coefficients(gram: Tensor, weights: Tensor, eps: float = 1e-8) -> Tensor:
+    """Coefficients over the inputs of mergekit's ``multislerp``: project the unit vectors to
+    the tangent space at their weighted mean direction, average, map back with the
+    exponential map, scale by the weighted mean norm."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    inv = 1 / (norms + eps)
+    gu = gram * inv[:, None] * inv[None, :]
+    m = _norm(weights, gu)
+    if float(m) < eps:
+        return weights.clone()  # antipodal or all-zero inputs: weighted sum
+    c = weights / m
+    tangent = weights - (weights * (gu @ c)).sum() * c
+    t_norm = _norm(tangent, gu) + eps
+    unit = c * torch.cos(t_norm) + tangent * (torch.sin(t_norm) / t_norm)
+    return unit * (weights @ norms) * inv
 
 
 def multislerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """SLERP generalised to K task vectors, per tensor, around the base."""
-    w = _mix_weights(p["weight"]) if int(p["normalize_weights"]) else p["weight"].float()
-    merged = torch.empty_like(g.base)
+    w = (_mix_weights(p["weight"]) if int(p["normalize_weights"]) else p["weight"].float()).double()
+    result = out if out is not None else torch.empty_like(g.base)
     for start, n, _ in segment_layout(g):
-        d = g.deltas[:, start : start + n]
-        merged[start : start + n] = d[0] if g.n_models == 1 else multislerp_vectors(d, w).to(merged.dtype)
-    return _finish(g, merged, 1.0, out)
+        seg = result[start : start + n]
+        gamma = torch.ones(1, dtype=torch.float64) if g.n_models == 1 else multislerp_coefficients(_gram(g, start, n)[0], w)
+        torch.addmv(g.base[start : start + n], g.deltas[:, start : start + n].t(), gamma.to(seg.dtype), out=seg)
+    return result
 
 
-def nuslerp_vectors(t: float, v0: Tensor, v1: Tensor, eps: float = 1e-8) -> Tensor:
-    """SLERP along the last dimension (each row its own great circle), as mergekit's ``nuslerp``."""
-    v0, v1 = v0.float(), v1.float()
-    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+def nuslerp_coefficients(t: float, aa: Tensor, ab: Tensor, bb: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """mergekit's ``nuslerp`` of vectors ``v0``, ``v1`` given their inner products (any batch
+    shape): ``(s0, s1)`` with result ``s0 v0 + s1 v1``; linear where they are colinear."""
+    cos = (ab / (aa.sqrt().clamp(min=1e-7) * bb.sqrt().clamp(min=1e-7))).clamp(-1, 1)
     colinear = (1 - cos.square()) <= eps**2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
-    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin
-    return torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    s0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin)
+    s1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin)
+    return s0, s1
+
+
+def _row_products(g: DeltaGroup, start: int, n: int, shape: tuple[int, int], columns: bool) -> tuple[Tensor, Tensor, Tensor]:
+    cache = cache_of(g)
+    key = ("rows", start, columns)
+    if key not in cache:
+        a, b = (g.deltas[i, start : start + n].view(shape).double() for i in (0, 1))
+        dim = 0 if columns else 1
+        cache[key] = ((a * a).sum(dim), (a * b).sum(dim), (b * b).sum(dim))
+    return cache[key]
 
 
 def nuslerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
@@ -227,17 +269,21 @@ def nuslerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     w = p["weight"].float()
     total = float(w.sum())
     t = 0.5 if abs(total) < 1e-6 else float(w[1]) / total
-    merged = torch.empty_like(g.base)
+    result = out if out is not None else torch.empty_like(g.base)
     for start, n, shape in segment_layout(g):
+        seg = result[start : start + n]
         a, b = g.deltas[0, start : start + n], g.deltas[1, start : start + n]
         if int(p["flatten"]) or shape is None:
-            res = nuslerp_vectors(t, a, b)
-        elif int(p["row_wise"]):
-            res = nuslerp_vectors(t, a.view(shape).t(), b.view(shape).t()).t()
-        else:
-            res = nuslerp_vectors(t, a.view(shape), b.view(shape))
-        merged[start : start + n] = res.reshape(-1).to(merged.dtype)
-    return _finish(g, merged, 1.0, out)
+            dd = _gram(g, start, n)[0]
+            s0, s1 = nuslerp_coefficients(t, dd[0, 0], dd[0, 1], dd[1, 1])
+            torch.add(g.base[start : start + n], a, alpha=float(s0), out=seg)
+            seg.add_(b, alpha=float(s1))
+            continue
+        columns = bool(int(p["row_wise"]))
+        s0, s1 = nuslerp_coefficients(t, *_row_products(g, start, n, shape, columns))
+        s0, s1 = (s.to(seg.dtype)[None, :] if columns else s.to(seg.dtype)[:, None] for s in (s0, s1))
+        torch.add(g.base[start : start + n].view(shape), a.view(shape) * s0 + b.view(shape) * s1, out=seg.view(shape))
+    return result
 
 
 # ---------------------------------------------------------------- registry
