@@ -85,3 +85,16 @@ def test_lines_needs_a_method_with_lambda():
 def test_default_ranges_cover_new_parameters():
     for name in ("select_topk", "rank", "common", "lines_alpha", "lines_beta"):
         assert name in DEFAULT_RANGES
+
+
+def test_extended_preset_builds():
+    import yaml
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs/genome/layerwise_extended.yaml").read_text())
+    space = GenomeSpace(n_experts=3, n_layers=6, **cfg)
+    recipe = space.decode(np.random.default_rng(1).random(space.n_var))
+    recipe.assign(units(6), 3)
+    for g in recipe.groups:
+        if g.part == "layers":  # LiNeS gives every layer its own lambda; methods without one keep the slot
+            assert (g.layers[1] - g.layers[0]) == (0 if "lambda" in g.params else 2)
