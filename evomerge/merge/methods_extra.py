@@ -236,7 +236,7 @@ def multislerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     result = out if out is not None else torch.empty_like(g.base)
     for start, n, _ in segment_layout(g):
         seg = result[start : start + n]
-        gamma = torch.ones(1, dtype=torch.float64) if g.n_models == 1 else multislerp_coefficients(_gram(g, start, n)[0], w)
+        gamma = torch.ones(1, dtype=torch.float64, device=seg.device) if g.n_models == 1 else multislerp_coefficients(_gram(g, start, n)[0], w)
         torch.addmv(g.base[start : start + n], g.deltas[:, start : start + n].t(), gamma.to(seg.dtype), out=seg)
     return result
 

@@ -30,15 +30,22 @@ HERE = Path(__file__).resolve().parent
 BASELINES = ["task_arithmetic", "ties"]
 NEW = ["task_arithmetic_trim", "breadcrumbs_ties", "della_linear", "sce", "karcher", "multislerp", "nuslerp", "tsv_m", "iso_c", "iso_cts"]
 OBJECTIVES = ["math", "lang"]
+# same budget, a lambda range fitted to the method's scale (Iso's flat spectrum shrinks the
+# dominant directions, so its useful lambda lies above the default range [0.5, 1.5])
+VARIANTS = {
+    "iso_c (lambda 1-5)": ("iso_c", ["++genome.ranges.lambda=[1.0,5.0]"]),
+    "iso_cts (lambda 1-5)": ("iso_cts", ["++genome.ranges.lambda=[1.0,5.0]"]),
+}
 
 
-def run(method: str, run_dir: Path, budget: int, seed: int) -> None:
+def run(name: str, run_dir: Path, budget: int, seed: int) -> None:
     if (run_dir / "summary.json").is_file():
         return
+    method, extra = VARIANTS.get(name, (name, []))
     cmd = [
         sys.executable, "-m", "evomerge", "algorithm=random", "genome=modelwise_ta", f"genome.methods=[{method}]",
         "genome.search_lambda=true", f"search.max_evals={budget}", "search.seed_with_references=false",
-        "fitness.test_rescore=false", "report.plots=false", "device=cpu", f"seed={seed}", f"hydra.run.dir={run_dir}",
+        "fitness.test_rescore=false", "report.plots=false", "device=cpu", f"seed={seed}", f"hydra.run.dir={run_dir}", *extra,
     ]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -76,12 +83,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=BASELINES + NEW)
+    parser.add_argument("--methods", nargs="+", default=BASELINES + NEW + list(VARIANTS))
     parser.add_argument("--runs", type=Path, default=HERE / "runs")
     args = parser.parse_args()
     run_dirs, best, rows = {}, {}, {}
     for method in args.methods:
-        run_dir = args.runs / f"{method}-s{args.seed}"
+        run_dir = args.runs / f"{method.replace(' ', '_').replace('(', '').replace(')', '')}-s{args.seed}"
         run(method, run_dir, args.budget, args.seed)
         run_dirs[method] = run_dir
         rec, records = best_point(run_dir, args.budget)
