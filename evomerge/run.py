@@ -94,7 +94,7 @@ def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome
     g = OmegaConf.to_container(cfg.genome, resolve=True) if genome is None else genome
     if not isinstance(g, dict):
         raise ConfigError("genome config must be a mapping")
-    allowed = {"methods", "layer_groups", "split_attn_mlp", "separate_embed_head", "search_lambda", "ranges"}
+    allowed = {"methods", "layer_groups", "split_attn_mlp", "separate_embed_head", "search_lambda", "lines", "ranges"}
     unknown = set(g) - allowed
     if unknown:
         raise ConfigError(f"unknown genome option {sorted(unknown)[0]!r}; known: {', '.join(sorted(allowed))}")
@@ -108,6 +108,7 @@ def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome
             split_attn_mlp=bool(g.get("split_attn_mlp", False)),
             separate_embed_head=bool(g.get("separate_embed_head", True)),
             search_lambda=bool(g.get("search_lambda", False)),
+            lines=bool(g.get("lines", False)),
             ranges=dict(g.get("ranges") or {}),
             seed=_get(cfg, "seed", int),
         )

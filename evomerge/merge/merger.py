@@ -152,6 +152,7 @@ class Merger:
             else:
                 deltas = torch.empty((k, base.numel()), dtype=base.dtype, device=self.device)
             group = DeltaGroup(base=base, deltas=deltas, segments=sizes, seed_offset=idx, table_size=table_size)
+            group.shapes = tuple(tuple(params[n].shape) for n in names)  # per-matrix methods (svd.py)
             self._units.append(_UnitBuffers(unit, group, out, host))
         for i, expert_params in pool.iter_experts(self.model, tokenizer):
             for name, tensor in expert_params.items():

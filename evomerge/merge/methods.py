@@ -563,3 +563,6 @@ def apply_method(
     if out is not None and result is not out:
         out.copy_(result)
     return result
+
+# more methods (mergekit's extra set, SVD family) register themselves on import
+from evomerge.merge import methods_extra, svd  # noqa: E402,F401

@@ -8,7 +8,12 @@ Each group owns the same block of genes:
   ``methods[floor(u * M)]`` so every real-valued pymoo algorithm can search it;
 - one weight and one density gene per expert;
 - one gene per searchable shared parameter of the candidate methods (``t``, ``gamma``,
-  ``epsilon``; ``lambda`` when ``search_lambda``).
+  ``epsilon``, ``select_topk``, ``rank``, ``common``; ``lambda`` when ``search_lambda``);
+- with ``lines``, two LiNeS genes ``lines_alpha`` and ``lines_beta``: the task-vector scale
+  ``lambda`` of a layer at depth ``l / (L - 1)`` is multiplied by ``alpha + beta * depth``
+  (Wang et al., ICLR 2025), so shallow layers can stay close to the base. Layer groups
+  then decode into one recipe group per layer (embeddings at depth 0, head at depth 1);
+  methods without a ``lambda`` parameter ignore the two genes.
 
 A gene that the decoded method does not use is ignored. ``n_var`` grows with the
 number of groups, so a model-wise genome (the Sakana/Mergenetic setting) is
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -33,7 +38,13 @@ from evomerge.merge.recipe import Group, Recipe
 HAND_MADE_TA_WEIGHTS = (0.3, 0.5, 0.7, 1.0)
 TIES_DEFAULT = {"density": 0.5, "lambda": 1.0}
 
-DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "lambda": (0.5, 1.5), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.0, 0.2)}
+DEFAULT_RANGES = {
+    "weight": (0.0, 1.0), "density": (0.1, 1.0), "lambda": (0.5, 1.5), "t": (0.0, 1.0), "gamma": (0.0, 0.1), "epsilon": (0.0, 0.2),
+    "select_topk": (0.1, 1.0), "rank": (0.1, 1.0), "common": (0.5, 1.0), "lines_alpha": (0.0, 1.0), "lines_beta": (0.0, 1.0),
+}
+# shared (one value per group) method parameters that get a gene, in gene order
+SHARED_PARAMS = ("t", "gamma", "epsilon", "select_topk", "rank", "common")
+LINES_GENES = ("lines_alpha", "lines_beta")
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class GenomeSpace:
     split_attn_mlp: bool = False
     separate_embed_head: bool = True
     search_lambda: bool = False
+    lines: bool = False
     ranges: dict[str, Sequence[float]] = field(default_factory=dict)
     seed: int = 0
 
@@ -79,10 +91,12 @@ class GenomeSpace:
                 raise ConfigError(f"genome.ranges.{k} must be [low, high] with low <= high, got {[lo, hi]}")
         self.names = list(self.expert_names) or [f"expert{i}" for i in range(self.n_experts)]
         self.slots = self._slots()
-        self._shared = [p for p in ("t", "gamma", "epsilon") if any(_has_param(m, p) for m in self.methods)]
+        self._shared = [p for p in SHARED_PARAMS if any(_has_param(m, p) for m in self.methods)]
         if self.search_lambda:
             self._shared.append("lambda")
         self._uses_density = any(_has_param(m, "density") for m in self.methods)
+        if self.lines and not any(_has_param(m, "lambda", searchable_only=False) for m in self.methods):
+            raise ConfigError(f"genome.lines scales 'lambda', which none of {list(self.methods)} has")
 
     # ---- layout
     def _slots(self) -> list[GroupSlot]:
@@ -105,7 +119,7 @@ class GenomeSpace:
         genes += [f"weight.{n}" for n in self.names]
         if self._uses_density:
             genes += [f"density.{n}" for n in self.names]
-        return genes + list(self._shared)
+        return genes + list(self._shared) + (list(LINES_GENES) if self.lines else [])
 
     @property
     def gene_names(self) -> list[str]:
@@ -126,12 +140,15 @@ class GenomeSpace:
             raise ConfigError(f"genome has {self.n_var} genes, got a vector of shape {x.shape}")
         per = self.genes_per_slot()
         groups: list[Group] = []
+        lines: list[Callable[[float], dict[str, Any]] | None] = []
         for i, slot in enumerate(self.slots):
             genes = dict(zip(per, x[i * len(per) : (i + 1) * len(per)]))
             method = self.methods[min(int(genes["method"] * len(self.methods)), len(self.methods) - 1)] if "method" in genes else self.methods[0]
             spec = get_method(method)
             params: dict[str, Any] = {}
             for p in spec.params:
+                if not p.searchable and p.name != "seed":
+                    continue
                 if p.name == "weight":
                     params["weight"] = [round(self._scale("weight", genes[f"weight.{n}"]), 6) for n in self.names]
                 elif p.name == "density":
@@ -140,13 +157,43 @@ class GenomeSpace:
                     params[p.name] = round(self._scale(p.name, genes[p.name]), 6)
                 elif p.name == "seed":
                     params["seed"] = int(self.seed)
-            groups.append(Group(slot.name, slot.part, method, params, slot.layers, slot.component))  # type: ignore[arg-type]
+            line = self._lines_of(method, params, genes)
+            if line is None:
+                groups.append(Group(slot.name, slot.part, method, params, slot.layers, slot.component))  # type: ignore[arg-type]
+            elif slot.part != "layers":
+                groups.append(Group(slot.name, slot.part, method, line(0.0 if slot.part == "embed" else 1.0)))  # type: ignore[arg-type]
+            else:
+                assert slot.layers is not None
+                suffix = "" if slot.component == "all" else f".{slot.component}"
+                for layer in range(slot.layers[0], slot.layers[1] + 1):
+                    groups.append(
+                        Group(f"layers.{layer}{suffix}", "layers", method, line(self._depth(layer)), (layer, layer), slot.component)  # type: ignore[arg-type]
+                    )
+            lines.append(line)
         if not self.separate_embed_head:
-            # embeddings and head follow the first / last layer group
+            # embeddings and head follow the first / last layer group (at depth 0 / 1 with LiNeS)
             first, last = groups[0], groups[-1]
-            groups.insert(0, Group("embed", "embed", first.method, dict(first.params)))
-            groups.append(Group("head", "head", last.method, dict(last.params)))
+            groups.insert(0, Group("embed", "embed", first.method, lines[0](0.0) if lines[0] else dict(first.params)))
+            groups.append(Group("head", "head", last.method, lines[-1](1.0) if lines[-1] else dict(last.params)))
         return Recipe(groups=groups, experts=list(self.names))
+
+    # ---- LiNeS depth scaling
+    def _depth(self, layer: int) -> float:
+        return layer / (self.n_layers - 1) if self.n_layers > 1 else 0.0
+
+    def _lines_of(self, method: str, params: dict[str, Any], genes: dict[str, float]) -> Callable[[float], dict[str, Any]] | None:
+        """``depth -> params`` with ``lambda`` scaled by ``alpha + beta * depth`` (None: no LiNeS here)."""
+        spec = get_method(method)
+        if not self.lines or not any(p.name == "lambda" for p in spec.params):
+            return None
+        alpha, beta = self._scale("lines_alpha", genes["lines_alpha"]), self._scale("lines_beta", genes["lines_beta"])
+        lam = spec.spec("lambda")
+        base = float(params.get("lambda", lam.default))
+
+        def at(depth: float) -> dict[str, Any]:
+            return {**params, "lambda": round(min(max(base * (alpha + beta * depth), lam.low), lam.high), 6)}
+
+        return at
 
     def encode_uniform(self, method: str, params: dict[str, Any]) -> np.ndarray | None:
         """The genome whose every group decodes to ``method`` with ``params`` (per-expert
@@ -169,6 +216,8 @@ class GenomeSpace:
             if expert:  # weight.<expert> / density.<expert>
                 value = values.get(name, 1.0 if name == "density" else None)
                 value = value[self.names.index(expert)] if isinstance(value, list) else value
+            elif name in LINES_GENES:  # LiNeS off: scale 1 at every depth (alpha 1, beta 0)
+                value = 1.0 if name == "lines_alpha" else 0.0
             else:
                 value = values.get(name)
                 if value is None:  # a gene this method ignores: any in-range value will do
@@ -264,6 +313,6 @@ class GenomeSpace:
         )
 
 
-def _has_param(method: str, name: str) -> bool:
+def _has_param(method: str, name: str, searchable_only: bool = True) -> bool:
     spec = get_method(method)
-    return any(p.name == name and p.searchable for p in spec.params)
+    return any(p.name == name and (p.searchable or not searchable_only) for p in spec.params)

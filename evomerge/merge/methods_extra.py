@@ -1,0 +1,365 @@
+"""mergekit 0.1.5 methods that evomerge lacked, written against ``DeltaGroup``.
+
+Semantics follow mergekit (``merge_methods/*.py``, ``sparsify.py``) per tensor (=
+per segment of the group), with these documented differences, all in favour of a
+search that must not crash on a sampled point:
+
+- ``della_linear``: keep probabilities are clipped to [0, 1] (mergekit raises when
+  ``density +- epsilon`` leaves (0, 1)); random draws use the group's seeded generator.
+- ``multislerp``: where the weighted mean direction vanishes it falls back to the
+  weighted sum for any K (mergekit does so for K = 2 and raises otherwise).
+- ``karcher``, ``multislerp``, ``nuslerp``: all-zero weights mean equal weights.
+
+Row-wise statistics (DELLA's per-row magnitude ranks, nuslerp's non-flattened mode) need
+each segment's 2-D shape: ``group.shapes`` (set by the merger, see ``segments.attach_shapes``);
+without it every segment counts as one row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from evomerge.merge.groups import DeltaGroup
+from evomerge.merge.methods import MergeMethod, Params, ParamSpec, register, sign_consensus
+from evomerge.merge.segments import cache_of, segment_layout
+
+_EPS = 1e-8
+
+
+def _finish(g: DeltaGroup, merged_delta: Tensor, lam: float, out: Tensor | None) -> Tensor:
+    if out is None:
+        return torch.add(g.base, merged_delta, alpha=lam)
+    return torch.add(g.base, merged_delta, alpha=lam, out=out)
+
+
+def _mix_weights(w: Tensor) -> Tensor:
+    """Non-negative mixing weights normalised to sum 1 (equal when they sum to ~0)."""
+    w = w.float()
+    total = float(w.sum())
+    if abs(total) < 1e-6:
+        return torch.full_like(w, 1.0 / w.numel())
+    return w / total
+
+
+# ---------------------------------------------------------------- task arithmetic + trimming
+
+
+def task_arithmetic_trim(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """Task arithmetic on each task vector's top ``density`` entries by magnitude (no sign election)."""
+    kept = g.deltas * g.compare(g.deltas.abs(), g.thresholds(p["density"]))
+    return _finish(g, p["weight"].to(kept.dtype) @ kept, float(p["lambda"]), out)
+
+
+def breadcrumbs_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """Breadcrumbs mask (drop the top ``gamma``, keep the next ``density``), then TIES sign
+    election. As in mergekit the outlier cut shrinks to ``1 - density`` when both do not fit."""
+    density = p["density"]
+    gamma = torch.minimum(torch.full_like(density, float(p["gamma"])), 1 - density).clamp(min=0)
+    mags = g.deltas.abs()
+    keep = g.compare(mags, g.thresholds(gamma), torch.lt) & g.compare(mags, g.thresholds((gamma + density).clamp(max=1)))
+    w = p["weight"]
+    weighted = (g.deltas * keep).mul_(w.to(g.deltas.dtype)[:, None])
+    return _finish(g, sign_consensus(weighted, w, bool(p["normalize"])), float(p["lambda"]), out)
+
+
+# ---------------------------------------------------------------- DELLA (linear)
+
+
+def row_rank_fraction(g: DeltaGroup) -> Tensor:
+    """Magnitude rank of every element within its row (2-D segments) or tensor, in [0, 1]
+    (0 = smallest), as mergekit's ``della_magprune``. Genome-independent: cached (fp16)."""
+    cache = cache_of(g)
+    if "row_rank" not in cache:
+        ranks = torch.empty(g.deltas.shape, dtype=torch.float16, device=g.deltas.device)
+        for start, n, shape in segment_layout(g):
+            cols = shape[1] if shape is not None else n
+            for i in range(g.n_models):
+                rows = g.deltas[i, start : start + n].reshape(-1, cols).abs().float()
+                r = rows.argsort(dim=1).argsort(dim=1).float()
+                ranks[i, start : start + n] = (r / max(cols - 1, 1)).reshape(-1).to(torch.float16)
+        cache["row_rank"] = ranks
+    return cache["row_rank"]
+
+
+def della_linear(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """DELLA without sign election: keep probability ``density - eps + 2 eps * rank`` (rank
+    within the row), survivors rescaled so each tensor keeps its L1 norm, weighted sum."""
+    eps = float(p["epsilon"])
+    density, w = p["density"].float(), p["weight"].float()
+    ranks = row_rank_fraction(g)
+    gen = g.generator(int(p["seed"]))
+    merged = torch.empty_like(g.base)
+    for start, n, _ in segment_layout(g):
+        d = g.deltas[:, start : start + n]
+        prob = (density[:, None] - eps + 2 * eps * ranks[:, start : start + n].float()).clamp_(0, 1)
+        prob = torch.where(density[:, None] >= 1, torch.ones_like(prob), prob)  # mergekit: density 1 keeps all
+        noise = torch.rand(d.shape, generator=gen, device=d.device, dtype=torch.float32)
+        kept = d * (noise < prob).to(d.dtype)
+        if int(p["rescale"]):
+            before, after = d.abs().sum(1, dtype=torch.float32), kept.abs().sum(1, dtype=torch.float32)
+            ok = (before >= 1e-7) & (after >= 1e-7) & (density < 1)
+            scale = torch.where(ok, before / after.clamp(min=1e-7), torch.ones_like(before))
+            kept = kept * scale.to(kept.dtype)[:, None]
+        merged[start : start + n] = w.to(kept.dtype) @ kept
+    if int(p["normalize"]):
+        total = float(w.sum())
+        if abs(total) >= _EPS:
+            merged /= total
+    return _finish(g, merged, float(p["lambda"]), out)
+
+
+# ---------------------------------------------------------------- SCE
+
+
+def _variance_table(g: DeltaGroup, start: int, n: int) -> tuple[Tensor, Tensor, int]:
+    """Per-element variance across experts, its descending sort and non-zero count (cached)."""
+    cache = cache_of(g)
+    key = ("sce_var", start)
+    if key not in cache:
+        var = g.deltas[:, start : start + n].float().var(0, unbiased=False)
+        cache[key] = (var, var.sort(descending=True).values, int(torch.count_nonzero(var)))
+    return cache[key]
+
+
+def sce(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """SCE: keep the ``select_topk`` fraction of elements with the highest variance across
+    experts, weight each task vector by its mean square, TIES sign election, weighted mean.
+    (Elements tied with the k-th variance are all kept; mergekit's topk keeps exactly k.)"""
+    topk = float(p["select_topk"])
+    merged = torch.empty_like(g.base)
+    for start, n, _ in segment_layout(g):
+        tv = g.deltas[:, start : start + n]
+        if topk < 1:
+            var, ordered, nonzero = _variance_table(g, start, n)
+            k = int(nonzero * topk)
+            keep = var >= ordered[k - 1] if k > 0 else torch.zeros_like(var, dtype=torch.bool)
+            tv = tv * keep.to(tv.dtype)
+        weights = torch.linalg.vector_norm(tv, dim=1, dtype=torch.float32).square() / n  # mean squares
+        total = float(weights.sum())
+        weights = torch.full_like(weights, 1.0 / g.n_models) if abs(total) < 1e-6 else weights / total
+        majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0).to(tv.dtype)  # of the unweighted task vectors
+        aligned = (tv * majority).clamp_(min=0)  # > 0 where an entry agrees; zeros never agree
+        w = weights.to(tv.dtype)
+        merged[start : start + n] = (w @ aligned).mul_(majority) / (w @ (aligned > 0).to(tv.dtype)).clamp(min=1e-6)
+    return _finish(g, merged, 1.0, out)
+
+
+# ---------------------------------------------------------------- spherical methods
+#
+# Every spherical mean below is a linear combination of the inputs, so it is computed in
+# the K-dimensional span: the inner products of the task vectors (and the base) are
+# genome-independent and cached per tensor; a candidate costs one weighted sum, like
+# task arithmetic, instead of K-vector arithmetic in every iteration.
+
+
+def _gram(g: DeltaGroup, start: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(deltas deltas^T [K, K], deltas base [K], base base)`` of one segment, float64."""
+    cache = cache_of(g)
+    key = ("gram", start)
+    if key not in cache:
+        d = g.deltas[:, start : start + n].double()
+        b = g.base[start : start + n].double()
+        cache[key] = (d @ d.t(), d @ b, b @ b)
+    return cache[key]
+
+
+def _norm(c: Tensor, gram: Tensor) -> Tensor:
+    return (c @ gram @ c).clamp(min=0).sqrt()
+
+
+def karcher_coefficients(gram: Tensor, alphas: Tensor, max_iter: int, tol: float) -> Tensor:
+    """Coefficients ``gamma`` with ``sum_k gamma_k x_k`` = the weighted Karcher mean of the
+    points ``x_k`` (Gram matrix ``gram``) on the sphere, scaled by their weighted mean norm
+    (mergekit's ``karcher_merge_tensors``, iterated in the span of the points)."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    gamma = torch.zeros_like(norms)
+    valid = norms > tol
+    if not bool(valid.any()):
+        return gamma
+    nv = norms[valid]
+    gu = gram[valid][:, valid] / (nv[:, None] * nv[None, :])  # Gram matrix of the unit vectors
+    a = alphas[valid] / alphas[valid].sum().clamp(min=1e-12)
+    c = a.clone()
+    m = _norm(c, gu)
+    c = torch.nn.functional.one_hot(torch.tensor(0), len(a)).to(c) if float(m) < tol else c / m
+    for _ in range(max_iter):
+        dots = (gu @ c).clamp(-1, 1)  # cosines between each unit point and the mean
+        theta = torch.arccos(dots)
+        factor = torch.where(theta >= tol, theta / torch.sin(theta).clamp(min=1e-300), torch.zeros_like(theta))
+        tangent = a * factor - (a * factor * dots).sum() * c
+        t_norm = _norm(tangent, gu)
+        if float(t_norm) < tol:
+            break
+        c = torch.cos(t_norm) * c + torch.sin(t_norm) * tangent / t_norm
+        m = _norm(c, gu)
+        if float(m) > tol:
+            c = c / m
+    gamma[valid] = (alphas @ norms) * c / nv
+    return gamma
+
+
+def karcher(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """Karcher mean of the experts' full weights ``base + delta_k`` per tensor (base not included)."""
+    alphas = _mix_weights(p["weight"]).double()
+    result = out if out is not None else torch.empty_like(g.base)
+    for start, n, _ in segment_layout(g):
+        dd, db, bb = _gram(g, start, n)
+        points = dd + db[:, None] + db[None, :] + bb  # (b + d_i) . (b + d_j)
+        gamma = karcher_coefficients(points, alphas, int(p["max_iter"]), float(p["tol"]))
+        seg = result[start : start + n]
+        torch.mul(g.base[start : start + n], float(gamma.sum()), out=seg)
+        seg.addmv_(g.deltas[:, start : start + n].t(), gamma.to(seg.dtype))
+    return result
+
+
+def multislerp_coefficients(gram: Tensor, weights: Tensor, eps: float = 1e-8) -> Tensor:
+    """Coefficients over the inputs of mergekit's ``multislerp``: project the unit vectors to
+    the tangent space at their weighted mean direction, average, map back with the
+    exponential map, scale by the weighted mean norm."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    inv = 1 / (norms + eps)
+    gu = gram * inv[:, None] * inv[None, :]
+    m = _norm(weights, gu)
+    if float(m) < eps:
+        return weights.clone()  # antipodal or all-zero inputs: weighted sum
+    c = weights / m
+    tangent = weights - (weights * (gu @ c)).sum() * c
+    t_norm = _norm(tangent, gu) + eps
+    unit = c * torch.cos(t_norm) + tangent * (torch.sin(t_norm) / t_norm)
+    return unit * (weights @ norms) * inv
+
+
+def multislerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """SLERP generalised to K task vectors, per tensor, around the base."""
+    w = (_mix_weights(p["weight"]) if int(p["normalize_weights"]) else p["weight"].float()).double()
+    result = out if out is not None else torch.empty_like(g.base)
+    for start, n, _ in segment_layout(g):
+        seg = result[start : start + n]
+        gamma = torch.ones(1, dtype=torch.float64, device=seg.device) if g.n_models == 1 else multislerp_coefficients(_gram(g, start, n)[0], w)
+        torch.addmv(g.base[start : start + n], g.deltas[:, start : start + n].t(), gamma.to(seg.dtype), out=seg)
+    return result
+
+
+def nuslerp_coefficients(t: float, aa: Tensor, ab: Tensor, bb: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """mergekit's ``nuslerp`` of vectors ``v0``, ``v1`` given their inner products (any batch
+    shape): ``(s0, s1)`` with result ``s0 v0 + s1 v1``; linear where they are colinear."""
+    cos = (ab / (aa.sqrt().clamp(min=1e-7) * bb.sqrt().clamp(min=1e-7))).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
+    s0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin)
+    s1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin)
+    return s0, s1
+
+
+def _row_products(g: DeltaGroup, start: int, n: int, shape: tuple[int, int], columns: bool) -> tuple[Tensor, Tensor, Tensor]:
+    cache = cache_of(g)
+    key = ("rows", start, columns)
+    if key not in cache:
+        a, b = (g.deltas[i, start : start + n].view(shape).double() for i in (0, 1))
+        dim = 0 if columns else 1
+        cache[key] = ((a * a).sum(dim), (a * b).sum(dim), (b * b).sum(dim))
+    return cache[key]
+
+
+def nuslerp(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """SLERP of the two task vectors around the base with ``t = w1 / (w0 + w1)``; whole
+    tensors (``flatten``) or row by row (``row_wise`` = column vectors, mergekit's naming)."""
+    w = p["weight"].float()
+    total = float(w.sum())
+    t = 0.5 if abs(total) < 1e-6 else float(w[1]) / total
+    result = out if out is not None else torch.empty_like(g.base)
+    for start, n, shape in segment_layout(g):
+        seg = result[start : start + n]
+        a, b = g.deltas[0, start : start + n], g.deltas[1, start : start + n]
+        if int(p["flatten"]) or shape is None:
+            dd = _gram(g, start, n)[0]
+            s0, s1 = nuslerp_coefficients(t, dd[0, 0], dd[0, 1], dd[1, 1])
+            torch.add(g.base[start : start + n], a, alpha=float(s0), out=seg)
+            seg.add_(b, alpha=float(s1))
+            continue
+        columns = bool(int(p["row_wise"]))
+        s0, s1 = nuslerp_coefficients(t, *_row_products(g, start, n, shape, columns))
+        s0, s1 = (s.to(seg.dtype)[None, :] if columns else s.to(seg.dtype)[:, None] for s in (s0, s1))
+        torch.add(g.base[start : start + n].view(shape), a.view(shape) * s0 + b.view(shape) * s1, out=seg.view(shape))
+    return result
+
+
+# ---------------------------------------------------------------- registry
+
+_WEIGHT = ParamSpec("weight", -1.0, 2.0, 1.0, per_model=True, help="scale of each task vector")
+_MIX = ParamSpec("weight", 0.0, 2.0, 1.0, per_model=True, help="relative weight of each expert (normalised to sum 1)")
+_DENSITY = ParamSpec("density", 0.0, 1.0, 1.0, per_model=True, help="fraction of each task vector kept")
+_LAMBDA = ParamSpec("lambda", 0.0, 3.0, 1.0, help="global scale of the merged task vector")
+_SEED = ParamSpec("seed", 0, 2**31 - 1, 0, integer=True, searchable=False, help="seed of random drops")
+
+
+def _flag(name: str, default: int, help: str) -> ParamSpec:
+    return ParamSpec(name, 0, 1, default, integer=True, searchable=False, help=help)
+
+
+register(
+    MergeMethod(
+        "task_arithmetic_trim", task_arithmetic_trim, (_WEIGHT, _DENSITY, _LAMBDA),
+        "task arithmetic on the top-density entries of each task vector (magnitude trim, no sign election)",
+    )
+)
+register(
+    MergeMethod(
+        "breadcrumbs_ties",
+        breadcrumbs_ties,
+        (_WEIGHT, _DENSITY, ParamSpec("gamma", 0.0, 0.5, 0.01, help="fraction of largest entries dropped"), _LAMBDA,
+         _flag("normalize", 0, "divide by the summed agreeing weights")),
+        "breadcrumbs mask, then TIES sign election",
+    )
+)
+register(
+    MergeMethod(
+        "della_linear",
+        della_linear,
+        (_WEIGHT, _DENSITY, ParamSpec("epsilon", 0.0, 0.5, 0.15, help="spread of keep probabilities"), _LAMBDA,
+         _flag("normalize", 0, "divide by the summed weights"), _flag("rescale", 1, "keep each tensor's L1 norm"), _SEED),
+        "row-ranked random drop (DELLA), L1 rescale, weighted sum",
+        elementwise=False,
+    )
+)
+register(
+    MergeMethod(
+        "sce",
+        sce,
+        (ParamSpec("select_topk", 0.0, 1.0, 1.0, help="fraction of highest-variance elements kept"),),
+        "select by variance, calculate weights by mean square, erase minority signs",
+        elementwise=False,
+    )
+)
+register(
+    MergeMethod(
+        "karcher",
+        karcher,
+        (_MIX, ParamSpec("max_iter", 1, 1000, 10, integer=True, searchable=False, help="iterations"),
+         ParamSpec("tol", 0.0, 1.0, 1e-5, searchable=False, help="convergence tolerance")),
+        "Riemannian (Karcher) mean of the experts' weights on the sphere",
+        elementwise=False,
+    )
+)
+register(
+    MergeMethod(
+        "multislerp",
+        multislerp,
+        (_MIX, _flag("normalize_weights", 1, "divide the weights by their sum")),
+        "barycentric spherical interpolation of K task vectors",
+        elementwise=False,
+    )
+)
+register(
+    MergeMethod(
+        "nuslerp",
+        nuslerp,
+        (_MIX, _flag("flatten", 1, "slerp whole tensors (else row by row)"), _flag("row_wise", 0, "with flatten 0: slerp columns")),
+        "spherical interpolation of two task vectors, t = w1 / (w0 + w1)",
+        min_models=2,
+        max_models=2,
+        elementwise=False,
+    )
+)
