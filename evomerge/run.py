@@ -22,7 +22,7 @@ from evomerge.estimators.base import Estimator, FitnessContext
 from evomerge.estimators.build import build_estimator
 from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness, quiet_libraries
 from evomerge.merge.merger import Merger
-from evomerge.merge.recipe import Recipe
+from evomerge.merge.recipe import Recipe, reference_recipes  # noqa: F401 (re-exported)
 from evomerge.pool import ModelPool
 from evomerge.report import refresh_report
 from evomerge.search.archive import Archive
@@ -183,13 +183,6 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     return Session(cfg, pool, experts, base, merger, fitness, [t.name for t in objectives])
 
 
-def reference_recipes(n_experts: int, names: list[str], n_layers: int) -> dict[str, Recipe]:
-    refs = {"base": Recipe.uniform("task_arithmetic", {"weight": [0.0] * n_experts}, n_layers)}
-    for i, name in enumerate(names):
-        w = [0.0] * n_experts
-        w[i] = 1.0
-        refs[f"expert:{name}"] = Recipe.uniform("task_arithmetic", {"weight": w}, n_layers)
-    return refs
 
 
 def run_search(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -71,6 +71,8 @@ def test_prepare_and_search_cpu_sized(tiny_models, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["n_evaluated"] == 6
+    # 6 proposals; those decoding to an archived recipe (e.g. differing only in genes the
+    # chosen method ignores) are served from the archive, not evaluated again
+    assert 1 <= summary["n_evaluated"] <= 6
     assert set(summary["references"]) == {"base", "expert:math", "expert:roman"}
     assert (run / "front.png").is_file()

@@ -35,6 +35,7 @@ from scipy.special import expit
 from evomerge.errors import ConfigError
 from evomerge.estimators.base import FitnessContext, Scores
 from evomerge.estimators.lm_eval_fitness import LmEvalFitness
+from evomerge.merge.recipe import reference_recipes  # noqa: F401 (re-exported for callers)
 
 log = logging.getLogger(__name__)
 IRT_FILE = "irt.json"
@@ -235,15 +236,6 @@ def probe_recipes(n_experts: int, n_layers: int, n_probes: int, seed: int) -> di
     return out
 
 
-def reference_recipes(n_experts: int, names: Sequence[str], n_layers: int) -> dict[str, Any]:
-    from evomerge.merge.recipe import Recipe
-
-    refs = {"base": Recipe.uniform("task_arithmetic", {"weight": [0.0] * n_experts}, n_layers)}
-    for i, name in enumerate(names):
-        w = [0.0] * n_experts
-        w[i] = 1.0
-        refs[f"expert:{name}"] = Recipe.uniform("task_arithmetic", {"weight": w}, n_layers)
-    return refs
 
 
 class IrtEstimator:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import yaml
 
@@ -310,3 +310,13 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, float) and math.isfinite(obj):
         return float(obj)
     return obj
+
+
+def reference_recipes(n_experts: int, names: Sequence[str], n_layers: int) -> dict[str, Recipe]:
+    """The reference models as recipes: ``base`` (no task vector) and ``expert:<name>``."""
+    refs = {"base": Recipe.uniform("task_arithmetic", {"weight": [0.0] * n_experts}, n_layers)}
+    for i, name in enumerate(names):
+        w = [0.0] * n_experts
+        w[i] = 1.0
+        refs[f"expert:{name}"] = Recipe.uniform("task_arithmetic", {"weight": w}, n_layers)
+    return refs

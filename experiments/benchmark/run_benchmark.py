@@ -166,21 +166,24 @@ def _plot(results: dict, path: Path) -> None:
     settings = list(results)
     if not settings:
         return
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(8.5 * len(settings), 4.2), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         by_search = results[setting]
         budgets = sorted({int(b) for s in by_search.values() for b in s})
-        width = 0.8 / max(len(by_search), 1)
+        offsets = np.linspace(-0.25, 0.25, max(len(by_search), 1))
         for i, (search, by_budget) in enumerate(by_search.items()):
-            for key, hatch, alpha in (("val_hv", "//", 0.35), ("test_hv", "", 0.9)):
-                means = [np.mean([r[key] for r in by_budget.get(str(b), [])] or [np.nan]) for b in budgets]
-                stds = [np.std([r[key] for r in by_budget.get(str(b), [])] or [np.nan]) for b in budgets]
-                xs = np.arange(len(budgets)) + i * width
-                ax.bar(xs, means, width * 0.9, yerr=stds, alpha=alpha, hatch=hatch, color=f"C{i}", label=f"{search} ({key[:-3]})", capsize=3)
-        ax.set_xticks(np.arange(len(budgets)) + width * (len(by_search) - 1) / 2, [f"budget {b}" for b in budgets])
-        ax.set_ylabel("hypervolume (mean ± std over seeds)")
-        ax.set_title(setting)
-        ax.legend(fontsize=7, ncol=2)
+            for key, marker, fill in (("test_hv", "o", None), ("val_hv", "o", "none")):
+                rows = [[r[key] for r in by_budget.get(str(b), [])] for b in budgets]
+                xs = [j + offsets[i] + (0.04 if key == "val_hv" else 0) for j, r in enumerate(rows) if r]
+                means = [np.mean(r) for r in rows if r]
+                stds = [np.std(r) for r in rows if r]
+                ax.errorbar(xs, means, yerr=stds, fmt=marker, mfc=fill, color=f"C{i}", capsize=3,
+                            label=f"{search} ({'test' if key == 'test_hv' else 'validation'})")
+        ax.set_xticks(range(len(budgets)), [f"budget {b}" for b in budgets])
+        ax.set_xlim(-0.5, len(budgets) - 0.5)
+        ax.set_ylabel("hypervolume, mean ± std over seeds")
+        ax.set_title(f"{setting}: filled = held-out test, hollow = validation")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
