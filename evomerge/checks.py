@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import ConfigError, PoolError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
 
 

@@ -87,7 +87,17 @@ def build_pool(cfg: DictConfig) -> tuple[ModelPool, dict[str, str], str]:
         experts = {str(k): str(v) for k, v in experts.items()}
     else:
         raise ConfigError(f"modelpool.kind must be toy_zoo or paths, got {kind!r}")
-    return ModelPool(base, experts, dtype=OmegaConf.select(cfg, "dtype") or "float32"), experts, str(base)
+    return ModelPool(base, experts, dtype=resolve_dtype(OmegaConf.select(cfg, "dtype"), OmegaConf.select(cfg, "device"))), experts, str(base)
+
+
+def resolve_dtype(dtype: str | None, device: str | None) -> str:
+    """``auto``: bfloat16 on a GPU (half the memory, the dtype models ship in), float32 on CPU
+    (bfloat16 arithmetic is slow there and the fused CPU kernels are float32/float64)."""
+    if dtype not in (None, "", "auto"):
+        return str(dtype)
+    from evomerge.merge.merger import resolve_device
+
+    return "bfloat16" if resolve_device(device or "auto").type == "cuda" else "float32"
 
 
 def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome: dict | None = None) -> GenomeSpace:
@@ -157,7 +167,7 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
     rundir.verify_inputs(run_dir, models, task_files, force=bool(OmegaConf.select(cfg, "force")))
     device = OmegaConf.select(cfg, "device") or "auto"
-    merger = Merger(pool, device=device)
+    merger = Merger(pool, device=device, offload=bool(OmegaConf.select(cfg, "offload")))
     check_weights_finite(merger)
     objectives = _tasks(OmegaConf.select(cfg, "fitness.objectives"), "fitness.objectives")
     extra = _tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
@@ -341,7 +351,7 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
     rundir.check_export_target(target, [base, *experts.values()], force)
     models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
     rundir.check_fingerprints(run, rundir.fingerprints(models), force, "export")
-    merger = Merger(pool, device=OmegaConf.select(cfg, "device") or "auto")
+    merger = Merger(pool, device=OmegaConf.select(cfg, "device") or "auto", offload=bool(OmegaConf.select(cfg, "offload")))
     recipe = Recipe.from_dict(record.recipe)
     merger.apply(recipe)
     recipe.base, recipe.experts = base, list(experts)

@@ -412,7 +412,7 @@ def cfg_with(**kw):
     [
         ({"algorithm__pop_size": 0}, "algorithm.pop_size must be at least 2 (a population of 0 cannot evolve), got 0"),
         ({"algorithm__pop_size": 1}, "algorithm.pop_size must be at least 2"),
-        ({"dtype": "float8_e4m3fn"}, "dtype must be one of float32, bfloat16, float16, got 'float8_e4m3fn'"),
+        ({"dtype": "float8_e4m3fn"}, "dtype must be one of auto, float32, bfloat16, float16, got 'float8_e4m3fn'"),
         ({"genome__ranges": {"density": [0.1, 1.5]}}, "genome.ranges.density=[0.1, 1.5] is outside what merge method 'ties' accepts ([0.0, 1.0])"),
     ],
 )
@@ -536,7 +536,7 @@ def test_cli_resume_refuses_while_locked_and_refuses_unsafe_overrides(tmp_path):
     [
         (["algorithm.pop_size=0"], "algorithm.pop_size must be at least 2"),
         (["algorithm.pop_size=1"], "algorithm.pop_size must be at least 2"),
-        (["dtype=float8_e4m3fn"], "dtype must be one of float32, bfloat16, float16"),
+        (["dtype=float8_e4m3fn"], "dtype must be one of auto, float32, bfloat16, float16"),
         (["genome.ranges.density=[0.1,1.5]"], "genome.ranges.density=[0.1, 1.5] is outside what merge method"),
         (['fitness.extra=[{name: t, task: toy_target, metric: "acc,none"}]'], "fitness.extra: task 'toy_target' has no metric 'acc,none'"),
     ],

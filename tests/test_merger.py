@@ -172,3 +172,16 @@ def test_memory_estimate_matches_the_buffers_and_fails_early(merger, tiny_models
     need = f"{16 * n / 2**30:.1f}"
     with pytest.raises(MergeError, match=rf"^merging needs {need} GiB on cpu \(base, output and 2 task vectors; .* in float32\) but cpu has 0.0 GiB free"):
         Merger(pool, device="cpu")
+
+
+def test_dtype_auto_is_bfloat16_on_gpu_and_float32_on_cpu(monkeypatch):
+    import torch
+
+    import evomerge.merge.merger as merger_module
+    from evomerge.run import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype(None, "cpu") == "float32"
+    assert resolve_dtype("float16", "cpu") == "float16"  # an explicit choice is kept
+    monkeypatch.setattr(merger_module, "resolve_device", lambda device: torch.device("cuda"))
+    assert resolve_dtype("auto", "cuda") == "bfloat16"
