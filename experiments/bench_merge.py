@@ -70,8 +70,8 @@ def timed_pair(fn, bound, device: torch.device, repeats: int) -> tuple[float, fl
     return statistics.median(a), statistics.median(b)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_arguments(p: argparse.ArgumentParser, repeats: int) -> None:
+    """Model shape (SmolLM2-135M by default), experts, device, dtype, repeats: shared by the merge benchmarks."""
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--layers", type=int, default=30)
@@ -81,7 +81,12 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=repeats)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(p, repeats=5)
     p.add_argument("--chunk", default="auto", help="merger chunk size in elements, 'auto' or 0 (whole units)")
     p.add_argument(
         "--methods", nargs="+",

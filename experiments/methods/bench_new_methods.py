@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_merge import build_pool, timed  # noqa: E402
+from bench_merge import add_shape_arguments, build_pool, timed  # noqa: E402
 
 from evomerge.merge.merger import Merger, resolve_device  # noqa: E402
 from evomerge.merge.recipe import Recipe  # noqa: E402
@@ -64,16 +64,7 @@ def params_for(method: str, k: int, step: int) -> tuple[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--experts", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=3)
+    add_shape_arguments(p, repeats=3)
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
