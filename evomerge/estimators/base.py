@@ -50,3 +50,18 @@ class FitnessContext:
     run_dir: Path | None = None
     merger: Any = None
     seed: int = 0
+
+    def full_split_fitness(self) -> Any:
+        """An ``LmEvalFitness`` over every doc of the split (estimators pick their items from it)."""
+        from evomerge.estimators.lm_eval_fitness import LmEvalFitness
+
+        return LmEvalFitness(
+            self.model,
+            self.tokenizer,
+            self.tasks,
+            split=self.split,
+            subset_size=None,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            include_paths=self.include_paths,
+        )

@@ -252,16 +252,7 @@ class IrtEstimator:
         if n_anchors < 1:
             raise ConfigError(f"fitness.estimator.n_anchors must be positive, got {n_anchors}")
         self.blend = None if blend in (None, "auto") else float(blend)  # type: ignore[arg-type]
-        self.fitness = fitness or LmEvalFitness(
-            ctx.model,
-            ctx.tokenizer,
-            ctx.tasks,
-            split=ctx.split,
-            subset_size=None,
-            batch_size=ctx.batch_size,
-            max_length=ctx.max_length,
-            include_paths=ctx.include_paths,
-        )
+        self.fitness = fitness or ctx.full_split_fitness()
         path = ctx.run_dir / IRT_FILE if ctx.run_dir is not None else None
         self.calibration_s = 0.0
         if path is not None and path.exists():
