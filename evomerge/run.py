@@ -171,6 +171,8 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     check_weights_finite(merger)
     objectives = _tasks(OmegaConf.select(cfg, "fitness.objectives"), "fitness.objectives")
     extra = _tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
+    if OmegaConf.select(cfg, "fitness.extra_in_search") is False:
+        extra = []  # recorded only by the test re-score (rescore_on_test reads fitness.extra itself)
     if not objectives:
         raise ConfigError("fitness.objectives must list at least one task")
     subset_size = OmegaConf.select(cfg, "fitness.subset_size")

@@ -50,3 +50,34 @@ def test_benchmark_protocol_cpu_sized(test_zoo, tmp_path, monkeypatch):
     # a second call skips finished runs (nothing re-run) and reports the same numbers
     bench.main(args + ["--report-only"])
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+
+
+def test_larger_budget_extends_the_smaller_run_exactly(test_zoo, tmp_path, monkeypatch):
+    """The anytime searches' budget-8 run continues the budget-4 run; its archive equals a
+    fresh budget-8 run's (same genomes, same scores, same order)."""
+    monkeypatch.chdir(tmp_path)
+    bench = load_script()
+    overrides = [
+        "modelpool=paths",
+        f"modelpool.base={test_zoo.base}",
+        *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items()),
+        "device=cpu",
+        "fitness.subset_size=8",
+        "algorithm.pop_size=4",
+        "fitness.extra_in_search=false",
+    ]
+    common = ["--settings", "toy", "--seeds", "0", "--searches", "random", "--budgets", "4", "8"]
+    common += [a for o in overrides for a in ("--override", o)]
+
+    def archive(root: Path) -> list[tuple]:
+        path = root / "toy" / "random" / "8" / "seed-0" / "archive.jsonl"
+        return [(r["genome"], r["scores"]) for r in map(json.loads, path.read_text().splitlines())]
+
+    bench.main(common + ["--root", str(tmp_path / "ext"), "--out", str(tmp_path / "o1")])
+    bench.main(common + ["--root", str(tmp_path / "fresh"), "--out", str(tmp_path / "o2"), "--no-extend"])
+    extended, fresh = archive(tmp_path / "ext"), archive(tmp_path / "fresh")
+    assert len(fresh) == 3 + 8 and extended == fresh
+    # extra_in_search=false: the search never scored the target task, the test re-score did
+    summary = json.loads((tmp_path / "ext" / "toy" / "random" / "8" / "seed-0" / "summary.json").read_text())
+    assert all(set(s) == {"math", "lang"} for _genome, s in extended)
+    assert all("target" in t["scores"] for t in summary["test"].values())
