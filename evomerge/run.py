@@ -25,6 +25,7 @@ from evomerge.merge.merger import Merger
 from evomerge.merge.recipe import Recipe, reference_recipes  # noqa: F401 (re-exported)
 from evomerge.pool import ModelPool
 from evomerge.report import refresh_report
+from evomerge.score_cache import ScoreCache
 from evomerge.search.archive import Archive
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.loop import SearchLoop
@@ -278,7 +279,7 @@ def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoo
         targets = dict(chosen)
         if rescore == "front":
             targets.update({f"front:{p['id']}": p["id"] for p in summary["front"]})
-        summary["test"] = rescore_on_test(cfg, session, loop.archive, targets)
+        summary["test"] = rescore_on_test(cfg, session, loop.archive, targets, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if OmegaConf.select(cfg, "report.plots") is not False:
         plot_run(run_dir, session.objectives, loop.archive, loop.state.history)
@@ -288,7 +289,7 @@ def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoo
     return summary
 
 
-def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen: dict[str, int]) -> dict[str, Any]:
+def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen: dict[str, int], run_dir: Path | None = None) -> dict[str, Any]:
     """Score the chosen points and the references on the held-out test split (full)."""
     tasks = _tasks(OmegaConf.select(cfg, "fitness.objectives"), "") + _tasks(OmegaConf.select(cfg, "fitness.extra"), "")
     test = LmEvalFitness(
@@ -303,10 +304,17 @@ def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen:
     by_id = {r.id: r for r in archive.records}
     targets = {r.label: r for r in archive.records if r.kind == "reference"}
     targets.update({name: by_id[i] for name, i in chosen.items()})
+    settings = {"split": "test", "tasks": [vars(t) for t in tasks], "batch_size": OmegaConf.select(cfg, "fitness.batch_size"), "max_length": OmegaConf.select(cfg, "fitness.max_length")}
+    cache = ScoreCache.from_env(run_dir, settings) if run_dir is not None else None  # shared by runs when $EVOMERGE_SCORE_CACHE is set
     out = {}
     for name, rec in targets.items():
-        session.merger.apply(Recipe.from_dict(rec.recipe))
-        out[name] = {"id": rec.id, "scores": test()}
+        scores = cache.get(rec.recipe) if cache else None
+        if scores is None:
+            session.merger.apply(Recipe.from_dict(rec.recipe))
+            scores = dict(test())
+            if cache:
+                cache.put(rec.recipe, scores)
+        out[name] = {"id": rec.id, "scores": scores}
     return out
 
 

@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown search {unknown[0]!r}; known: {', '.join(SEARCHES)} (add one with --define)")
     if not args.report_only:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        # test re-scores shared by the runs (the base and experts, hand-made merges several searches find)
+        os.environ.setdefault("EVOMERGE_SCORE_CACHE", str((args.root / "score_cache").resolve()))
         for setting in args.settings:
             for seed in args.seeds:
                 for i, budget in enumerate(budgets[setting]):

@@ -1,0 +1,70 @@
+"""The shared test-score cache (EVOMERGE_SCORE_CACHE): keys, staleness, and two runs sharing it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evomerge.score_cache import ScoreCache
+
+FINGERPRINTS = {"models": {"base": {"path": "/a", "files": {"model.safetensors": {"size": 10, "mtime_ns": 1, "sha1": "aa"}}}}}
+RECIPE = {"evomerge_recipe": 1, "groups": [{"name": "layers", "method": "task_arithmetic", "params": {"weight": [0.5, 0.5]}}], "metadata": {}}
+
+
+def test_key_depends_on_weights_inputs_and_settings_not_labels_or_paths(tmp_path):
+    cache = ScoreCache(tmp_path, FINGERPRINTS, {"split": "test"})
+    key = cache.key(RECIPE)
+    assert cache.key({**RECIPE, "metadata": {"label": "knee"}}) == key
+    moved = json.loads(json.dumps(FINGERPRINTS))
+    moved["models"]["base"]["path"], moved["models"]["base"]["files"]["model.safetensors"]["mtime_ns"] = "/b", 2
+    assert ScoreCache(tmp_path, moved, {"split": "test"}).key(RECIPE) == key
+    changed = json.loads(json.dumps(FINGERPRINTS))
+    changed["models"]["base"]["files"]["model.safetensors"]["sha1"] = "bb"
+    assert ScoreCache(tmp_path, changed, {"split": "test"}).key(RECIPE) != key
+    assert ScoreCache(tmp_path, FINGERPRINTS, {"split": "validation"}).key(RECIPE) != key
+    other = json.loads(json.dumps(RECIPE))
+    other["groups"][0]["params"]["weight"] = [0.5, 0.6]
+    assert cache.key(other) != key
+
+
+def test_put_get_and_torn_entries(tmp_path):
+    cache = ScoreCache(tmp_path, FINGERPRINTS, {})
+    assert cache.get(RECIPE) is None
+    cache.put(RECIPE, {"math": 0.25})
+    assert cache.get(RECIPE) == {"math": 0.25}
+    (tmp_path / f"{cache.key(RECIPE)}.json").write_text('{"scor')
+    assert cache.get(RECIPE) is None  # torn: scored again, never a crash
+
+
+def test_from_env_is_off_without_the_variable(tmp_path, monkeypatch):
+    (tmp_path / "fingerprints.json").write_text(json.dumps(FINGERPRINTS))
+    monkeypatch.delenv("EVOMERGE_SCORE_CACHE", raising=False)
+    assert ScoreCache.from_env(tmp_path, {}) is None
+    monkeypatch.setenv("EVOMERGE_SCORE_CACHE", str(tmp_path / "cache"))
+    assert ScoreCache.from_env(tmp_path, {}) is not None
+    assert ScoreCache.from_env(tmp_path / "no-run", {}) is None
+
+
+@pytest.mark.slow
+def test_two_runs_share_test_rescores(test_zoo, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    import evomerge.cli  # noqa: F401 -- registers the config resolvers
+    from evomerge.estimators.lm_eval_fitness import LmEvalFitness
+    from evomerge.run import run_search
+
+    monkeypatch.setenv("EVOMERGE_SCORE_CACHE", str(tmp_path / "cache"))
+    pool = ["modelpool=paths", f"modelpool.base={test_zoo.base}", *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items())]
+    overrides = pool + ["device=cpu", "search.max_evals=4", "algorithm.pop_size=4", "fitness.subset_size=8", "report.html=false", "report.plots=false"]
+    with initialize_config_module("evomerge.configs", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    first = run_search(cfg, tmp_path / "one")["test"]
+    n_entries = len(list((tmp_path / "cache").glob("*.json")))
+    assert n_entries >= 3  # the base and both experts at least
+    calls = []
+    original = LmEvalFitness.__call__
+    monkeypatch.setattr(LmEvalFitness, "__call__", lambda self: calls.append(self.split) or original(self))
+    second = run_search(cfg, tmp_path / "two")["test"]
+    assert "test" not in calls  # every test score came from the cache (same seed, same recipes)
+    assert {k: v["scores"] for k, v in second.items()} == {k: v["scores"] for k, v in first.items()}
