@@ -286,3 +286,16 @@ def test_random_method_export_says_masks_differ():
     assert text.startswith("# exported by evomerge") and "masks differ" in text.splitlines()[0]
     assert yaml.safe_load(text)["merge_method"] == "della"
     assert "masks differ" not in uniform("ties", {}).to_mergekit_yaml(base="B", experts=["X", "Y"])
+
+
+def test_della_linear_export_puts_epsilon_where_mergekit_reads_it(models, tmp_path):
+    """DELLA-linear cannot be compared below density 1 (masks differ), so check that the
+    slice-level epsilon we write is the one mergekit uses: moved out of range, it must raise."""
+    recipe = uniform("della_linear", {"weight": [1.0, 1.0], "density": [0.5, 0.5], "epsilon": 0.1})
+    cfg = recipe.to_mergekit(base=str(models["base"]), experts=[str(models["a"]), str(models["b"])])
+    assert all(s["parameters"]["epsilon"] == 0.1 for s in cfg["slices"])
+    for s in cfg["slices"]:
+        s["parameters"]["epsilon"] = 0.6  # density + epsilon > 1: mergekit's della_magprune raises
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
+    with pytest.raises(ValueError, match="Epsilon must be chosen"):
+        run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "m"), options)
