@@ -2,8 +2,8 @@
 built here, gives the weights evomerge's merger gives, tensor by tensor.
 
 Deterministic methods must agree to float rounding for every setting, layer-wise recipes
-with attention/MLP splits and per-group lambda included; random methods (DARE, DELLA) draw
-different masks in the two tools, so they are compared at density 1 only.
+with attention/MLP splits and per-group lambda included; random methods (DARE, DELLA,
+DELLA-linear) draw different masks in the two tools, so they are compared at density 1 only.
 """
 
 from __future__ import annotations
@@ -128,6 +128,54 @@ CASES = {
         ),
         ("a", "b"),
     ),
+    # ---- mergekit's extra methods (methods_extra.py)
+    "task_arithmetic_trim": (uniform("task_arithmetic_trim", {"weight": W2, "density": [0.3, 0.8], "lambda": 1.2}), ("a", "b")),
+    "task_arithmetic_trim_3_experts": (uniform("task_arithmetic_trim", {"weight": [0.9, -0.4, 0.5], "density": [0.2, 0.55, 1.0]}), ("a", "b", "c")),
+    "breadcrumbs_ties": (uniform("breadcrumbs_ties", {"weight": W2, "density": [0.5, 0.8], "gamma": 0.1}), ("a", "b")),
+    "breadcrumbs_ties_normalized_density_plus_gamma_over_1": (
+        uniform("breadcrumbs_ties", {"weight": [0.9, -0.4, 0.5], "density": [0.95, 0.9, 0.3], "gamma": 0.2, "normalize": 1, "lambda": 0.7}),
+        ("a", "b", "c"),
+    ),
+    "sce": (uniform("sce", {}), ("a", "b", "c")),
+    "sce_select_topk": (uniform("sce", {"select_topk": 0.4}), ("a", "b")),
+    "karcher": (uniform("karcher", {}), ("a", "b")),
+    "karcher_3_experts": (uniform("karcher", {"weight": [0.7, 0.7, 0.7], "max_iter": 20}), ("a", "b", "c")),
+    "multislerp": (uniform("multislerp", {"weight": [0.3, 0.9, 0.5]}), ("a", "b", "c")),
+    "multislerp_unnormalized": (uniform("multislerp", {"weight": [0.4, 0.8], "normalize_weights": 0}), ("a", "b")),
+    "multislerp_one_expert": (uniform("multislerp", {"weight": [0.6]}), ("a",)),
+    "nuslerp": (uniform("nuslerp", {"weight": [0.3, 0.9]}), ("a", "b")),
+    "nuslerp_rows": (uniform("nuslerp", {"weight": [0.8, 0.5], "flatten": 0}), ("a", "b")),
+    "nuslerp_columns": (uniform("nuslerp", {"weight": [0.8, 0.5], "flatten": 0, "row_wise": 1}), ("a", "b")),
+    # DELLA-linear is random: equal only where nothing is dropped (density 1; both tools
+    # then keep every entry and skip the L1 rescale)
+    "della_linear_density_1": (uniform("della_linear", {"weight": W2, "density": [1.0, 1.0], "epsilon": 0.3, "lambda": 1.2}), ("a", "b")),
+    "della_linear_density_1_normalized": (
+        uniform("della_linear", {"weight": [0.4, 0.9], "density": [1.0, 1.0], "normalize": 1, "rescale": 0}),
+        ("a", "b"),
+    ),
+    "breadcrumbs_ties_layerwise_split": (
+        Recipe(
+            groups=[
+                Group("embed", "embed", "breadcrumbs_ties", {"weight": [0.5, 0.5], "density": [0.6, 0.6], "gamma": 0.05}),
+                Group("attn", "layers", "breadcrumbs_ties", {"weight": [1.0, 0.4], "density": [0.3, 0.9], "gamma": 0.2, "normalize": 1}, layers=(0, 1), component="attn"),
+                Group("mlp-0", "layers", "breadcrumbs_ties", {"weight": [0.6, 0.6], "density": [0.7, 0.2], "gamma": 0.0, "lambda": 1.7}, layers=(0, 0), component="mlp"),
+                Group("mlp-1", "layers", "breadcrumbs_ties", {"weight": [1.1, 0.2], "density": [0.4, 0.4], "gamma": 0.1}, layers=(1, 1), component="mlp"),
+                Group("head", "head", "breadcrumbs_ties", {"weight": [1.0, 1.0], "density": [1.0, 0.5], "gamma": 0.1}),
+            ]
+        ),
+        ("a", "b"),
+    ),
+    "sce_layerwise": (
+        Recipe(
+            groups=[
+                Group("embed", "embed", "sce", {"select_topk": 1.0}),
+                Group("l0", "layers", "sce", {"select_topk": 0.3}, layers=(0, 0)),
+                Group("l1", "layers", "sce", {"select_topk": 0.7}, layers=(1, 1)),
+                Group("head", "head", "sce", {"select_topk": 0.5}),
+            ]
+        ),
+        ("a", "b", "c"),
+    ),
     "breadcrumbs_layerwise_split": (
         Recipe(
             groups=[
@@ -199,8 +247,55 @@ def test_export_refuses_what_mergekit_cannot_express(recipe, message):
         recipe.to_mergekit(base="B", experts=["X", "Y"])
 
 
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        (uniform("tsv_m", {}), "method 'tsv_m': mergekit 0.1.5 has no SVD-family method"),
+        (uniform("iso_c", {}), "method 'iso_c': mergekit 0.1.5 has no SVD-family method"),
+        (uniform("iso_cts", {}), "method 'iso_cts': mergekit 0.1.5 has no SVD-family method"),
+        (
+            uniform("della_linear", {"weight": [1, 1], "density": [0.1, 0.5], "epsilon": 0.15}),
+            r"\(della_linear\): mergekit needs density \+- epsilon inside \(0, 1\), expert 0 has density 0.1, epsilon 0.15",
+        ),
+        (uniform("karcher", {"weight": [1.0, 0.5]}), "mergekit's karcher weighs the experts equally, these weights are 1, 0.5"),
+        (uniform("multislerp", {"weight": [0.0, 0.0]}), "weights summing to 0 make mergekit's multislerp divide by 0"),
+    ],
+)
+def test_export_refuses_new_methods_mergekit_lacks_or_computes_differently(recipe, message):
+    with pytest.raises(MergeError, match=message) as err:
+        recipe.to_mergekit(base="B", experts=["X", "Y"])
+    assert "\n" not in str(err.value)
+
+
+def test_new_method_exports_translate_names_and_sources():
+    trim = uniform("task_arithmetic_trim", {"weight": [0.5, 0.7], "density": [0.3, 0.4]}).to_mergekit(base="B", experts=["X", "Y"])
+    assert trim["merge_method"] == "breadcrumbs"
+    assert trim["slices"][0]["parameters"] == {"normalize": False, "rescale": False, "gamma": 0.0, "lambda": 1.0}
+    nu = uniform("nuslerp", {"weight": [0.5, 0.7], "flatten": 0, "row_wise": 1}).to_mergekit(base="B", experts=["X", "Y"])
+    assert nu["base_model"] == "B" and nu["slices"][0]["parameters"] == {"nuslerp_flatten": False, "nuslerp_row_wise": True}
+    assert nu["slices"][0]["sources"][2]["parameters"] == {"weight": 0.7}
+    ka = uniform("karcher", {"weight": [0.4, 0.4]}).to_mergekit(base="B", experts=["X", "Y"])
+    assert "base_model" not in ka and [s["model"] for s in ka["slices"][0]["sources"]] == ["X", "Y"]
+    assert ka["slices"][0]["parameters"] == {"max_iter": 10, "tol": 1e-5} and "parameters" not in ka["slices"][0]["sources"][0]
+    dl = uniform("della_linear", {"weight": [1, 1], "density": [0.5, 0.5]}).to_mergekit_yaml(base="B", experts=["X", "Y"])
+    assert "masks differ" in dl.splitlines()[0] and "seed" not in dl
+
+
 def test_random_method_export_says_masks_differ():
     text = uniform("della", {"weight": [1, 1], "density": [0.5, 0.5]}).to_mergekit_yaml(base="B", experts=["X", "Y"])
     assert text.startswith("# exported by evomerge") and "masks differ" in text.splitlines()[0]
     assert yaml.safe_load(text)["merge_method"] == "della"
     assert "masks differ" not in uniform("ties", {}).to_mergekit_yaml(base="B", experts=["X", "Y"])
+
+
+def test_della_linear_export_puts_epsilon_where_mergekit_reads_it(models, tmp_path):
+    """DELLA-linear cannot be compared below density 1 (masks differ), so check that the
+    slice-level epsilon we write is the one mergekit uses: moved out of range, it must raise."""
+    recipe = uniform("della_linear", {"weight": [1.0, 1.0], "density": [0.5, 0.5], "epsilon": 0.1})
+    cfg = recipe.to_mergekit(base=str(models["base"]), experts=[str(models["a"]), str(models["b"])])
+    assert all(s["parameters"]["epsilon"] == 0.1 for s in cfg["slices"])
+    for s in cfg["slices"]:
+        s["parameters"]["epsilon"] = 0.6  # density + epsilon > 1: mergekit's della_magprune raises
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
+    with pytest.raises(ValueError, match="Epsilon must be chosen"):
+        run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "m"), options)

@@ -230,3 +230,76 @@ def test_multi_segment_group_equals_per_tensor(method):
         apply_method(method, attach_shapes(DeltaGroup(b_base, b_d, segments=(12,)), [(3, 4)]), p),
     ]
     close(apply_method(method, joint, p), torch.cat(parts))
+
+
+# ------------------------------------------------------------------ chunked DELLA-linear / SCE
+
+
+def _fresh(base, deltas, segments, shapes):
+    # a new group per run, so the cached statistics (ranks, L1 norms, variances) are rebuilt too
+    return attach_shapes(DeltaGroup(base=base.clone(), deltas=deltas.clone(), segments=segments), shapes)
+
+
+CHUNK_CASES = [
+    # (segments, shapes): sizes just below, at and above multiples of the chunk (8) and block (4)
+    ((7,), [(7,)]),
+    ((8,), [(2, 4)]),
+    ((9,), [(3, 3)]),
+    ((16,), [(4, 4)]),
+    ((17,), [(17,)]),
+    ((15, 9, 16, 25), [(3, 5), (9,), (4, 4), (5, 5)]),
+]
+CHUNK_PARAMS = {
+    "della_linear": [
+        {"weight": [0.7, -0.4, 1.1], "density": [0.5, 0.3, 0.8], "epsilon": 0.15, "seed": 4},
+        {"weight": [0.7, 0.4, 1.1], "density": [0.2, 1.0, 0.0], "epsilon": 0.1, "normalize": 1, "lambda": 1.3},
+        {"weight": [0.7, 0.4, 1.1], "density": [0.6, 0.6, 0.6], "rescale": 0},
+    ],
+    "sce": [{}, {"select_topk": 0.4}, {"select_topk": 0.0}],
+}
+
+
+@pytest.mark.parametrize("method", sorted(CHUNK_PARAMS))
+@pytest.mark.parametrize("segments, shapes", CHUNK_CASES)
+def test_della_linear_and_sce_chunked_equal_whole_bit_for_bit(monkeypatch, method, segments, shapes):
+    import evomerge.merge.methods_extra as mx
+
+    torch.manual_seed(sum(segments))
+    n = sum(segments)
+    base, deltas = torch.randn(n), torch.randn(3, n)
+    monkeypatch.setattr(mx, "SUM_BLOCK", 4)
+    for p in CHUNK_PARAMS[method]:
+        monkeypatch.setattr(mx, "CHUNK_ELEMENTS", 1 << 30)
+        whole = apply_method(method, _fresh(base, deltas, segments, shapes), p)
+        monkeypatch.setattr(mx, "CHUNK_ELEMENTS", 8)
+        assert len(mx.chunk_spans(max(segments))) == -(-max(segments) // 8)  # really cut into chunks of 8
+        chunked = apply_method(method, _fresh(base, deltas, segments, shapes), p)
+        assert torch.equal(chunked, whole), (p, (chunked - whole).abs().max())
+
+
+@pytest.mark.parametrize("method", sorted(CHUNK_PARAMS))
+def test_della_linear_and_sce_chunked_bit_for_bit_at_default_block(monkeypatch, method):
+    """Real block size (1024), chunks of 2048, tensors around the chunk boundaries."""
+    import evomerge.merge.methods_extra as mx
+
+    segments, shapes = (2047, 2048, 2049, 4100), [(23, 89), (32, 64), (2049,), (41, 100)]
+    n = sum(segments)
+    torch.manual_seed(5)
+    base, deltas = torch.randn(n), torch.randn(3, n)
+    for p in CHUNK_PARAMS[method][:2]:
+        monkeypatch.setattr(mx, "CHUNK_ELEMENTS", 1 << 30)
+        whole = apply_method(method, _fresh(base, deltas, segments, shapes), p)
+        monkeypatch.setattr(mx, "CHUNK_ELEMENTS", 2048)
+        assert torch.equal(apply_method(method, _fresh(base, deltas, segments, shapes), p), whole)
+
+
+def test_chunk_spans_and_block_sums(monkeypatch):
+    import evomerge.merge.methods_extra as mx
+
+    monkeypatch.setattr(mx, "SUM_BLOCK", 4)
+    monkeypatch.setattr(mx, "CHUNK_ELEMENTS", 10)  # rounded down to whole blocks: 8
+    assert mx.chunk_spans(17) == [(0, 8), (8, 16), (16, 17)]
+    assert mx.chunk_spans(3) == [(0, 3)]
+    x = torch.arange(10.0)[None, :].expand(2, 10)
+    # 0+1+2+3, 4+5+6+7, 8+9 (the last block is partial)
+    assert mx.block_sums(x).tolist() == [[6.0, 22.0, 17.0], [6.0, 22.0, 17.0]]

@@ -60,8 +60,9 @@ class MergekitSpec:
     ``check(params, n_models)`` returns a one-line reason when mergekit cannot express
     these (validated) parameters, else None. ``translate(params, n_models)`` may replace
     the default mapping; it returns ``(shared, {source: per-source params})`` with
-    sources ``"base"`` or an expert index. ``random``: masks are drawn, so the export
-    reproduces the recipe only in distribution (and exactly at density 1).
+    sources ``"base"`` or an expert index. ``rename``: our parameter name -> mergekit's.
+    ``random``: masks are drawn, so the export reproduces the recipe only in distribution
+    (and exactly at density 1).
     """
 
     method: str
@@ -70,6 +71,7 @@ class MergekitSpec:
     skip: tuple[str, ...] = ("seed",)
     check: Callable[[Mapping[str, Any], int], "str | None"] | None = None
     translate: Callable[[Mapping[str, Any], int], "tuple[dict, dict]"] | None = None
+    rename: Mapping[str, str] = field(default_factory=dict)
     random: bool = False
 
 
@@ -291,24 +293,44 @@ for _fn in (ties, dare_linear, dare_ties):
     _fn.streams = True  # type: ignore[attr-defined]  # runs as one fused kernel on the CPU
 
 
-def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Keep ``density`` of each task vector after cutting the largest ``gamma`` (outliers).
+def breadcrumbs_band(g: DeltaGroup, density: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """``(lower, upper)`` ``[K, S]`` magnitude thresholds of the breadcrumbs mask: an entry is
+    kept when ``lower <= |delta| < upper``.
 
     Counts follow mergekit: keep ``t = floor(d * n)`` entries, cut the ``min(floor(gamma * n),
     n - t)`` largest (the outlier cut shrinks when ``density + gamma > 1``, so the kept
     fraction is always ``density``); density >= 1 keeps everything.
     """
-    d = p["density"].double()[:, None]
+    d = density.double()[:, None]
     n = g.sizes()[None, :].double()  # of the whole tensors (chunks share them)
     target = torch.where(d >= 1, n, (d.clamp(min=0) * n).floor())  # no "at least one" here, as mergekit
-    top = torch.minimum((float(p["gamma"]) * n).floor(), n - target)
+    top = torch.minimum((float(gamma) * n).floor(), n - target)
     upper = g.thresholds_for(top)  # in the top `top` -> cut
     lower = g.thresholds_for(top + target)  # in the top `top + target` -> candidate
+    return lower, upper
+
+
+def banded_merge(g: DeltaGroup, p: Params, out: Tensor | None, consensus: bool) -> Tensor:
+    """Breadcrumbs mask (``p["gamma"]``, default 0 = plain magnitude trim), weights, then a
+    sum or TIES sign election (normalised when ``p["normalize"]``), times ``lambda``."""
+    w = p["weight"]
+    lower, upper = breadcrumbs_band(g, p["density"], float(p.get("gamma", 0.0)))
+    normalize = consensus and bool(p.get("normalize", 0))
     if kernels.available(g.base, g.deltas):
-        return kernels.fused_merge(g.base, g.deltas, g.segments, kernels.BAND, p["weight"], lower, upper, lam=_lambda(p), out=out)
+        return kernels.fused_merge(
+            g.base, g.deltas, g.segments, kernels.BAND, w, lower, upper, consensus=consensus, normalize=normalize, lam=_lambda(p), out=out
+        )
     mags = g.deltas.abs()
     kept = g.deltas * (g.compare(mags, upper, torch.lt) & g.compare(mags, lower, torch.ge))
-    return _finish(g, p["weight"].to(kept.dtype) @ kept, p, out)
+    if not consensus:
+        return _finish(g, w.to(kept.dtype) @ kept, p, out)
+    return _finish(g, sign_consensus(kept.mul_(w.to(kept.dtype)[:, None]), w, normalize), p, out)
+
+
+def breadcrumbs(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    """Keep ``density`` of each task vector after cutting the largest ``gamma`` (outliers),
+    then the weighted sum (counts: ``breadcrumbs_band``)."""
+    return banded_merge(g, p, out, consensus=False)
 
 
 def della_epsilon(density: Tensor, epsilon: float) -> Tensor:
@@ -437,7 +459,7 @@ def _linear_check(p: Mapping[str, Any], n_models: int) -> str | None:
     return None
 
 
-def _della_check(p: Mapping[str, Any], n_models: int) -> str | None:
+def della_check(p: Mapping[str, Any], n_models: int) -> str | None:
     eps = float(p["epsilon"])
     for i, d in enumerate(p["density"]):
         if 0 < d < 1 and not (d - eps > 0 and d + eps < 1):
@@ -508,7 +530,7 @@ register(
         della,
         (WEIGHT, DENSITY, ParamSpec("epsilon", 0.0, 0.5, 0.1, help="spread of keep probabilities"), LAMBDA, NORMALIZE, SEED),
         "magnitude-ranked drop probabilities, rescale, TIES sign election",
-        mergekit=MergekitSpec("della", fixed={"rescale": True}, check=_della_check, random=True),
+        mergekit=MergekitSpec("della", fixed={"rescale": True}, check=della_check, random=True),
     )
 )
 register(

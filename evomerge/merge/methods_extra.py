@@ -5,7 +5,8 @@ per segment of the group), with these documented differences, all in favour of a
 search that must not crash on a sampled point:
 
 - ``della_linear``: keep probabilities are clipped to [0, 1] (mergekit raises when
-  ``density +- epsilon`` leaves (0, 1)); random draws use the group's seeded generator.
+  ``density +- epsilon`` leaves (0, 1)); random draws are the unit's resident noise
+  (``DeltaGroup.noise``, as DARE and DELLA), not mergekit's global RNG.
 - ``multislerp``: where the weighted mean direction vanishes it falls back to the
   weighted sum for any K (mergekit does so for K = 2 and raises otherwise).
 - ``karcher``, ``multislerp``, ``nuslerp``: all-zero weights mean equal weights.
@@ -17,20 +18,17 @@ without it every segment counts as one row.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from evomerge.merge.groups import DeltaGroup
-from evomerge.merge.methods import MergeMethod, Params, ParamSpec, register, sign_consensus
+from evomerge.merge.kernels import LEVEL_SCALE
+from evomerge.merge.methods import MergekitSpec, MergeMethod, Params, ParamSpec, banded_merge, della_check, register
 from evomerge.merge.segments import cache_of, segment_layout
 
 _EPS = 1e-8
-
-
-def _finish(g: DeltaGroup, merged_delta: Tensor, lam: float, out: Tensor | None) -> Tensor:
-    if out is None:
-        return torch.add(g.base, merged_delta, alpha=lam)
-    return torch.add(g.base, merged_delta, alpha=lam, out=out)
 
 
 def _mix_weights(w: Tensor) -> Tensor:
@@ -42,25 +40,69 @@ def _mix_weights(w: Tensor) -> Tensor:
     return w / total
 
 
+# ---------------------------------------------------------------- chunking
+#
+# DELLA-linear and SCE need tensor-wide sums (L1 norms, mean squares) before they can mix
+# the experts, so they run in two passes over row-aligned chunks of at most
+# ``CHUNK_ELEMENTS`` entries: per-candidate temporaries are ``K x CHUNK_ELEMENTS`` instead
+# of ``K x tensor size``. Every tensor-wide sum adds fixed ``SUM_BLOCK`` blocks first and
+# then the blocks, and every per-element step is a single rounding (no fused
+# multiply-adds), so the result is bit-identical for any chunk size.
+
+CHUNK_ELEMENTS = 1 << 18
+SUM_BLOCK = 1024
+
+
+def chunk_spans(n: int) -> list[tuple[int, int]]:
+    """``[a, b)`` pieces of a tensor of ``n`` entries, each a multiple of ``SUM_BLOCK`` long
+    (but the last)."""
+    step = max(SUM_BLOCK, CHUNK_ELEMENTS // SUM_BLOCK * SUM_BLOCK)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def block_sums(x: Tensor) -> Tensor:
+    """``[K, m]`` -> ``[K, ceil(m / SUM_BLOCK)]`` float32 sums of consecutive ``SUM_BLOCK`` entries."""
+    k, m = x.shape
+    full = m - m % SUM_BLOCK
+    parts = []
+    if full:
+        parts.append(x[:, :full].reshape(k, full // SUM_BLOCK, SUM_BLOCK).sum(-1, dtype=torch.float32))
+    if full < m:
+        parts.append(x[:, full:].sum(-1, keepdim=True, dtype=torch.float32))
+    return torch.cat(parts, 1)
+
+
+def _mix(rows: Tensor, coef: list[float]) -> Tensor:
+    """``sum_k coef_k * rows_k`` as separate multiplies and adds (no FMA: chunk-independent bits)."""
+    acc = rows[0] * coef[0]
+    for k in range(1, rows.shape[0]):
+        acc += rows[k] * coef[k]
+    return acc
+
+
+def _write(g: DeltaGroup, a: int, b: int, merged: Tensor, lam: float, result: Tensor) -> None:
+    """``result[a:b] = base[a:b] + lam * merged`` (two roundings, as in every chunk)."""
+    torch.add(g.base[a:b], merged * lam if lam != 1 else merged, out=result[a:b])
+
+
 # ---------------------------------------------------------------- task arithmetic + trimming
 
 
 def task_arithmetic_trim(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Task arithmetic on each task vector's top ``density`` entries by magnitude (no sign election)."""
-    kept = g.deltas * g.compare(g.deltas.abs(), g.thresholds(p["density"]))
-    return _finish(g, p["weight"].to(kept.dtype) @ kept, float(p["lambda"]), out)
+    """Task arithmetic on each task vector's top ``density`` entries by magnitude (no sign
+    election): mergekit's breadcrumbs with ``gamma = 0``, so ``floor(density * n)`` entries
+    per tensor (none when that is 0, unlike TIES's at-least-one)."""
+    return banded_merge(g, p, out, consensus=False)
 
 
 def breadcrumbs_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
-    """Breadcrumbs mask (drop the top ``gamma``, keep the next ``density``), then TIES sign
-    election. As in mergekit the outlier cut shrinks to ``1 - density`` when both do not fit."""
-    density = p["density"]
-    gamma = torch.minimum(torch.full_like(density, float(p["gamma"])), 1 - density).clamp(min=0)
-    mags = g.deltas.abs()
-    keep = g.compare(mags, g.thresholds(gamma), torch.lt) & g.compare(mags, g.thresholds((gamma + density).clamp(max=1)))
-    w = p["weight"]
-    weighted = (g.deltas * keep).mul_(w.to(g.deltas.dtype)[:, None])
-    return _finish(g, sign_consensus(weighted, w, bool(p["normalize"])), float(p["lambda"]), out)
+    """Breadcrumbs mask (drop the top ``gamma``, keep the next ``density``; counts as mergekit,
+    see ``breadcrumbs_band``), then TIES sign election."""
+    return banded_merge(g, p, out, consensus=True)
+
+
+task_arithmetic_trim.streams = True  # type: ignore[attr-defined]  # one fused kernel on the CPU
+breadcrumbs_ties.streams = True  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- DELLA (linear)
@@ -68,45 +110,71 @@ def breadcrumbs_ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Ten
 
 def row_rank_fraction(g: DeltaGroup) -> Tensor:
     """Magnitude rank of every element within its row (2-D segments) or tensor, in [0, 1]
-    (0 = smallest), as mergekit's ``della_magprune``. Genome-independent: cached (fp16)."""
+    (0 = smallest), as mergekit's ``della_magprune``. Genome-independent: cached (fp16);
+    built a few rows at a time."""
     cache = cache_of(g)
     if "row_rank" not in cache:
         ranks = torch.empty(g.deltas.shape, dtype=torch.float16, device=g.deltas.device)
         for start, n, shape in segment_layout(g):
             cols = shape[1] if shape is not None else n
+            step = max(1, CHUNK_ELEMENTS // cols) * cols
             for i in range(g.n_models):
-                rows = g.deltas[i, start : start + n].reshape(-1, cols).abs().float()
-                r = rows.argsort(dim=1).argsort(dim=1).float()
-                ranks[i, start : start + n] = (r / max(cols - 1, 1)).reshape(-1).to(torch.float16)
+                for a in range(start, start + n, step):
+                    b = min(a + step, start + n)
+                    rows = g.deltas[i, a:b].reshape(-1, cols).abs().float()
+                    r = rows.argsort(dim=1, stable=True).argsort(dim=1).float()
+                    ranks[i, a:b] = (r / max(cols - 1, 1)).reshape(-1).to(torch.float16)
         cache["row_rank"] = ranks
     return cache["row_rank"]
 
 
+def _l1(g: DeltaGroup, start: int, n: int) -> Tensor:
+    """``[K]`` L1 norm of each task vector's segment (genome-independent, cached)."""
+    cache = cache_of(g)
+    key = ("l1", start)
+    if key not in cache:
+        cache[key] = torch.cat([block_sums(g.deltas[:, start + a : start + b].abs()) for a, b in chunk_spans(n)], 1).sum(1)
+    return cache[key]
+
+
 def della_linear(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """DELLA without sign election: keep probability ``density - eps + 2 eps * rank`` (rank
-    within the row), survivors rescaled so each tensor keeps its L1 norm, weighted sum."""
+    within the row, clipped to [0, 1]; density 1 keeps all, 0 none, as mergekit), survivors
+    rescaled so each tensor keeps its L1 norm, weighted sum. The draws are the unit's
+    resident noise (``DeltaGroup.noise``), so masks do not depend on the chunking."""
     eps = float(p["epsilon"])
-    density, w = p["density"].float(), p["weight"].float()
+    density = p["density"].float()[:, None]
+    weights = p["weight"].float()
     ranks = row_rank_fraction(g)
-    gen = g.generator(int(p["seed"]))
-    merged = torch.empty_like(g.base)
+    levels = g.noise(int(p["seed"]))
+    total = float(weights.sum())
+    divide = bool(int(p["normalize"])) and abs(total) >= _EPS
+    result = out if out is not None else torch.empty_like(g.base)
+
+    def kept(a: int, b: int) -> Tensor:
+        d = g.deltas[:, a:b]
+        prob = (density - eps + 2 * eps * ranks[:, a:b].float()).clamp_(0, 1)
+        prob = torch.where(density >= 1, 1.0, torch.where(density <= 0, 0.0, prob))
+        u = (levels[:, a:b].float() + 32768.0) * LEVEL_SCALE
+        return d * (u < prob).to(d.dtype)
+
     for start, n, _ in segment_layout(g):
-        d = g.deltas[:, start : start + n]
-        prob = (density[:, None] - eps + 2 * eps * ranks[:, start : start + n].float()).clamp_(0, 1)
-        prob = torch.where(density[:, None] >= 1, torch.ones_like(prob), prob)  # mergekit: density 1 keeps all
-        noise = torch.rand(d.shape, generator=gen, device=d.device, dtype=torch.float32)
-        kept = d * (noise < prob).to(d.dtype)
+        spans = [(start + a, start + b) for a, b in chunk_spans(n)]
+        first = kept(*spans[0]) if len(spans) == 1 else None  # one chunk: keep it for pass 2
+        scale = torch.ones_like(weights)
         if int(p["rescale"]):
-            before, after = d.abs().sum(1, dtype=torch.float32), kept.abs().sum(1, dtype=torch.float32)
-            ok = (before >= 1e-7) & (after >= 1e-7) & (density < 1)
-            scale = torch.where(ok, before / after.clamp(min=1e-7), torch.ones_like(before))
-            kept = kept * scale.to(kept.dtype)[:, None]
-        merged[start : start + n] = w.to(kept.dtype) @ kept
-    if int(p["normalize"]):
-        total = float(w.sum())
-        if abs(total) >= _EPS:
-            merged /= total
-    return _finish(g, merged, float(p["lambda"]), out)
+            pieces = [first] if first is not None else (kept(a, b) for a, b in spans)
+            after = torch.cat([block_sums(x.abs()) for x in pieces], 1).sum(1)
+            before = _l1(g, start, n)
+            ok = (before >= 1e-7) & (after >= 1e-7) & (density[:, 0] < 1)
+            scale = torch.where(ok, before / after.clamp(min=1e-7), scale)
+        coef = (weights * scale).tolist()
+        for a, b in spans:
+            merged = _mix(first if first is not None else kept(a, b), coef)
+            if divide:
+                merged /= total
+            _write(g, a, b, merged, float(p["lambda"]), result)
+    return result
 
 
 # ---------------------------------------------------------------- SCE
@@ -117,7 +185,7 @@ def _variance_table(g: DeltaGroup, start: int, n: int) -> tuple[Tensor, Tensor, 
     cache = cache_of(g)
     key = ("sce_var", start)
     if key not in cache:
-        var = g.deltas[:, start : start + n].float().var(0, unbiased=False)
+        var = torch.cat([g.deltas[:, start + a : start + b].float().var(0, unbiased=False) for a, b in chunk_spans(n)])
         cache[key] = (var, var.sort(descending=True).values, int(torch.count_nonzero(var)))
     return cache[key]
 
@@ -125,24 +193,37 @@ def _variance_table(g: DeltaGroup, start: int, n: int) -> tuple[Tensor, Tensor, 
 def sce(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """SCE: keep the ``select_topk`` fraction of elements with the highest variance across
     experts, weight each task vector by its mean square, TIES sign election, weighted mean.
-    (Elements tied with the k-th variance are all kept; mergekit's topk keeps exactly k.)"""
+    (Elements tied with the k-th variance are all kept; mergekit's topk keeps exactly k.)
+    The variance selection is per element, so it runs chunk by chunk like the mixing."""
     topk = float(p["select_topk"])
-    merged = torch.empty_like(g.base)
+    result = out if out is not None else torch.empty_like(g.base)
     for start, n, _ in segment_layout(g):
-        tv = g.deltas[:, start : start + n]
+        threshold: float | None = None
         if topk < 1:
             var, ordered, nonzero = _variance_table(g, start, n)
             k = int(nonzero * topk)
-            keep = var >= ordered[k - 1] if k > 0 else torch.zeros_like(var, dtype=torch.bool)
-            tv = tv * keep.to(tv.dtype)
-        weights = torch.linalg.vector_norm(tv, dim=1, dtype=torch.float32).square() / n  # mean squares
+            threshold = float(ordered[k - 1]) if k > 0 else math.inf
+
+        def selected(a: int, b: int) -> Tensor:
+            tv = g.deltas[:, a:b]
+            if threshold is None:
+                return tv
+            return tv * (var[a - start : b - start] >= threshold).to(tv.dtype)
+
+        spans = [(start + a, start + b) for a, b in chunk_spans(n)]
+        first = selected(*spans[0]) if len(spans) == 1 else None
+        pieces = [first] if first is not None else (selected(a, b) for a, b in spans)
+        weights = torch.cat([block_sums(x.float().square()) for x in pieces], 1).sum(1) / n  # mean squares
         total = float(weights.sum())
         weights = torch.full_like(weights, 1.0 / g.n_models) if abs(total) < 1e-6 else weights / total
-        majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0).to(tv.dtype)  # of the unweighted task vectors
-        aligned = (tv * majority).clamp_(min=0)  # > 0 where an entry agrees; zeros never agree
-        w = weights.to(tv.dtype)
-        merged[start : start + n] = (w @ aligned).mul_(majority) / (w @ (aligned > 0).to(tv.dtype)).clamp(min=1e-6)
-    return _finish(g, merged, 1.0, out)
+        coef = weights.tolist()
+        for a, b in spans:
+            tv = first if first is not None else selected(a, b)
+            majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0).to(tv.dtype)  # of the unweighted task vectors
+            aligned = (tv * majority).clamp_(min=0)  # > 0 where an entry agrees; zeros never agree
+            merged = _mix(aligned, coef).mul_(majority) / _mix((aligned > 0).to(tv.dtype), coef).clamp_(min=1e-6)
+            _write(g, a, b, merged, 1.0, result)
+    return result
 
 
 # ---------------------------------------------------------------- spherical methods
@@ -299,10 +380,28 @@ def _flag(name: str, default: int, help: str) -> ParamSpec:
     return ParamSpec(name, 0, 1, default, integer=True, searchable=False, help=help)
 
 
+# ---- mergekit export checks: a one-line reason where mergekit 0.1.5 would differ or fail
+
+
+def _karcher_check(p, n_models: int) -> str | None:
+    w = list(p["weight"])
+    if max(w) - min(w) > 1e-12 and sum(w) >= 1e-6:  # all ~0 means equal weights here
+        return f"mergekit's karcher weighs the experts equally, these weights are {', '.join(f'{v:g}' for v in w)}"
+    return None
+
+
+def _multislerp_check(p, n_models: int) -> str | None:
+    if n_models > 1 and abs(sum(p["weight"])) < 1e-6 and (p["normalize_weights"] or n_models > 2):
+        return "weights summing to 0 make mergekit's multislerp divide by 0 (or raise)"
+    return None
+
+
 register(
     MergeMethod(
         "task_arithmetic_trim", task_arithmetic_trim, (_WEIGHT, _DENSITY, _LAMBDA),
         "task arithmetic on the top-density entries of each task vector (magnitude trim, no sign election)",
+        # mergekit has no density for task_arithmetic; breadcrumbs with gamma 0 is the same trim
+        mergekit=MergekitSpec("breadcrumbs", fixed={"normalize": False, "rescale": False, "gamma": 0.0}),
     )
 )
 register(
@@ -312,6 +411,7 @@ register(
         (_WEIGHT, _DENSITY, ParamSpec("gamma", 0.0, 0.5, 0.01, help="fraction of largest entries dropped"), _LAMBDA,
          _flag("normalize", 0, "divide by the summed agreeing weights")),
         "breadcrumbs mask, then TIES sign election",
+        mergekit=MergekitSpec("breadcrumbs_ties", fixed={"rescale": False}),
     )
 )
 register(
@@ -322,6 +422,7 @@ register(
          _flag("normalize", 0, "divide by the summed weights"), _flag("rescale", 1, "keep each tensor's L1 norm"), _SEED),
         "row-ranked random drop (DELLA), L1 rescale, weighted sum",
         elementwise=False,
+        mergekit=MergekitSpec("della_linear", check=della_check, random=True),
     )
 )
 register(
@@ -331,6 +432,7 @@ register(
         (ParamSpec("select_topk", 0.0, 1.0, 1.0, help="fraction of highest-variance elements kept"),),
         "select by variance, calculate weights by mean square, erase minority signs",
         elementwise=False,
+        mergekit=MergekitSpec("sce"),
     )
 )
 register(
@@ -341,6 +443,7 @@ register(
          ParamSpec("tol", 0.0, 1.0, 1e-5, searchable=False, help="convergence tolerance")),
         "Riemannian (Karcher) mean of the experts' weights on the sphere",
         elementwise=False,
+        mergekit=MergekitSpec("karcher", sources="experts", skip=("weight",), check=_karcher_check),
     )
 )
 register(
@@ -350,6 +453,7 @@ register(
         (_MIX, _flag("normalize_weights", 1, "divide the weights by their sum")),
         "barycentric spherical interpolation of K task vectors",
         elementwise=False,
+        mergekit=MergekitSpec("multislerp", check=_multislerp_check),
     )
 )
 register(
@@ -361,5 +465,6 @@ register(
         min_models=2,
         max_models=2,
         elementwise=False,
+        mergekit=MergekitSpec("nuslerp", rename={"flatten": "nuslerp_flatten", "row_wise": "nuslerp_row_wise"}),
     )
 )

@@ -241,7 +241,8 @@ class Recipe:
 
 def default_mergekit_translation(method: MergeMethod):
     """Shared parameters to the slice, per-model ones to each expert's source; 0/1 switches
-    (``normalize``) become booleans; ``spec.skip`` names (the seed) are dropped."""
+    (``normalize``) become booleans; ``spec.skip`` names (the seed) are dropped and
+    ``spec.rename`` ones renamed."""
     spec = method.mergekit
     assert spec is not None
 
@@ -252,17 +253,18 @@ def default_mergekit_translation(method: MergeMethod):
             if p.name in spec.skip:
                 continue
             value = params[p.name]
+            name = spec.rename.get(p.name, p.name)
             if p.per_model:
                 for i in range(n_models):
-                    per_source[i][p.name] = value[i]
+                    per_source[i][name] = value[i]
             else:
-                shared[p.name] = bool(value) if p.name in _BOOLEAN_PARAMS else value
+                shared[name] = bool(value) if p.name in _BOOLEAN_PARAMS else value
         return shared, per_source
 
     return translate
 
 
-_BOOLEAN_PARAMS = {"normalize", "rescale"}
+_BOOLEAN_PARAMS = {"normalize", "rescale", "normalize_weights", "flatten", "row_wise"}
 
 
 def _mergekit_sources(layout: str, base: str, experts: list[str]) -> list[tuple[Any, str]]:

@@ -218,6 +218,8 @@ _FIXED_WEIGHT = ParamSpec(
     help="scale of each task vector before the SVD (not searched: new weights mean new SVDs)",
 )
 
+_NO_MERGEKIT = "mergekit 0.1.5 has no SVD-family method"
+
 register(
     MergeMethod(
         "tsv_m",
@@ -229,11 +231,13 @@ register(
         ),
         "TSV-M: per-task truncated SVDs, orthogonalised singular bases (2-D tensors)",
         elementwise=False,
+        mergekit_reason=_NO_MERGEKIT,
     )
 )
 register(
     MergeMethod(
-        "iso_c", iso_c, (_FIXED_WEIGHT, _SCALE), "Iso-C: summed task matrix with a flat (isotropic) spectrum", elementwise=False
+        "iso_c", iso_c, (_FIXED_WEIGHT, _SCALE), "Iso-C: summed task matrix with a flat (isotropic) spectrum", elementwise=False,
+        mergekit_reason=_NO_MERGEKIT,
     )
 )
 register(
@@ -247,5 +251,6 @@ register(
         ),
         "Iso-CTS: common + task-specific subspaces with an isotropic spectrum",
         elementwise=False,
+        mergekit_reason=_NO_MERGEKIT,
     )
 )
