@@ -108,19 +108,24 @@ class LayerPath:
         flush()
         return " > ".join(parts) or "(empty)"
 
-    def to_mergekit_yaml(self, base: str | None = None, experts: Sequence[str] = (), paths: dict[str, str] | None = None) -> str:
-        """mergekit ``passthrough`` slices; refused (MergeError, one line) when a scale is not
-        1 or the path uses the in-memory merged model (mergekit needs it on disk first)."""
-        return passthrough_yaml(self, paths or _model_paths(self.models, base, experts))
+    def to_mergekit_yaml(self, paths: dict[str, str]) -> str:
+        """mergekit ``passthrough`` slices (``paths``: pool model name -> folder); refused
+        (MergeError, one line) when a scale is not 1 or the path uses the in-memory merged model."""
+        return passthrough_yaml(self, paths)
 
 
-def _model_paths(models: Sequence[str], base: str | None, experts: Sequence[str]) -> dict[str, str]:
-    out = {"base": base} if base else {}
-    names = [m for m in models if m.startswith("expert:")]
-    # experts are given in pool order; names "expert:<k>" in the same order
-    for name, p in zip(sorted(names, key=models.index), experts):
-        out[name] = str(p)
-    return out
+def pool_paths(base: str, experts: dict[str, str]) -> dict[str, str]:
+    """Pool model names of a path (``base``, ``expert:<name>``) -> their folders."""
+    return {"base": str(base), **{f"expert:{k}": str(v) for k, v in experts.items()}}
+
+
+def candidate_from_dict(d: dict[str, Any]):
+    """An archived recipe dict as what the merger applies: a ``LayerPath`` or a ``Recipe``."""
+    if isinstance(d, dict) and d.get("kind") == KIND:
+        return LayerPath.from_dict(d)
+    from evomerge.merge.recipe import Recipe
+
+    return Recipe.from_dict(d)
 
 
 def passthrough_yaml(path: LayerPath, paths: dict[str, str]) -> str:
@@ -136,9 +141,13 @@ def passthrough_yaml(path: LayerPath, paths: dict[str, str]) -> str:
         )
     if "merged" in {s.model for s in path.slots} or path.anchor == "merged":
         raise MergeError("the path uses the parameter-space merged model, which mergekit needs on disk: export that point first and use its folder")
-    if path.slots[0].model != path.anchor:
-        # mergekit takes embeddings and head from the first slice's model
-        raise MergeError(f"mergekit takes embeddings and head from the first slice's model ({path.slots[0].model}), evomerge from {path.anchor}")
+    ends = {path.slots[0].model, path.slots[-1].model}
+    if ends != {path.anchor}:
+        # mergekit 0.1.5 (plan_module): embeddings from the first slice's model, final norm and head from the last's
+        raise MergeError(
+            f"mergekit takes the embeddings from the first slice's model ({path.slots[0].model}) and the head from the last's "
+            f"({path.slots[-1].model}); this path takes both from {path.anchor}"
+        )
     missing = sorted({s.model for s in path.slots} - set(paths))
     if missing:
         raise MergeError(f"no model path for {missing[0]!r}")
