@@ -152,3 +152,132 @@ def test_recipes_restore_the_model_and_bad_paths_are_clear_errors(tiny_path, tin
         tiny_path.apply(LayerPath([Slot("expert:c", 0)], models))
     with pytest.raises(MergeError, match="layer 2 of base, which has 2"):
         tiny_path.apply(LayerPath([Slot("base", 2)], models))
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_round_trips_with_identical_logits(tiny_path, tiny_models, tmp_path):
+    from evomerge.dfs.export import save_path_model
+    from evomerge.dfs.path import pool_paths
+
+    models = ["base", "expert:a", "expert:b"]
+    path = LayerPath([Slot("base", 0), Slot("base", 1), Slot("expert:a", 1), Slot("base", 0), Slot("base", 1)], models)
+    out = save_path_model(tiny_path, path, tmp_path / "exported")
+    tiny_path.apply(path)
+    loaded = _load(out)
+    assert loaded.config.num_hidden_layers == 5
+    assert [layer.self_attn.layer_idx for layer in loaded.model.layers] == [0, 1, 2, 3, 4]
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, tiny_path.model(IDS).logits)
+    assert _greedy(loaded, IDS, 10, use_cache=True) == _greedy(tiny_path.model, IDS, 10, use_cache=True)
+    assert LayerPath.from_dict(__import__("yaml").safe_load((out / "evomerge_path.yaml").read_text())).slots == path.slots
+    # mergekit passthrough: runs of consecutive layers of one model become one slice
+    paths = pool_paths(str(tiny_models["base"]), {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])})
+    text = path.to_mergekit_yaml(paths)
+    cfg = __import__("yaml").safe_load(text)
+    assert cfg["merge_method"] == "passthrough"
+    assert [(s["sources"][0]["model"], s["sources"][0]["layer_range"]) for s in cfg["slices"]] == [
+        (paths["base"], [0, 2]), (paths["expert:a"], [1, 2]), (paths["base"], [0, 2])
+    ]
+    # scales are refused with a one-line reason, by both exports
+    scaled = LayerPath([Slot("base", 0), Slot("expert:a", 1, 1.5), Slot("base", 1)], models)
+    with pytest.raises(MergeError, match=r"scales its input by 1.5.*scale_range=\[1,1\]"):
+        save_path_model(tiny_path, scaled, tmp_path / "scaled")
+    with pytest.raises(MergeError, match="cannot scale"):
+        scaled.to_mergekit_yaml(paths)
+    # mergekit takes embeddings from the first slice's model and the head from the last's
+    with pytest.raises(MergeError, match="first slice"):
+        LayerPath([Slot("base", 0), Slot("expert:a", 1)], models).to_mergekit_yaml(paths)
+
+
+def test_mergekit_passthrough_reproduces_the_export(tiny_path, tiny_models, tmp_path):
+    pytest.importorskip("mergekit", reason="mergekit is not installed; passthrough parity skipped")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    from evomerge.dfs.export import save_path_model
+    from evomerge.dfs.path import pool_paths
+
+    models = ["base", "expert:a", "expert:b"]
+    path = LayerPath([Slot("base", 0), Slot("expert:b", 0), Slot("expert:a", 1), Slot("base", 1)], models)
+    paths = pool_paths(str(tiny_models["base"]), {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])})
+    ours = load_file(str(save_path_model(tiny_path, path, tmp_path / "ours") / "model.safetensors"))
+    config = MergeConfiguration.model_validate(yaml.safe_load(path.to_mergekit_yaml(paths)))
+    run_merge(config, str(tmp_path / "mk"), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False))
+    theirs = {}
+    for f in sorted((tmp_path / "mk").glob("*.safetensors")):
+        theirs.update(load_file(str(f)))
+    assert set(theirs) == set(ours)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k].to(ours[k].dtype)), k
+
+
+# ---------------------------------------------------------------- fitness and the CLI
+
+
+def test_lm_eval_scores_a_path_model(test_zoo):
+    from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness
+    from evomerge.merge.recipe import reference_recipes
+
+    pool = ModelPool(test_zoo.base, dict(test_zoo.experts))
+    names = list(test_zoo.experts)
+    pm = PathMerger(Merger(pool, device="cpu"), names, ["base", *(f"expert:{n}" for n in names)])
+    tasks = [FitnessTask("math", "toy_math", "exact_match,first-number"), FitnessTask("lang", "toy_lang", "acc,none")]
+    fitness = LmEvalFitness(pm.model, pm.tokenizer, tasks, subset_size=24, batch_size=32, max_length=64)
+    pm.apply(reference_recipes(len(names), names, pm.n_layers)["base"])
+    base = fitness()
+    L = pm.n_layers
+    pm.apply(LayerPath([Slot("base", i) for i in range(L)], pm.models))
+    assert fitness() == base  # the identity path scores exactly as the base model
+    # a path through a repeated layer generates (toy_math is generate_until, KV cache on)
+    pm.apply(LayerPath([Slot("base", i) for i in range(L)] + [Slot("base", L - 1, 0.8)], pm.models))
+    repeated = fitness()
+    assert set(repeated) == {"math", "lang"} and all(0.0 <= v <= 1.0 for v in repeated.values())
+    assert repeated != base
+
+
+def test_dfs_search_cli_records_paths_and_exports(test_zoo, tmp_path):
+    import json
+
+    from test_cli import cli, pool_args
+
+    run = tmp_path / "run"
+    cli(*pool_args(test_zoo), "genome=dfs", "genome.repeats=1", "genome.scale_range=[1,1]", "search.max_evals=8",
+        "algorithm.pop_size=4", "report.html=false", "report.plots=false", f"hydra.run.dir={run}", cwd=tmp_path)
+    records = [json.loads(line) for line in (run / "archive.jsonl").read_text().splitlines()]
+    search = [r for r in records if r["kind"] == "search"]
+    assert len(search) == 8 and all(r["recipe"]["kind"] == "dfs" for r in search)
+    refs = {r["label"]: r["scores"] for r in records if r["kind"] == "reference"}
+    # the warm start's identity path scores as the base reference (same subset)
+    first = search[0]
+    assert [s[0] for s in first["recipe"]["path"]] == ["base"] * 4 and first["scores"] == refs["base"]
+    assert (run / "recipes" / "knee.yaml").is_file()
+    out = tmp_path / "exported"
+    cli("export", f"run={run}", f"point={first['id']}", f"out={out}", cwd=tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(out))
+    base = AutoModelForCausalLM.from_pretrained(str(test_zoo.base))
+    ids = torch.tensor([[5, 9, 12, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, base(ids).logits)
+    assert "passthrough" in (out / "mergekit.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+genome.bogus=1"], "unknown genome option"),
+        (["genome.models=[base,merged]"], "unknown model 'merged' (set genome.merged to a recipe file)"),
+        (["genome.merged=/nonexistent/knee.yaml"], "genome.merged: no recipe file at /nonexistent/knee.yaml"),
+    ],
+)
+def test_dfs_config_mistakes_are_one_line_errors(test_zoo, tmp_path, overrides, message):
+    from test_cli import cli, pool_args
+
+    proc = cli(*pool_args(test_zoo), "genome=dfs", *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
