@@ -281,3 +281,27 @@ def test_dfs_config_mistakes_are_one_line_errors(test_zoo, tmp_path, overrides, 
 
     proc = cli(*pool_args(test_zoo), "genome=dfs", *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3", "smsemoa", "agemoea", "ga", "de", "cmaes", "mixed_ga", "random", "hand_made"])
+def test_every_algorithm_searches_the_dfs_genome(algorithm):
+    """The DFS genome is a vector in [0, 1]^n: two ask/tell generations, decoded to paths."""
+    import dill
+    from test_configs_algorithms import composed
+
+    from evomerge.dfs.space import build_dfs_space
+    from evomerge.run import build_strategy
+
+    space = build_dfs_space(["base", "expert:a", "expert:b"], n_layers=2, repeats=1)
+    assert space.n_var == 6 + 6
+    extra = ["algorithm.points=[path:base,path:stack]"] if algorithm == "hand_made" else []
+    strategy = build_strategy(composed([f"algorithm={algorithm}", *extra]), space)
+    strategy.setup(space.n_var, 2, max_evals=32, seed=0, initial=space.reference_genomes())
+    for _ in range(2):
+        if not strategy.has_next():
+            break
+        X = strategy.ask()
+        paths = [space.decode(x) for x in X]
+        assert X.shape[1] == space.n_var and all(isinstance(p, LayerPath) for p in paths)
+        strategy.tell(X, np.stack([X[:, 0], 1 - X[:, 1]], axis=1))
+        strategy = dill.loads(dill.dumps(strategy))
