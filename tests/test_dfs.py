@@ -240,6 +240,7 @@ def test_lm_eval_scores_a_path_model(test_zoo):
     assert repeated != base
 
 
+@pytest.mark.slow
 def test_dfs_search_cli_records_paths_and_exports(test_zoo, tmp_path):
     import json
 
