@@ -8,11 +8,13 @@
   from it) + the experts with the other half (``+experiment=toy_ps_dfs``); its front is the
   union of both runs' fronts.
 
-Every run evaluates base and experts (not counted in the budget); every front point and
-reference is re-scored on the full test split (``fitness.test_rescore=front``).
-``val_hv``/``test_hv``: hypervolume (reference score 0) of the front + references, on the
-validation subset / the test split. Also: test scores of the knee and of the best point per
-objective (chosen on validation).
+Every run evaluates base and experts (not counted in the budget); its chosen points (knee,
+best per objective, on validation) and the references are re-scored on the full test split
+(``fitness.test_rescore=true``; re-scoring every front point did not fit the shared CPU).
+``val_hv``: hypervolume (reference score 0) of the validation front + references;
+``test_hv``: of the chosen points + references on the test split (PS+DFS: both stages'
+chosen points). Also: test scores of the knee and of the best point per objective, chosen
+on validation among those points.
 
     python experiments/dfs/run_dfs.py                         # toy, budget 48, seeds 0 1 2
     python experiments/dfs/run_dfs.py --setting smollm2 --budgets 24 --seeds 0
@@ -54,7 +56,7 @@ def run(target: Path, args: list[str]) -> Path:
     if (target / "config.yaml").is_file():
         args = [f"resume={target}"]
     else:
-        args = [*args, "fitness.test_rescore=front", "search.progress=false", "report.html=false", f"hydra.run.dir={target}"]
+        args = [*args, "fitness.test_rescore=true", "search.progress=false", "report.html=false", f"hydra.run.dir={target}"]
     started = time.time()
     print(f"[dfs] python -m evomerge {' '.join(args)}", flush=True)
     proc = subprocess.run([sys.executable, "-m", "evomerge", *args], capture_output=True, text=True)
@@ -89,21 +91,24 @@ def measure(runs: list[Path]) -> dict[str, Any]:
     of the knee / best-per-objective of the union, chosen on validation."""
     from evomerge.search.pareto import knee_point, nondominated
 
-    val, test, evals = [], [], 0
+    val_front, val, test, evals = [], [], [], 0
     for r in runs:
         s = json.loads((r / "summary.json").read_text())
         objectives = s["objectives"]
         evals += int(s["n_evaluated"])
-        for p in s["front"]:
-            val.append([p["scores"][o] for o in objectives])
-            test.append([s["test"][f"front:{p['id']}"]["scores"][o] for o in objectives])
+        by_id = {p["id"]: p["scores"] for p in s["front"]}
+        val_front += [[p["scores"][o] for o in objectives] for p in s["front"]]
         for name, scores in s["references"].items():
+            val_front.append([scores[o] for o in objectives])
             val.append([scores[o] for o in objectives])
+            test.append([s["test"][name]["scores"][o] for o in objectives])
+        for name, rid in s["chosen"].items():
+            val.append([by_id[rid][o] for o in objectives])
             test.append([s["test"][name]["scores"][o] for o in objectives])
     losses = 1.0 - np.array(val)
     front = list(nondominated(losses))
     knee = front[knee_point(losses[front])]
-    out: dict[str, Any] = {"val_hv": hv(val), "test_hv": hv(test), "evals": evals, "knee_test": dict(zip(objectives, test[knee]))}
+    out: dict[str, Any] = {"val_hv": hv(val_front), "test_hv": hv(test), "evals": evals, "knee_test": dict(zip(objectives, test[knee]))}
     for i, o in enumerate(objectives):
         best = max(front, key=lambda j: (val[j][i], sum(val[j])))
         out[f"best_{o}_test"] = test[best][i]
@@ -111,7 +116,7 @@ def measure(runs: list[Path]) -> dict[str, Any]:
 
 
 def write_report(results: dict, out: Path) -> None:
-    lines = ["# PS vs DFS vs PS+DFS at equal budget", "", "mean ± sample std over seeds; HV: front + base + experts, reference score 0.", ""]
+    lines = ["# PS vs DFS vs PS+DFS at equal budget", "", "mean ± sample std over seeds; reference score 0; val HV: validation front + base + experts; test HV: chosen points (knee, best per objective) + base + experts on the test split.", ""]
     for setting, searches in results.items():
         budgets = sorted({b for s in searches.values() for b in s}, key=int)
         for budget in budgets:
