@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from evomerge import rundir
 from evomerge.checks import check_config, check_tasks, check_weights_finite
+from evomerge.dfs import wiring as dfs
+from evomerge.dfs.path import LayerPath, candidate_from_dict, pool_paths
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.estimators.base import Estimator, FitnessContext
 from evomerge.estimators.build import build_estimator
@@ -105,6 +107,8 @@ def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome
     g = OmegaConf.to_container(cfg.genome, resolve=True) if genome is None else genome
     if not isinstance(g, dict):
         raise ConfigError("genome config must be a mapping")
+    if dfs.is_dfs(g):  # data-flow (layer-path) genome: evomerge/dfs
+        return dfs.build_space(g, merger.n_layers, expert_names)
     allowed = {"methods", "layer_groups", "split_attn_mlp", "separate_embed_head", "search_lambda", "lines", "ranges"}
     unknown = set(g) - allowed
     if unknown:
@@ -170,6 +174,9 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     device = OmegaConf.select(cfg, "device") or "auto"
     merger = Merger(pool, device=device, offload=bool(OmegaConf.select(cfg, "offload")))
     check_weights_finite(merger)
+    genome = OmegaConf.to_container(cfg.genome, resolve=True) if OmegaConf.select(cfg, "genome") is not None else None
+    if dfs.is_dfs(genome):  # candidates are layer paths over resident layers of the genome's models
+        merger = dfs.path_merger(merger, genome, list(experts))
     objectives = _tasks(OmegaConf.select(cfg, "fitness.objectives"), "fitness.objectives")
     extra = _tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
     if OmegaConf.select(cfg, "fitness.extra_in_search") is False:
@@ -310,7 +317,7 @@ def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen:
     for name, rec in targets.items():
         scores = cache.get(rec.recipe) if cache else None
         if scores is None:
-            session.merger.apply(Recipe.from_dict(rec.recipe))
+            session.merger.apply(candidate_from_dict(rec.recipe))
             scores = dict(test())
             if cache:
                 cache.put(rec.recipe, scores)
@@ -362,7 +369,10 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
     models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
     rundir.check_fingerprints(run, rundir.fingerprints(models), force, "export")
     merger = Merger(pool, device=OmegaConf.select(cfg, "device") or "auto", offload=bool(OmegaConf.select(cfg, "offload")))
-    recipe = Recipe.from_dict(record.recipe)
+    recipe = candidate_from_dict(record.recipe)
+    if isinstance(recipe, LayerPath):  # a data-flow point: its layers materialised (evomerge/dfs/export.py)
+        recipe.base, recipe.experts = base, list(experts)
+        return dfs.export_path(recipe, merger, list(experts), target, pool_paths(base, experts))
     merger.apply(recipe)
     recipe.base, recipe.experts = base, list(experts)
     merger.save(target, recipe)

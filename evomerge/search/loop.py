@@ -338,6 +338,8 @@ class SearchLoop:
 def _recipe_key(recipe: dict[str, Any]) -> str:
     import json
 
+    if recipe.get("kind") == "dfs":  # a layer path (evomerge/dfs): its slots and models
+        return json.dumps({k: recipe.get(k) for k in ("path", "models", "merged")}, sort_keys=True)
     return json.dumps(recipe.get("groups"), sort_keys=True)
 
 

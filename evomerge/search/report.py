@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.recipe import Recipe
+from evomerge.dfs.path import LayerPath, candidate_from_dict, pool_paths
 from evomerge.search.archive import Archive, Record
 from evomerge.search.pareto import hypervolume, knee_point, nondominated
 
@@ -51,7 +51,7 @@ def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_
         w = csv.writer(f)
         w.writerow(["id", *objectives, *extras, "methods"])
         for r in pareto:
-            methods = sorted({g["method"] for g in r.recipe["groups"]})
+            methods = sorted({g["method"] for g in r.recipe.get("groups") or []}) or [str(r.recipe.get("kind", ""))]
             w.writerow([r.id, *(r.scores[o] for o in objectives), *(r.scores.get(e, "") for e in extras), "+".join(methods)])
     F = np.array([r.losses for r in pareto]) if pareto else np.zeros((0, len(objectives)))
     separable = separable_from_neighbours(pareto, objectives)
@@ -85,12 +85,15 @@ def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, ba
     chosen["knee"] = pareto[knee_point(np.array([r.losses for r in pareto]))].id
     by_id = {r.id: r for r in archive.records}
     for name, rid in chosen.items():
-        recipe = Recipe.from_dict(by_id[rid].recipe)
+        recipe = candidate_from_dict(by_id[rid].recipe)  # a Recipe, or a LayerPath (evomerge/dfs)
         recipe.base, recipe.experts = base, list(experts)
         recipe.metadata = {"archive_id": rid, "scores": by_id[rid].scores}
         recipe.save(out / f"{name}.yaml")
         try:
-            text = recipe.to_mergekit_yaml(base=base, experts=list(experts.values()))
+            if isinstance(recipe, LayerPath):
+                text = recipe.to_mergekit_yaml(pool_paths(base, experts))
+            else:
+                text = recipe.to_mergekit_yaml(base=base, experts=list(experts.values()))
             (out / f"{name}.mergekit.yaml").write_text(text)
         except EvomergeError as exc:
             (out / f"{name}.mergekit.txt").write_text(f"not exported: {exc}\n")
