@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--table", action="store_true", help="print results.json as a markdown table and exit")
+    p.add_argument("--only", nargs="+", choices=["subset", "irt", "multifidelity"], default=None,
+                   help="re-measure only these estimators (reuses the cached full-split scores, keeps the other rows)")
     p.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = p.parse_args()
     if args.table:
@@ -125,68 +127,80 @@ def main() -> None:
 
     merger.apply(recipes[0])
     full()  # warm-up: builds every request once, as a run would
-    exact, full_s = timed(full)
-    exact = [dict(s) for s in exact]
+    # the full-split scores are cached so that one estimator can be re-measured alone (--only)
+    cache = HERE / f"exact_{args.setting}.json"
+    cache_key = {"seed": args.seed, "candidates": args.candidates, "overrides": list(args.override)}
+    cached = json.loads(cache.read_text()) if cache.exists() else None
+    if args.only and cached and cached["key"] == cache_key:
+        exact, full_s = cached["exact"], cached["seconds_per_candidate"]
+    else:
+        exact, full_s = timed(full)
+        exact = [dict(s) for s in exact]
+        cache.write_text(json.dumps({"key": cache_key, "seconds_per_candidate": full_s, "exact": exact}) + "\n")
+    only = set(args.only or ["subset", "irt", "multifidelity"])
     results: dict[str, dict] = {"full_split": {"items": sum(n_docs[t.task] for t in tasks) / len(tasks), "mae": 0.0, "seconds_per_candidate": full_s}}
     print(f"full split: {full_s:.2f} s per candidate", flush=True)
 
     n = args.items
-    sub = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=n, subset_seed=0, **common)
-    est, s = timed(sub)
-    results["random_subset"] = {"items": n, "mae": mae(est, exact, objectives), "seconds_per_candidate": s}
-    # the same estimator at the default subset size, for scale
-    default_n = OmegaConf.select(cfg, "fitness.subset_size")
-    if default_n and int(default_n) != n:
-        sub_d = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=int(default_n), subset_seed=0, **common)
-        est, s = timed(sub_d)
-        results[f"random_subset_{int(default_n)}"] = {"items": int(default_n), "mae": mae(est, exact, objectives), "seconds_per_candidate": s}
-    print({k: v for k, v in results.items()}, flush=True)
+    if "subset" in only:
+        sub = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=n, subset_seed=0, **common)
+        est, s = timed(sub)
+        results["random_subset"] = {"items": n, "mae": mae(est, exact, objectives), "seconds_per_candidate": s}
+        # the same estimator at the default subset size, for scale
+        default_n = OmegaConf.select(cfg, "fitness.subset_size")
+        if default_n and int(default_n) != n:
+            sub_d = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=int(default_n), subset_seed=0, **common)
+            est, s = timed(sub_d)
+            results[f"random_subset_{int(default_n)}"] = {"items": int(default_n), "mae": mae(est, exact, objectives), "seconds_per_candidate": s}
+        print({k: v for k, v in results.items()}, flush=True)
 
-    irt_cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/fitness/estimator/irt.yaml").read_text())
-    n_probes = args.n_probes if args.n_probes is not None else int(irt_cfg["n_probes"])
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=Path(tmp), merger=merger, seed=0, **common)
-        irt = IrtEstimator(ctx, n_anchors=n, n_probes=n_probes, fitness=full)
-        est, s = timed(irt)
-        results["irt_anchors"] = {
-            "items": irt.items_per_candidate / len(tasks), "mae": mae(est, exact, objectives), "seconds_per_candidate": s,
-            "calibration_models": 1 + len(experts) + n_probes, "calibration_seconds": irt.calibration_s,
-            "mean_reported_stderr": float(np.mean([e.stderr[o] for e in est for o in objectives])),
-        }
-        print("irt", results["irt_anchors"], flush=True)
-
-    # a search seeded with the references starts with them, exact, in its archive
-    from evomerge.estimators.irt import reference_recipes
-
-    refs = []
-    for recipe in reference_recipes(merger.n_experts, merger.pool.expert_names, merger.n_layers).values():
-        merger.apply(recipe)
-        refs.append(full())
-    exact_front = {int(i) for i in nondominated(np.array([[1 - e[o] for o in objectives] for e in exact]))}
-    top = {o: n_docs[t.task] for o, t in zip(objectives, tasks)}
-    for k in sorted({args.k, 1.0}):
+    if "irt" in only:
+        irt_cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/fitness/estimator/irt.yaml").read_text())
+        n_probes = args.n_probes if args.n_probes is not None else int(irt_cfg["n_probes"])
         with tempfile.TemporaryDirectory() as tmp:
             ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=Path(tmp), merger=merger, seed=0, **common)
-            mf = MultiFidelityEstimator(ctx, k=k, growth=2.0, fitness=full)
-            archive = Archive(Path(tmp) / "archive.jsonl")
-            for i, sc in enumerate(refs):
-                archive.append(Record(-1 - i, "search", f"ref{i}", [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
-            mf.attach(archive)
-            est, started = [], time.perf_counter()
-            for i, r in enumerate(recipes):
-                merger.apply(r)
-                sc = mf()
-                est.append(sc)
-                archive.append(Record(i, "search", str(i), [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
-            s = (time.perf_counter() - started) / len(recipes)
-            recall = np.mean([all(est[i].fidelity[o] >= top[o] for o in objectives) for i in exact_front])
-            key = "multifidelity" if k == args.k else f"multifidelity_k{k:g}"
-            results[key] = {
-                "items": float(np.mean([np.mean([e.fidelity[o] for o in objectives]) for e in est])), "mae": mae(est, exact, objectives),
-                "seconds_per_candidate": s, "k": k, "front_recall": float(recall), "exact_front_size": len(exact_front),
-                "full_split_share": float(np.mean([all(e.fidelity[o] >= top[o] for o in objectives) for e in est])),
+            irt = IrtEstimator(ctx, n_anchors=n, n_probes=n_probes, fitness=full)
+            est, s = timed(irt)
+            results["irt_anchors"] = {
+                "items": irt.items_per_candidate / len(tasks), "mae": mae(est, exact, objectives), "seconds_per_candidate": s,
+                "calibration_models": 1 + len(experts) + n_probes, "calibration_seconds": irt.calibration_s,
+                "mean_reported_stderr": float(np.mean([e.stderr[o] for e in est for o in objectives])),
             }
-            print(key, results[key], flush=True)
+            print("irt", results["irt_anchors"], flush=True)
+
+    if "multifidelity" in only:
+        # a search seeded with the references starts with them, exact, in its archive
+        from evomerge.estimators.irt import reference_recipes
+
+        refs = []
+        for recipe in reference_recipes(merger.n_experts, merger.pool.expert_names, merger.n_layers).values():
+            merger.apply(recipe)
+            refs.append(full())
+        exact_front = {int(i) for i in nondominated(np.array([[1 - e[o] for o in objectives] for e in exact]))}
+        top = {o: n_docs[t.task] for o, t in zip(objectives, tasks)}
+        for k in sorted({args.k, 1.0}):
+            with tempfile.TemporaryDirectory() as tmp:
+                ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=Path(tmp), merger=merger, seed=0, **common)
+                mf = MultiFidelityEstimator(ctx, k=k, growth=2.0, fitness=full)
+                archive = Archive(Path(tmp) / "archive.jsonl")
+                for i, sc in enumerate(refs):
+                    archive.append(Record(-1 - i, "search", f"ref{i}", [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
+                mf.attach(archive)
+                est, started = [], time.perf_counter()
+                for i, r in enumerate(recipes):
+                    merger.apply(r)
+                    sc = mf()
+                    est.append(sc)
+                    archive.append(Record(i, "search", str(i), [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
+                s = (time.perf_counter() - started) / len(recipes)
+                recall = np.mean([all(est[i].fidelity[o] >= top[o] for o in objectives) for i in exact_front])
+                key = "multifidelity" if k == args.k else f"multifidelity_k{k:g}"
+                results[key] = {
+                    "items": float(np.mean([np.mean([e.fidelity[o] for o in objectives]) for e in est])), "mae": mae(est, exact, objectives),
+                    "seconds_per_candidate": s, "k": k, "front_recall": float(recall), "exact_front_size": len(exact_front),
+                    "full_split_share": float(np.mean([all(e.fidelity[o] >= top[o] for o in objectives) for e in est])),
+                }
+                print(key, results[key], flush=True)
 
     for v in results.values():
         for key in ("mae", "seconds_per_candidate", "items", "calibration_seconds", "mean_reported_stderr"):
@@ -194,7 +208,7 @@ def main() -> None:
                 v[key] = round(float(v[key]), 4)
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
-    data[args.setting] = results
+    data[args.setting] = {**data.get(args.setting, {}), **results} if args.only else results
     out.write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
