@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--first", type=int, default=20, help="first fidelity (items per task) of multifidelity")
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--keep", default=None, help="keep the run folders here")
+    p.add_argument("--arms", nargs="+", default=None, help="run only these arms (default: all)")
     args = p.parse_args()
 
     from measure import compose
@@ -93,9 +94,12 @@ def main() -> None:
         return exact_cache[key]
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="search_stream_"))
+    root.mkdir(parents=True, exist_ok=True)
     per_run: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for arm, overrides in arms(args.first).items():
+            if args.arms and arm not in args.arms:
+                continue
             run_dir = root / arm / f"seed-{seed}"
             wall = run_one(run_dir, overrides, seed, args.budget, root / f"{arm}-{seed}.log")
             recs = [r for r in Archive(run_dir / "archive.jsonl").records if r.error is None]
