@@ -56,6 +56,12 @@ def run_one(run_dir: Path, overrides: list[str], seed: int, budget: int, log: Pa
     return time.perf_counter() - started
 
 
+def _seed(run_dir: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load((run_dir / "config.yaml").read_text())["seed"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -64,6 +70,12 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--keep", default=None, help="keep the run folders here")
     p.add_argument("--arms", nargs="+", default=None, help="run only these arms (default: all)")
+    p.add_argument("--from-runs", nargs="+", default=None, metavar="ARM=RUN_DIR",
+                   help="analyse existing (possibly unfinished) run folders instead of running searches")
+    p.add_argument("--no-rescore", dest="rescore", action="store_false",
+                   help="skip re-scoring the fronts on the full split (front_hv_full_split is then left out)")
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="analyse only the first N search candidates of each run (equal counts for unfinished runs)")
     args = p.parse_args()
 
     from measure import compose
@@ -96,45 +108,54 @@ def main() -> None:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="search_stream_"))
     root.mkdir(parents=True, exist_ok=True)
     per_run: dict[str, list[dict]] = {}
-    for seed in args.seeds:
-        for arm, overrides in arms(args.first).items():
-            if args.arms and arm not in args.arms:
-                continue
-            run_dir = root / arm / f"seed-{seed}"
-            wall = run_one(run_dir, overrides, seed, args.budget, root / f"{arm}-{seed}.log")
-            recs = [r for r in Archive(run_dir / "archive.jsonl").records if r.error is None]
-            search = [r for r in recs if r.kind == "search"]
-            front = [recs[i] for i in nondominated(np.array([[1 - r.scores[o] for o in objectives] for r in recs]))]
-            # a score from every item of the split is already exact
-            rescored = [
-                dict(r.scores) if all(r.fidelity.get(o, 0) >= n_total[o] for o in objectives) else exact(r.recipe) for r in front
-            ]
+    if args.from_runs:
+        jobs = [(arm, Path(d), None) for arm, d in (x.split("=", 1) for x in args.from_runs)]
+    else:
+        jobs = [(arm, root / arm / f"seed-{seed}", (overrides, seed)) for seed in args.seeds
+                for arm, overrides in arms(args.first).items() if not args.arms or arm in args.arms]
+    for arm, run_dir, todo in jobs:
+        wall = None
+        if todo is not None:
+            wall = run_one(run_dir, todo[0], todo[1], args.budget, root / f"{arm}-{todo[1]}.log")
+        recs = [r for r in Archive(run_dir / "archive.jsonl").records if r.error is None]
+        search = [r for r in recs if r.kind == "search"][: args.max_candidates]
+        recs = [r for r in recs if r.kind != "search"] + search
+        front = [recs[i] for i in nondominated(np.array([[1 - r.scores[o] for o in objectives] for r in recs]))]
+        # a score from every item of the split is already exact
+        is_exact = [all(r.fidelity.get(o, 0) >= n_total[o] for o in objectives) for r in front]
+        rescored = [dict(r.scores) if ok else exact(r.recipe) for r, ok in zip(front, is_exact)] if args.rescore else None
+        row = {
+            "seed": _seed(run_dir),
+            "candidates": len(search),
+            "items": float(np.mean([np.mean([r.fidelity[o] for o in objectives]) for r in search])),
+            "eval_seconds_per_candidate": float(np.mean([r.eval_s for r in search])),
+            "front_size": len(front),
+            "front_not_exact": len(is_exact) - sum(is_exact),
+            "front_hv_archived": hypervolume(np.array([[1 - r.scores[o] for o in objectives] for r in front]), np.ones(len(objectives))),
+            "full_split_share": float(np.mean([all(r.fidelity[o] >= n_total[o] for o in objectives) for r in search])),
+        }
+        if rescored is not None:
             F = np.array([[1 - s[o] for o in objectives] for s in rescored])
-            row = {
-                "seed": seed,
-                "candidates": len(search),
-                "items": float(np.mean([np.mean([r.fidelity[o] for o in objectives]) for r in search])),
-                "eval_seconds_per_candidate": float(np.mean([r.eval_s for r in search])),
-                "wall_seconds": wall,
-                "front_size": len(front),
-                "front_hv_full_split": hypervolume(F[nondominated(F)], np.ones(len(objectives))),
-                "front_hv_archived": hypervolume(np.array([[1 - r.scores[o] for o in objectives] for r in front]), np.ones(len(objectives))),
-                "full_split_share": float(np.mean([all(r.fidelity[o] >= n_total[o] for o in objectives) for r in search])),
-            }
-            per_run.setdefault(arm, []).append(row)
-            print(arm, json.dumps(row), flush=True)
+            row["front_hv_full_split"] = hypervolume(F[nondominated(F)], np.ones(len(objectives)))
+        if wall is not None:
+            row["wall_seconds"] = wall
+        per_run.setdefault(arm, []).append(row)
+        print(arm, json.dumps(row), flush=True)
 
     summary: dict[str, dict] = {}
     for arm, rows in per_run.items():
         summary[arm] = {
             key: round(float(np.mean([r[key] for r in rows])), 4)
-            for key in ("items", "eval_seconds_per_candidate", "wall_seconds", "front_hv_full_split", "front_hv_archived", "full_split_share", "candidates")
+            for key in ("items", "eval_seconds_per_candidate", "wall_seconds", "front_hv_full_split", "front_hv_archived", "full_split_share",
+                        "candidates", "front_size", "front_not_exact")
+            if all(key in r for r in rows)
         }
         summary[arm]["seeds"] = [r["seed"] for r in rows]
-        summary[arm]["front_hv_full_split_per_seed"] = [round(r["front_hv_full_split"], 4) for r in rows]
+        if all("front_hv_full_split" in r for r in rows):
+            summary[arm]["front_hv_full_split_per_seed"] = [round(r["front_hv_full_split"], 4) for r in rows]
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
-    data["search_stream"] = {"budget": args.budget, "first": args.first, "arms": summary}
+    data["search_stream"] = {"budget": args.budget, "first": args.first, "max_candidates": args.max_candidates, "arms": summary}
     out.write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
