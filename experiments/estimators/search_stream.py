@@ -113,6 +113,12 @@ def main() -> None:
     else:
         jobs = [(arm, root / arm / f"seed-{seed}", (overrides, seed)) for seed in args.seeds
                 for arm, overrides in arms(args.first).items() if not args.arms or arm in args.arms]
+    if args.from_runs:
+        # a candidate that one arm scored on every item needs no re-scoring in another
+        for _, run_dir, _ in jobs:
+            for r in Archive(run_dir / "archive.jsonl").records:
+                if r.error is None and all(r.fidelity.get(o, 0) >= n_total[o] for o in objectives):
+                    exact_cache.setdefault(json.dumps(r.recipe, sort_keys=True), {o: float(r.scores[o]) for o in objectives})
     for arm, run_dir, todo in jobs:
         wall = None
         if todo is not None:
