@@ -60,6 +60,8 @@ def table(data: dict) -> str:
     """results.json as a markdown table (the README's)."""
     lines = ["| setting | estimator | items per task | MAE vs full split | s per candidate | notes |", "|---|---|---|---|---|---|"]
     for setting, rows in data.items():
+        if setting == "search_stream":  # search_stream.py's results, another shape
+            continue
         for name, r in rows.items():
             notes = []
             if "calibration_models" in r:
