@@ -8,7 +8,13 @@ clustered by their parameters ``(a_j, c_j)`` (k-means); the item nearest each ce
 an anchor, weighted by its cluster's share of the split.
 
 Per candidate only the anchors are scored. Its ability ``theta`` is fitted to the
-anchor answers, and the full-split score is estimated as (gp-IRT)::
+anchor answers, each answer's log-likelihood weighted by its anchor's cluster share
+(times the number of anchors, so the answers carry as much information as were given):
+an anchor stands for its whole cluster. Unweighted, the many one-item clusters k-means
+makes of rare answer patterns outvote the anchor of a large cluster, and a model at the
+edge of the calibration range (the only one that solves a task) gets a theta pulled to
+the middle: on the test zoo the math expert's 0.75 was estimated at 0.48. The full-split
+score is estimated as (gp-IRT)::
 
     lambda * sum_j w_j y_j  +  (1 - lambda) * (sum_{anchors} y_j + sum_{others} P_j(theta)) / N
 
@@ -75,13 +81,17 @@ def fit_2pl(Y: np.ndarray, iters: int = 500) -> tuple[np.ndarray, np.ndarray, np
     return x[:M], np.exp(x[M : M + N]), x[M + N :]
 
 
-def fit_theta(y: np.ndarray, a: np.ndarray, c: np.ndarray, prior_mean: float = 0.0, prior_sd: float = 1.0) -> float:
-    """MAP ability from answers ``y`` to items with parameters ``(a, c)`` (Newton steps)."""
+def fit_theta(
+    y: np.ndarray, a: np.ndarray, c: np.ndarray, prior_mean: float = 0.0, prior_sd: float = 1.0, weights: np.ndarray | None = None
+) -> float:
+    """MAP ability from answers ``y`` to items with parameters ``(a, c)`` (Newton steps);
+    ``weights`` scale each answer's log-likelihood (default 1)."""
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
     theta = prior_mean
     for _ in range(50):
         p = expit(a * theta + c)
-        grad = (a * (y - p)).sum() - (theta - prior_mean) / prior_sd**2
-        hess = -(a * a * p * (1 - p)).sum() - 1.0 / prior_sd**2
+        grad = (w * a * (y - p)).sum() - (theta - prior_mean) / prior_sd**2
+        hess = -(w * a * a * p * (1 - p)).sum() - 1.0 / prior_sd**2
         step = grad / hess
         theta -= float(np.clip(step, -2.0, 2.0))
         if abs(step) < 1e-8:
@@ -166,7 +176,8 @@ class TaskModel:
         idx = np.asarray(self.anchors)
         w = np.asarray(self.weights)
         y = np.asarray(y_anchor, dtype=float)
-        theta = fit_theta(y, a[idx], c[idx], self.theta_mean, self.theta_sd)
+        # each anchor speaks for its cluster (see the module docstring)
+        theta = fit_theta(y, a[idx], c[idx], self.theta_mean, self.theta_sd, weights=w * len(idx))
         p = expit(a * theta + c)
         rest = np.ones(self.n_items, dtype=bool)
         rest[idx] = False

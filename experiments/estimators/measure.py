@@ -32,9 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
+
+from evomerge.search.pareto import nondominated
 
 HERE = Path(__file__).resolve().parent
 OVERRIDES = {"toy": [], "smollm2": ["+experiment=smollm2"]}
@@ -57,6 +60,8 @@ def table(data: dict) -> str:
     """results.json as a markdown table (the README's)."""
     lines = ["| setting | estimator | items per task | MAE vs full split | s per candidate | notes |", "|---|---|---|---|---|---|"]
     for setting, rows in data.items():
+        if setting == "search_stream":  # search_stream.py's results, another shape
+            continue
         for name, r in rows.items():
             notes = []
             if "calibration_models" in r:
@@ -74,10 +79,15 @@ def main() -> None:
     p.add_argument("--items", type=int, default=20, help="items per task for every estimator")
     p.add_argument("--n-probes", type=int, default=None, help="IRT calibration probes (default: configs/fitness/estimator/irt.yaml)")
     p.add_argument("--k", type=float, default=2.0, help="multi-fidelity slack in standard errors")
+    p.add_argument("--extra-k", type=float, nargs="*", default=[1.0], help="further multi-fidelity slacks to measure")
+    p.add_argument("--no-default-subset", dest="default_subset", action="store_false",
+                   help="skip the random subset at the setting's default fitness.subset_size")
     p.add_argument("--seed", type=int, default=12345, help="held-out candidates' seed")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--table", action="store_true", help="print results.json as a markdown table and exit")
+    p.add_argument("--only", nargs="+", choices=["subset", "irt", "multifidelity"], default=None,
+                   help="re-measure only these estimators (reuses the cached full-split scores, keeps the other rows)")
     p.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = p.parse_args()
     if args.table:
@@ -93,7 +103,6 @@ def main() -> None:
     from evomerge.merge.merger import Merger
     from evomerge.run import _get, _tasks, build_pool, build_space
     from evomerge.search.archive import Archive, Record
-    from evomerge.search.pareto import nondominated
 
     quiet_libraries()
     cfg = compose(args.setting, list(args.override))
@@ -116,87 +125,113 @@ def main() -> None:
     recipes = [space.decode(rng.random(space.n_var)) for _ in range(args.candidates)]
     print(f"{args.setting}: {len(recipes)} held-out candidates, objectives {objectives}, docs per task {n_docs}", flush=True)
 
-    def timed(fn) -> tuple[list, float]:
-        out, started = [], time.perf_counter()
-        for r in recipes:
-            merger.apply(r)
-            out.append(fn())
-        return out, (time.perf_counter() - started) / len(recipes)
-
     merger.apply(recipes[0])
     full()  # warm-up: builds every request once, as a run would
-    exact, full_s = timed(full)
-    exact = [dict(s) for s in exact]
-    results: dict[str, dict] = {"full_split": {"items": sum(n_docs[t.task] for t in tasks) / len(tasks), "mae": 0.0, "seconds_per_candidate": full_s}}
-    print(f"full split: {full_s:.2f} s per candidate", flush=True)
-
     n = args.items
-    sub = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=n, subset_seed=0, **common)
-    est, s = timed(sub)
-    results["random_subset"] = {"items": n, "mae": mae(est, exact, objectives), "seconds_per_candidate": s}
-    # the same estimator at the default subset size, for scale
-    default_n = OmegaConf.select(cfg, "fitness.subset_size")
-    if default_n and int(default_n) != n:
-        sub_d = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=int(default_n), subset_seed=0, **common)
-        est, s = timed(sub_d)
-        results[f"random_subset_{int(default_n)}"] = {"items": int(default_n), "mae": mae(est, exact, objectives), "seconds_per_candidate": s}
-    print({k: v for k, v in results.items()}, flush=True)
+    only = set(args.only or ["subset", "irt", "multifidelity"])
+    # the full-split scores are cached so that one estimator can be re-measured alone (--only)
+    cache = Path(args.out).parent / f"exact_{args.setting}.json"
+    cache_key = {"seed": args.seed, "candidates": args.candidates, "overrides": list(args.override)}
+    cached = json.loads(cache.read_text()) if cache.exists() else None
+    use_cache = bool(args.only and cached and cached["key"] == cache_key)
 
-    irt_cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/fitness/estimator/irt.yaml").read_text())
-    n_probes = args.n_probes if args.n_probes is not None else int(irt_cfg["n_probes"])
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=Path(tmp), merger=merger, seed=0, **common)
+    # every estimator is built (IRT calibrated, multi-fidelity archives seeded) before the
+    # candidates; then each candidate is merged once and every estimator scores the live
+    # weights: seconds per candidate = its merge + that estimator's scoring
+    ests: dict[str, Any] = {}
+    extra: dict[str, dict] = {}
+    tmp = tempfile.TemporaryDirectory()
+    if "subset" in only:
+        ests["random_subset"] = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=n, subset_seed=0, **common)
+        default_n = OmegaConf.select(cfg, "fitness.subset_size")
+        if args.default_subset and default_n and int(default_n) != n:  # the default subset size, for scale
+            ests[f"random_subset_{int(default_n)}"] = LmEvalFitness(
+                merger.model, merger.tokenizer, tasks, subset_size=int(default_n), subset_seed=0, **common)
+    if "irt" in only:
+        irt_cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/fitness/estimator/irt.yaml").read_text())
+        n_probes = args.n_probes if args.n_probes is not None else int(irt_cfg["n_probes"])
+        ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=Path(tmp.name) / "irt",
+                             merger=merger, seed=0, **common)
+        ctx.run_dir.mkdir()
         irt = IrtEstimator(ctx, n_anchors=n, n_probes=n_probes, fitness=full)
-        est, s = timed(irt)
-        results["irt_anchors"] = {
-            "items": irt.items_per_candidate / len(tasks), "mae": mae(est, exact, objectives), "seconds_per_candidate": s,
-            "calibration_models": 1 + len(experts) + n_probes, "calibration_seconds": irt.calibration_s,
-            "mean_reported_stderr": float(np.mean([e.stderr[o] for e in est for o in objectives])),
-        }
-        print("irt", results["irt_anchors"], flush=True)
+        ests["irt_anchors"] = irt
+        extra["irt_anchors"] = {"calibration_models": 1 + len(experts) + n_probes, "calibration_seconds": irt.calibration_s}
+        print(f"irt calibrated in {irt.calibration_s:.0f} s", flush=True)
+    archives: dict[str, Any] = {}
+    if "multifidelity" in only:
+        # a search seeded with the references starts with them, exact, in its archive
+        from evomerge.estimators.irt import reference_recipes
 
-    # a search seeded with the references starts with them, exact, in its archive
-    from evomerge.estimators.irt import reference_recipes
+        refs = []
+        for recipe in reference_recipes(merger.n_experts, merger.pool.expert_names, merger.n_layers).values():
+            merger.apply(recipe)
+            refs.append(full())
+        for k in sorted({args.k, *args.extra_k}):
+            key = "multifidelity" if k == args.k else f"multifidelity_k{k:g}"
+            d = Path(tmp.name) / key
+            d.mkdir()
+            ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=d, merger=merger, seed=0, **common)
+            mf = MultiFidelityEstimator(ctx, k=k, growth=2.0, fitness=full)
+            archives[key] = Archive(d / "archive.jsonl")
+            for i, sc in enumerate(refs):
+                archives[key].append(Record(-1 - i, "search", f"ref{i}", [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
+            mf.attach(archives[key])
+            ests[key] = mf
+            extra[key] = {"k": k}
 
-    refs = []
-    for recipe in reference_recipes(merger.n_experts, merger.pool.expert_names, merger.n_layers).values():
-        merger.apply(recipe)
-        refs.append(full())
+    exact: list[dict[str, float]] = cached["exact"] if use_cache else []
+    out: dict[str, list] = {name: [] for name in ests}
+    secs: dict[str, float] = {name: 0.0 for name in ["full_split", *ests]}
+    for i, r in enumerate(recipes):
+        merge_s = merger.apply(r).seconds
+        if not use_cache:
+            started = time.perf_counter()
+            exact.append({o: float(v) for o, v in full().items()})
+            secs["full_split"] += merge_s + time.perf_counter() - started
+        for name, est in ests.items():
+            started = time.perf_counter()
+            sc = est()
+            secs[name] += merge_s + time.perf_counter() - started
+            out[name].append(sc)
+            if name in archives:
+                archives[name].append(Record(i, "search", str(i), [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
+        print(f"candidate {i + 1}/{len(recipes)}: exact {exact[i]}", flush=True)
+        # written after every candidate, so an interrupted run leaves its rows so far
+        write_results(args, summarise(exact[: i + 1], out, secs, i + 1, cached["seconds_per_candidate"] if use_cache else None,
+                                      n_docs, tasks, objectives, extra, archives))
+    if not use_cache:
+        cache.write_text(json.dumps({"key": cache_key, "seconds_per_candidate": secs["full_split"] / len(recipes), "exact": exact}) + "\n")
+    tmp.cleanup()
+
+
+def summarise(exact, out, secs, n_done, cached_full_s, n_docs, tasks, objectives, extra, archives) -> dict[str, dict]:
+    full_s = cached_full_s if cached_full_s is not None else secs["full_split"] / n_done
+    results: dict[str, dict] = {"full_split": {"items": sum(n_docs[t.task] for t in tasks) / len(tasks), "mae": 0.0,
+                                               "seconds_per_candidate": full_s, "candidates": n_done}}
     exact_front = {int(i) for i in nondominated(np.array([[1 - e[o] for o in objectives] for e in exact]))}
     top = {o: n_docs[t.task] for o, t in zip(objectives, tasks)}
-    for k in sorted({args.k, 1.0}):
-        with tempfile.TemporaryDirectory() as tmp:
-            ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=Path(tmp), merger=merger, seed=0, **common)
-            mf = MultiFidelityEstimator(ctx, k=k, growth=2.0, fitness=full)
-            archive = Archive(Path(tmp) / "archive.jsonl")
-            for i, sc in enumerate(refs):
-                archive.append(Record(-1 - i, "search", f"ref{i}", [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
-            mf.attach(archive)
-            est, started = [], time.perf_counter()
-            for i, r in enumerate(recipes):
-                merger.apply(r)
-                sc = mf()
-                est.append(sc)
-                archive.append(Record(i, "search", str(i), [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
-            s = (time.perf_counter() - started) / len(recipes)
-            recall = np.mean([all(est[i].fidelity[o] >= top[o] for o in objectives) for i in exact_front])
-            key = "multifidelity" if k == args.k else f"multifidelity_k{k:g}"
-            results[key] = {
-                "items": float(np.mean([np.mean([e.fidelity[o] for o in objectives]) for e in est])), "mae": mae(est, exact, objectives),
-                "seconds_per_candidate": s, "k": k, "front_recall": float(recall), "exact_front_size": len(exact_front),
-                "full_split_share": float(np.mean([all(e.fidelity[o] >= top[o] for o in objectives) for e in est])),
-            }
-            print(key, results[key], flush=True)
-
+    for name, est in out.items():
+        row = {"items": float(np.mean([np.mean([e.fidelity[o] for o in objectives]) for e in est])), "mae": mae(est, exact, objectives),
+               "seconds_per_candidate": secs[name] / n_done, **extra.get(name, {})}
+        if name == "irt_anchors":
+            row["mean_reported_stderr"] = float(np.mean([e.stderr[o] for e in est for o in objectives]))
+        if name in archives:
+            row["front_recall"] = float(np.mean([all(est[i].fidelity[o] >= top[o] for o in objectives) for i in exact_front]))
+            row["exact_front_size"] = len(exact_front)
+            row["full_split_share"] = float(np.mean([all(e.fidelity[o] >= top[o] for o in objectives) for e in est]))
+        results[name] = row
     for v in results.values():
         for key in ("mae", "seconds_per_candidate", "items", "calibration_seconds", "mean_reported_stderr"):
             if key in v:
                 v[key] = round(float(v[key]), 4)
+    return results
+
+
+def write_results(args, results: dict[str, dict]) -> None:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
-    data[args.setting] = results
+    data[args.setting] = {**data.get(args.setting, {}), **results} if args.only else results
     out.write_text(json.dumps(data, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
