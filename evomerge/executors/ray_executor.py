@@ -97,7 +97,8 @@ class RayExecutor:
         self._started_ray = False
         if not ray.is_initialized():
             if address in (None, "", "null"):
-                ray.init(num_cpus=self.workers * self.cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+                # "local": always a new instance of our own, never a cluster found on this host
+                ray.init(address="local", num_cpus=self.workers * self.cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
             else:
                 try:
                     ray.init(address=str(address), log_to_driver=True, configure_logging=False)

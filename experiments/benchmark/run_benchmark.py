@@ -62,7 +62,8 @@ def run_one(root: Path, setting: str, search: str, budget: int, seed: int, extra
     if (target / "summary.json").is_file():
         return target
     if (target / "config.yaml").is_file():
-        args = [f"resume={target}"]
+        # the executor is chosen per invocation (e.g. --override executor=ray): keep it on resume
+        args = [f"resume={target}", *(o for o in extra if o.lstrip("+").startswith("executor"))]
     else:
         args = [
             *SETTINGS[setting]["overrides"],
