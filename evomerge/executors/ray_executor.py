@@ -173,6 +173,8 @@ class RayExecutor:
                 self._note(f"worker {slot} died ({type(exc).__name__}); the candidate killed {MAX_ATTEMPTS} workers and is recorded as failed")
                 outcome = Outcome.failed(f"WorkerDied: the candidate's evaluation killed {MAX_ATTEMPTS} Ray workers ({type(exc).__name__})")
             except ray.exceptions.RayError as exc:  # anything else Ray reports: a failed candidate
+                if isinstance(exc, KeyboardInterrupt) or isinstance(getattr(exc, "cause", None), KeyboardInterrupt):
+                    raise KeyboardInterrupt from None  # Ctrl-C reached the worker first: not the candidate's fault
                 idle.append(slot)
                 outcome = Outcome.failed(f"{type(exc).__name__}: {_first_line(exc)}"[:500])
             else:
