@@ -6,7 +6,7 @@ tasks on their 100-doc subsets) in a fresh run directory. Two figures per settin
 ``total`` -- including model loading and Ray/worker start-up. The archives of all settings
 must be identical (same seed); the script checks it.
 
-    python experiments/bench_executor.py [--evals 32] [--zoo tiny|default] [--workers 1,2] [--out DIR]
+    python experiments/bench_executor.py [--evals 32] [--zoo tiny|default] [--workers 1,2] [--subset 100] [--out DIR]
 
 On a GPU machine use ``--gpu``: each Ray worker then gets one GPU (``gpus_per_worker=1``).
 """
@@ -73,13 +73,14 @@ def main() -> None:
     ap.add_argument("--evals", type=int, default=32)
     ap.add_argument("--zoo", choices=["tiny", "default"], default="tiny")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--subset", type=int, default=100, help="fitness.subset_size (items per task per candidate)")
     ap.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (else CPU workers, device=cpu)")
     ap.add_argument("--out", default=None, help="folder for the run directories (default: a temp folder)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_executor_"))
     common = [
         f"modelpool.size={args.zoo}", f"search.max_evals={args.evals}", "algorithm.pop_size=8", "search.progress=false",
-        "fitness.test_rescore=false", "report.plots=false", "report.html=false", "device=" + ("cuda" if args.gpu else "cpu"),
+        "fitness.test_rescore=false", f"fitness.subset_size={args.subset}", "report.plots=false", "report.html=false", "device=" + ("cuda" if args.gpu else "cpu"),
     ]
     settings = [("local", ["executor=local"])]
     for w in [int(v) for v in args.workers.split(",")]:

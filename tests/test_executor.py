@@ -74,9 +74,27 @@ def test_failed_outcome_is_recorded_worst(tmp_path):
     assert rec.error.startswith("WorkerDied") and rec.losses == [1.0, 1.0]
 
 
+def test_resume_takes_the_executor_of_its_own_command_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    from evomerge.rundir import open_run_dir
+
+    run = tmp_path / "run"
+    first = OmegaConf.create({"seed": 0, "resume": None, "executor": {"_target_": "evomerge.executors.local_executor", "_partial_": True}})
+    open_run_dir(first, run, ["seed=0"])[2].release()
+    again = OmegaConf.create({"seed": 0, "resume": str(run), "force": False, "executor": {"_target_": "x.ray", "workers": 3}})
+    cfg, _, lock = open_run_dir(again, run, [f"resume={run}", "executor=ray", "executor.workers=3"])
+    lock.release()
+    assert cfg.executor == {"_target_": "x.ray", "workers": 3} and cfg.seed == 0
+
+
 # ---------------------------------------------------------------- local vs Ray on the test zoo
 
-ray = pytest.importorskip("ray")
+try:
+    import ray
+except ImportError:  # the tests above still run; these need the extra (pip install 'evomerge[ray]')
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'evomerge[ray]')")
 
 
 def _pool_args(zoo) -> list[str]:
@@ -123,6 +141,7 @@ def local_archive(test_zoo, tmp_path_factory):
     return _run([*_pool_args(test_zoo), "search.max_evals=16", "search.progress=false"], run)
 
 
+@needs_ray
 @pytest.mark.slow
 def test_ray_gives_the_local_archive_and_survives_killed_workers(test_zoo, local_archive, local_ray, tmp_path, monkeypatch):
     from evomerge.executors.ray_executor import RayExecutor
@@ -156,6 +175,7 @@ def test_ray_gives_the_local_archive_and_survives_killed_workers(test_zoo, local
             assert a == b, i  # same genomes, same scores as in process
 
 
+@needs_ray
 @pytest.mark.slow
 def test_killed_ray_driver_resumes_to_the_same_archive(test_zoo, local_archive, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
