@@ -97,8 +97,10 @@ class RayExecutor:
         self._started_ray = False
         if not ray.is_initialized():
             if address in (None, "", "null"):
-                # "local": always a new instance of our own, never a cluster found on this host
-                ray.init(address="local", num_cpus=self.workers * self.cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+                try:  # "local": always a new instance of our own, never a cluster found on this host
+                    ray.init(address="local", num_cpus=self.workers * self.cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+                except Exception as exc:  # noqa: BLE001 -- e.g. the raylet did not come up in time on a loaded machine
+                    raise EvomergeError(f"cannot start a local Ray instance: {_first_line(exc)}; try again, or use executor=local") from None
             else:
                 try:
                     ray.init(address=str(address), log_to_driver=True, configure_logging=False)
