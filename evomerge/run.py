@@ -225,6 +225,34 @@ def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     genome_cfg = OmegaConf.to_container(cfg.genome, resolve=True)
     stages_cfg = OmegaConf.select(cfg, "search.stages")
     stages = plan_stages(genome_cfg, OmegaConf.to_container(stages_cfg) if stages_cfg is not None else None, max_evals)
+    executor = build_executor(cfg, session, run_dir)
+    try:
+        loop = _run_stages(cfg, run_dir, session, executor, stages, seed, ref_point)
+    finally:  # also on Ctrl-C: workers stopped, a Ray started here shut down
+        executor.close()
+    return finish_run(cfg, run_dir, session, loop)
+
+
+def build_executor(cfg: DictConfig, session: Session, run_dir: Path):
+    """The run's ``executor`` group (``local`` when the config has none, e.g. older runs)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from evomerge.executors import local_executor
+
+    node = OmegaConf.select(cfg, "executor")
+    if node is None:
+        return local_executor(session)
+    try:
+        factory = instantiate(node)
+        return factory(session=session, cfg=cfg, run_dir=run_dir)
+    except InstantiationException as exc:
+        raise ConfigError(f"invalid executor config: {str(exc).splitlines()[0]}") from None
+    except TypeError as exc:
+        raise ConfigError(f"invalid executor option: {exc}") from None
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, stages: list, seed: int, ref_point: Any) -> SearchLoop:
     history: list[dict[str, Any]] = []
     html = OmegaConf.select(cfg, "report.html") is not False
     for i, stage in enumerate(stages):
@@ -260,15 +288,15 @@ def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             flush=True,
         )
         if i == 0:
-            for label, recipe in reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers).items():
-                rec = loop.evaluate_reference(label, recipe, session.evaluate)
+            refs = reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers)
+            for label, rec in loop.evaluate_references(refs, executor).items():
                 if rec.error:  # the references are plain merges: if they fail, every candidate would
                     raise ConfigError(f"reference {label} failed, so every candidate would: {rec.error}")
                 print(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()), file=sys.stderr)
-        loop.run(session.evaluate, on_generation=(lambda _: refresh_report(run_dir, live=True)) if html else None)
+        loop.run(executor, on_generation=(lambda _: refresh_report(run_dir, live=True)) if html else None)
         history += loop.state.history
     loop.state.history = history
-    return finish_run(cfg, run_dir, session, loop)
+    return loop
 
 
 def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoop) -> dict[str, Any]:

@@ -41,7 +41,8 @@ MODEL_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".mod
 # on resume these may change: they do not alter any evaluated candidate
 SAFE_RESUME_KEYS = ("search.max_evals", "search.progress", "search.retry_failed")
 SAFE_RESUME_PREFIXES = ("report.", "executor.", "progress.")
-IGNORED_RESUME_KEYS = ("resume", "force")
+# the executor is how this invocation evaluates, not what the run is: taken from the command line
+IGNORED_RESUME_KEYS = ("resume", "force", "executor")
 
 _SUFFIX = f"{os.getpid() % 0xFFFF:04x}{secrets.token_hex(2)}"
 
@@ -381,6 +382,8 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) ->
             loaded = OmegaConf.load(run_dir / "config.yaml")
             if not isinstance(loaded, DictConfig):
                 raise RunDirError(f"{run_dir / 'config.yaml'} is damaged (not a mapping)")
+            if OmegaConf.select(cfg, "executor") is not None:  # this command line's executor (default: local)
+                loaded.executor = OmegaConf.to_container(cfg.executor, resolve=True)
             changed = apply_resume_overrides(loaded, overrides or [], read_original_overrides(run_dir))
             if changed:
                 write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(loaded))

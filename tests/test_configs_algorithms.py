@@ -13,7 +13,7 @@ from evomerge.run import build_strategy
 from evomerge.search.genome import GenomeSpace
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml")) for g in ("algorithm", "genome", "modelpool", "fitness")}
+GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml")) for g in ("algorithm", "genome", "modelpool", "fitness", "executor")}
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 

@@ -22,13 +22,14 @@ import pickle
 import random
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from evomerge.executors.base import Executor, Outcome
+from evomerge.executors.local import as_executor
 from evomerge.search.algorithms import Strategy
 from evomerge.errors import ConfigError
 from evomerge.search.archive import Archive, ArchiveWriteError, Record, genome_key
@@ -57,6 +58,18 @@ class LoopState:
     archive_digest: str | None = None
     n_asked: int = 0
     max_evals: int | None = None
+
+
+@dataclass
+class _Pending:
+    """A candidate to evaluate and how to archive it."""
+
+    key: str
+    x: np.ndarray | None
+    recipe: Any
+    kind: str = "search"
+    label: str | None = None
+    generation: int | None = None
 
 
 def losses_from_scores(scores: dict[str, float], objectives: Sequence[str]) -> list[float]:
@@ -182,81 +195,121 @@ class SearchLoop:
         self.state.finished = False
 
     # ---- evaluation
-    def evaluate_reference(self, label: str, recipe: Any, evaluate: Evaluator) -> Record:
+    def evaluate_reference(self, label: str, recipe: Any, evaluate: Evaluator | Executor) -> Record:
         """Score a fixed recipe (base, experts) once; served from the archive on resume."""
-        key = f"ref:{label}"
-        cached = self.archive.by_key.get(key)
-        if cached is not None and cached.error is None:  # a failed reference is tried again
-            return cached
-        return self._evaluate(key, None, recipe, evaluate, kind="reference", label=label)
+        return self.evaluate_references({label: recipe}, evaluate)[label]
 
-    def _evaluate(
-        self, key: str, x: np.ndarray | None, recipe: Any, evaluate: Evaluator, kind: str, label: str | None = None, generation: int | None = None
-    ) -> Record:
-        error = None
-        scores: dict[str, float] = {}
-        merge_s = eval_s = 0.0
-        try:
-            scores, merge_s, eval_s = evaluate(recipe)
-            bad = [k for k, v in scores.items() if not math.isfinite(v)]
-            if bad:
-                raise FloatingPointError(f"objective {bad[0]} is not finite")
-            losses = losses_from_scores(scores, self.objectives)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # a failed candidate is recorded and scored worst; the search goes on
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            log.debug("candidate failed: %s", traceback.format_exc())
-            losses = [self.worst_loss] * len(self.objectives)
-            scores = {k: v for k, v in scores.items() if math.isfinite(v)}  # keep the archive valid JSON
-            _free_accelerator_memory()
-        # estimators return Scores (a dict) carrying standard errors and fidelities
-        stderr = {k: float(v) for k, v in (getattr(scores, "stderr", None) or {}).items() if k in scores and math.isfinite(v)}
-        fidelity = {k: int(v) for k, v in (getattr(scores, "fidelity", None) or {}).items() if k in scores}
+    def evaluate_references(self, recipes: dict[str, Any], evaluate: Evaluator | Executor) -> dict[str, Record]:
+        """Score fixed recipes (base, experts), all dispatched at once; archived ones are served."""
+        out: dict[str, Record] = {}
+        jobs = []
+        for label, recipe in recipes.items():
+            cached = self.archive.by_key.get(f"ref:{label}")
+            if cached is not None and cached.error is None:  # a failed reference is tried again
+                out[label] = cached
+            else:
+                jobs.append(_Pending(f"ref:{label}", None, recipe, kind="reference", label=label))
+        for job, record in zip(jobs, self._dispatch(jobs, evaluate)):
+            out[job.label] = record
+        return {label: out[label] for label in recipes}
+
+    def _dispatch(self, jobs: Sequence["_Pending"], evaluate: Evaluator | Executor) -> list[Record]:
+        """Evaluate ``jobs`` through the executor (all at once) and archive the outcomes in
+        the order of ``jobs``, each as soon as all before it are in: the archive is the same
+        for every executor and worker count, and a killed driver loses only the tail."""
+        executor = as_executor(evaluate)
+        records: list[Record] = []
+        done: dict[int, Outcome] = {}
+        for key, outcome in executor.map([(str(i), job.recipe) for i, job in enumerate(jobs)]):
+            done[int(key)] = outcome
+            while len(records) in done:
+                i = len(records)
+                records.append(self._archive_outcome(jobs[i], done.pop(i)))
+        return records
+
+    def _archive_outcome(self, job: "_Pending", outcome: Outcome) -> Record:
+        error, scores = outcome.error, outcome.scores
+        losses = [self.worst_loss] * len(self.objectives)
+        if error is None:
+            try:
+                losses = losses_from_scores(scores, self.objectives)
+            except Exception as exc:  # e.g. an objective the estimator did not return
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         record = Record(
             id=self.archive.next_id(),
-            kind=kind,
-            key=key,
-            genome=None if x is None else [float(v) for v in x],
-            recipe=recipe.to_dict(),
+            kind=job.kind,
+            key=job.key,
+            genome=None if job.x is None else [float(v) for v in job.x],
+            recipe=job.recipe.to_dict(),
             scores=dict(scores),
             losses=losses,
             error=error,
-            label=label,
-            generation=(self.state.generation if generation is None else generation) if kind == "search" else None,
-            merge_s=round(merge_s, 6),
-            eval_s=round(eval_s, 6),
-            stderr=stderr,
-            fidelity=fidelity,
+            label=job.label,
+            generation=(self.state.generation if job.generation is None else job.generation) if job.kind == "search" else None,
+            merge_s=round(outcome.merge_s, 6),
+            eval_s=round(outcome.eval_s, 6),
+            stderr=dict(outcome.stderr),
+            fidelity=dict(outcome.fidelity),
         )
         self.archive.append(record)
         self.evaluated += 1
+        if record.kind == "search" and record.error is None:
+            self._same_recipe()[_recipe_key(record.recipe)] = record
         if error is not None and error not in self._errors_seen:  # print each distinct failure once
             self._errors_seen.add(error)
-            print(f"{label or 'candidate'} #{record.id} failed: {error}", file=sys.stderr, flush=True)
+            print(f"{job.label or 'candidate'} #{record.id} failed: {error}", file=sys.stderr, flush=True)
         return record
 
-    def retry_failed_records(self, evaluate: Evaluator) -> int:
+    def retry_failed_records(self, evaluate: Evaluator | Executor) -> int:
         """Evaluate failed search candidates again (``search.retry_failed``); a success
         replaces the failure in the front; the search's own course is unchanged."""
         failed = [r for r in self.archive.search_records() if r.error is not None and r.genome is not None]
-        for r in failed:
-            self._evaluate(r.key, np.asarray(r.genome), self.space.decode(r.genome), evaluate, kind="search", generation=r.generation)
+        self._dispatch([_Pending(r.key, np.asarray(r.genome), self.space.decode(r.genome), generation=r.generation) for r in failed], evaluate)
         return len(failed)
 
-    def evaluate_genome(self, x: np.ndarray, evaluate: Evaluator) -> Record:
-        key = genome_key(x)
-        recipe = self.space.decode(x)
-        # the same genome, or another genome (e.g. of an earlier search stage) that
-        # decodes to the same recipe: served from the archive, never evaluated twice
-        cached = self.archive.by_key.get(key) or self._same_recipe().get(_recipe_key(recipe.to_dict()))
-        if cached is not None:
-            self.reused += 1
-            return cached
-        record = self._evaluate(key, x, recipe, evaluate, kind="search")
-        if record.error is None:
-            self._same_recipe()[_recipe_key(record.recipe)] = record
-        return record
+    def evaluate_genome(self, x: np.ndarray, evaluate: Evaluator | Executor) -> Record:
+        return self.evaluate_genomes([x], evaluate)[0]
+
+    def evaluate_genomes(self, X: Sequence[np.ndarray], evaluate: Evaluator | Executor) -> list[Record]:
+        """Records for a generation. The same genome, or another genome (e.g. of an earlier
+        search stage) that decodes to the same recipe, is served from the archive and never
+        dispatched; so is a repeat within the generation. The rest go out at once."""
+        out: list[Record | None] = [None] * len(X)
+        jobs: list[_Pending] = []
+        slot_of_job: list[int] = []
+        first_by_key: dict[str, int] = {}
+        first_by_recipe: dict[str, int] = {}
+        repeats: dict[int, tuple[int, bool]] = {}  # index -> (job it repeats, same genome?)
+        for i, x in enumerate(X):
+            key = genome_key(x)
+            recipe = self.space.decode(x)
+            rkey = _recipe_key(recipe.to_dict())
+            cached = self.archive.by_key.get(key) or self._same_recipe().get(rkey)
+            if cached is not None:
+                self.reused += 1
+                out[i] = cached
+            elif key in first_by_key or rkey in first_by_recipe:
+                same = key in first_by_key
+                repeats[i] = (first_by_key[key] if same else first_by_recipe[rkey], same)
+            else:
+                first_by_key[key] = first_by_recipe[rkey] = len(jobs)
+                jobs.append(_Pending(key, x, recipe))
+                slot_of_job.append(i)
+        for i, record in zip(slot_of_job, self._dispatch(jobs, evaluate)):
+            out[i] = record
+        again = []
+        for i, (j, same) in repeats.items():
+            first = out[slot_of_job[j]]
+            assert first is not None
+            if same or first.error is None:  # as if evaluated one by one: a failed recipe is tried again
+                self.reused += 1
+                out[i] = first
+            else:
+                again.append(i)
+        if again:
+            for i, record in zip(again, self.evaluate_genomes([X[i] for i in again], evaluate)):
+                out[i] = record
+        return [r for r in out if r is not None]
 
     def _same_recipe(self) -> dict[str, Record]:
         if self._by_recipe is None:
@@ -264,11 +317,14 @@ class SearchLoop:
         return self._by_recipe
 
     # ---- main loop
-    def run(self, evaluate: Evaluator, on_generation: Callable[["SearchLoop"], None] | None = None) -> LoopState:
+    def run(self, evaluate: Evaluator | Executor, on_generation: Callable[["SearchLoop"], None] | None = None) -> LoopState:
+        """``evaluate``: an executor, or a plain evaluate callable (run in process). Each
+        generation is asked whole, dispatched at once and told back when complete."""
+        executor = as_executor(evaluate)
         started = time.time()
         evals_at_start = self.evaluated
         strategy = self.state.strategy
-        if self.retry_failed and self.retry_failed_records(evaluate):
+        if self.retry_failed and self.retry_failed_records(executor):
             self._save_checkpoint()
         while not self.state.finished and strategy.has_next():
             X = strategy.ask()
@@ -277,14 +333,13 @@ class SearchLoop:
                 # the generation overshoots the budget: evaluate what fits and tell nothing, so
                 # a resume with a larger budget asks this same generation again
                 print(f"note: stopping at search.max_evals={self.max_evals}: the last generation is cut to {max(left, 0)} of {len(X)} candidates", file=sys.stderr)
-                for x in X[: max(left, 0)]:
-                    self.evaluate_genome(x, evaluate)
+                self.evaluate_genomes(X[: max(left, 0)], executor)
                 self.state.generation += 1
                 self.state.history.append(self._generation_summary())
                 if self.progress:
                     self._print_progress(started, evals_at_start)
                 return self.state
-            records = [self.evaluate_genome(x, evaluate) for x in X]
+            records = self.evaluate_genomes(X, executor)
             F = np.array([r.losses for r in records], dtype=float)
             strategy.tell(X, F)
             self.state.n_asked += len(X)
@@ -345,16 +400,3 @@ def _recipe_key(recipe: dict[str, Any]) -> str:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _free_accelerator_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass

@@ -69,11 +69,12 @@ def run_one(root: Path, setting: str, search: str, budget: int, seed: int, extra
     target = run_dir(root, setting, search, budget, seed)
     if (target / "summary.json").is_file():
         return target
+    executor = [o for o in extra if o.lstrip("+").startswith("executor")]  # chosen per invocation: kept on resume
     if smaller is not None and (smaller / "summary.json").is_file() and not target.exists():
         shutil.copytree(smaller, target, ignore=shutil.ignore_patterns("run.lock", "summary.json", "report.html"))
-        args = [f"resume={target}", f"search.max_evals={budget}"]
+        args = [f"resume={target}", f"search.max_evals={budget}", *executor]
     elif (target / "config.yaml").is_file():
-        args = [f"resume={target}"]
+        args = [f"resume={target}", *executor]
     else:
         args = [
             *SETTINGS[setting]["overrides"],

@@ -1,0 +1,34 @@
+"""In-process evaluation, one candidate at a time (the default executor)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from evomerge.executors.base import Job, Outcome, evaluate_outcome
+
+
+class LocalExecutor:
+    """Evaluates each job with ``evaluate(recipe) -> (scores, merge_s, eval_s)`` in order."""
+
+    workers = 1
+
+    def __init__(self, evaluate: Callable[[Any], tuple[dict[str, float], float, float]]):
+        self.evaluate = evaluate
+
+    def map(self, jobs: Sequence[Job]) -> Iterator[tuple[str, Outcome]]:
+        for key, recipe in jobs:
+            yield key, evaluate_outcome(self.evaluate, recipe)
+
+    def close(self) -> None:
+        pass
+
+
+def local_executor(session: Any, cfg: Any = None, run_dir: Path | None = None) -> LocalExecutor:
+    """``executor=local``: the driver's own session evaluates."""
+    return LocalExecutor(session.evaluate)
+
+
+def as_executor(evaluate: Any) -> Any:
+    """An executor as is; a plain evaluate callable wrapped in a LocalExecutor."""
+    return evaluate if hasattr(evaluate, "map") else LocalExecutor(evaluate)

@@ -1,0 +1,108 @@
+"""Candidates per minute: executor=local vs executor=ray with 1 and 2 workers, side by side.
+
+Each setting runs the same search (NSGA-II, population 8, the toy zoo, default fitness
+tasks on their 100-doc subsets) in a fresh run directory. Two figures per setting:
+``search`` -- candidates per minute of the search loop itself (workers already up), and
+``total`` -- including model loading and Ray/worker start-up. The archives of all settings
+must be identical (same seed); the script checks it.
+
+    python experiments/bench_executor.py [--evals 32] [--zoo tiny|default] [--workers 1,2] [--subset 100] [--out DIR]
+
+On a GPU machine use ``--gpu``: each Ray worker then gets one GPU (``gpus_per_worker=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def run_one(overrides: list[str], run_dir: Path) -> dict:
+    from hydra import compose, initialize_config_module
+
+    import evomerge.cli  # noqa: F401 -- registers the config's resolvers
+    from evomerge.run import run_search
+    from evomerge.search.archive import Archive
+    from evomerge.search.loop import SearchLoop
+
+    with initialize_config_module("evomerge.configs", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    spent = {"search": 0.0}
+    original = SearchLoop.run
+
+    def timed(self, *args, **kwargs):  # time the search loop alone (workers already started)
+        started = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent["search"] += time.perf_counter() - started
+
+    SearchLoop.run = timed
+    started = time.perf_counter()
+    try:
+        run_search(cfg, run_dir, overrides=[])
+    finally:
+        SearchLoop.run = original
+    total = time.perf_counter() - started
+    records = Archive(run_dir / "archive.jsonl").records
+    search = [r for r in records if r.kind == "search"]
+    n = len(search)
+    workers = int(cfg.executor.get("workers", 1)) if "executor" in cfg else 1
+    busy = sum(r.merge_s + r.eval_s for r in search)
+    return {
+        "evals": n,
+        "search_s": spent["search"],
+        "total_s": total,
+        "search_per_min": 60 * n / spent["search"],
+        "total_per_min": 60 * n / total,
+        # share of worker time spent evaluating during the search loop: what a steady-state
+        # (asynchronous) mode could at most win back from generation barriers and dispatch
+        "utilisation": busy / (workers * spent["search"]),
+        "archive": [(r.key, r.scores) for r in records],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--evals", type=int, default=32)
+    ap.add_argument("--zoo", choices=["tiny", "default"], default="tiny")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--subset", type=int, default=100, help="fitness.subset_size (items per task per candidate)")
+    ap.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (else CPU workers, device=cpu)")
+    ap.add_argument("--out", default=None, help="folder for the run directories (default: a temp folder)")
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_executor_"))
+    common = [
+        f"modelpool.size={args.zoo}", f"search.max_evals={args.evals}", "algorithm.pop_size=8", "search.progress=false",
+        "fitness.test_rescore=false", f"fitness.subset_size={args.subset}", "report.plots=false", "report.html=false", "device=" + ("cuda" if args.gpu else "cpu"),
+    ]
+    settings = [("local", ["executor=local"])]
+    for w in [int(v) for v in args.workers.split(",")]:
+        ray = ["executor=ray", f"executor.workers={w}"] + (["executor.gpus_per_worker=1"] if args.gpu else [])
+        settings.append((f"ray x{w}", ray))
+    results = {}
+    for name, extra in settings:
+        results[name] = run_one(common + extra, out / name.replace(" ", "_"))
+        r = results[name]
+        print(f"{name:>8}: {r['evals']} candidates, search {r['search_s']:.1f} s ({r['search_per_min']:.1f}/min), total {r['total_s']:.1f} s ({r['total_per_min']:.1f}/min), workers busy {100 * r['utilisation']:.0f}%", flush=True)
+    base = results["local"]
+    same = all(r["archive"] == base["archive"] for r in results.values())
+    print(f"\n| executor | candidates/min (search) | vs local | candidates/min (incl. start-up) | vs local | workers busy |\n|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['search_per_min']:.1f} | {r['search_per_min'] / base['search_per_min']:.2f}x | {r['total_per_min']:.1f} | {r['total_per_min'] / base['total_per_min']:.2f}x | {100 * r['utilisation']:.0f}% |")
+    ray_names = [n for n in results if n.startswith("ray")]
+    if len(ray_names) >= 2:
+        a, b = results[ray_names[0]], results[ray_names[-1]]
+        print(f"\n{ray_names[-1]} over {ray_names[0]}: {b['search_per_min'] / a['search_per_min']:.2f}x (search loop)")
+    print(f"archives identical across settings: {same}")
+    (out / "bench_executor.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "archive"} for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Executors: duplicates never dispatched, archive order, local vs Ray (2 workers) give the
+same archive, a killed worker loses and repeats nothing, driver kill + resume, multirun dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evomerge.executors import LocalExecutor, Outcome
+from evomerge.search.algorithms import GridStrategy
+from evomerge.search.archive import Archive
+from evomerge.search.genome import GenomeSpace
+from evomerge.search.loop import SearchLoop
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+# ---------------------------------------------------------------- no Ray needed
+
+
+def _space():
+    return GenomeSpace(n_experts=2, n_layers=2, methods=("task_arithmetic",), separate_embed_head=False)
+
+
+def _score(recipe):
+    w0, w1 = recipe.groups[1].params["weight"]
+    return {"a": w0, "b": w1}, 0.0, 0.0
+
+
+class ReversedExecutor(LocalExecutor):
+    """Completes jobs in reverse order and remembers what was dispatched."""
+
+    def __init__(self, evaluate):
+        super().__init__(evaluate)
+        self.dispatched: list[str] = []
+
+    def map(self, jobs):
+        self.dispatched += [k for k, _ in jobs]
+        return reversed(list(super().map(jobs)))
+
+
+def test_duplicates_are_never_dispatched_and_records_follow_ask_order(tmp_path):
+    loop = SearchLoop(_space(), GridStrategy(pop_size=4), ["a", "b"], tmp_path, max_evals=8, seed=0, progress=False)
+    executor = ReversedExecutor(_score)
+    archived = loop.evaluate_genome(np.array([0.1, 0.2]), executor)
+    assert executor.dispatched == ["0"]
+    X = [np.array([0.3, 0.4]), np.array([0.1, 0.2]), np.array([0.5, 0.6]), np.array([0.3, 0.4]) + 1e-12]
+    executor.dispatched.clear()
+    records = loop.evaluate_genomes(X, executor)
+    assert executor.dispatched == ["0", "1"]  # [0.1, 0.2] is archived, the last repeats the first
+    assert records[1] is archived and records[3] is records[0]
+    # completed in reverse, archived in the order asked: ids 1 then 2
+    assert [r.id for r in records] == [1, 0, 2, 1]
+    assert [r.genome for r in Archive(tmp_path / "archive.jsonl").records] == [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
+    assert loop.reused == 2
+
+
+def test_failed_outcome_is_recorded_worst(tmp_path):
+    class Failing(LocalExecutor):
+        def map(self, jobs):
+            for key, _ in jobs:
+                yield key, Outcome.failed("WorkerDied: the candidate's evaluation killed 2 Ray workers")
+
+    loop = SearchLoop(_space(), GridStrategy(pop_size=4), ["a", "b"], tmp_path, max_evals=8, seed=0, progress=False)
+    rec = loop.evaluate_genome(np.array([0.3, 0.4]), Failing(_score))
+    assert rec.error.startswith("WorkerDied") and rec.losses == [1.0, 1.0]
+
+
+def test_resume_takes_the_executor_of_its_own_command_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    from evomerge.rundir import open_run_dir
+
+    run = tmp_path / "run"
+    first = OmegaConf.create({"seed": 0, "resume": None, "executor": {"_target_": "evomerge.executors.local_executor", "_partial_": True}})
+    open_run_dir(first, run, ["seed=0"])[2].release()
+    again = OmegaConf.create({"seed": 0, "resume": str(run), "force": False, "executor": {"_target_": "x.ray", "workers": 3}})
+    cfg, _, lock = open_run_dir(again, run, [f"resume={run}", "executor=ray", "executor.workers=3"])
+    lock.release()
+    assert cfg.executor == {"_target_": "x.ray", "workers": 3} and cfg.seed == 0
+
+
+# ---------------------------------------------------------------- local vs Ray on the test zoo
+
+try:
+    import ray
+except ImportError:  # the tests above still run; these need the extra (pip install 'evomerge[ray]')
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'evomerge[ray]')")
+
+
+def _pool_args(zoo) -> list[str]:
+    return [
+        "modelpool=paths",
+        f"modelpool.base={zoo.base}",
+        *(f"+modelpool.experts.{k}={v}" for k, v in zoo.experts.items()),
+        "device=cpu",
+        "fitness.subset_size=24",
+        "fitness.extra=[]",
+        "fitness.test_rescore=false",
+        "report.plots=false",
+        "report.html=false",
+        "algorithm.pop_size=8",
+    ]
+
+
+def _run(overrides: list[str], run_dir: Path) -> list[tuple]:
+    from hydra import compose, initialize_config_module
+
+    import evomerge.cli  # noqa: F401 -- registers the config's resolvers
+    from evomerge.run import run_search
+
+    with initialize_config_module("evomerge.configs", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    run_search(cfg, run_dir, overrides=[])
+    return _archive(run_dir)
+
+
+def _archive(run_dir: Path) -> list[tuple]:
+    return [(r.kind, r.key, r.label, r.genome, r.scores, r.losses, r.error) for r in Archive(run_dir / "archive.jsonl").records]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_archive(test_zoo, tmp_path_factory):
+    run = tmp_path_factory.mktemp("local") / "run"
+    return _run([*_pool_args(test_zoo), "search.max_evals=16", "search.progress=false"], run)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_gives_the_local_archive_and_survives_killed_workers(test_zoo, local_archive, local_ray, tmp_path, monkeypatch):
+    from evomerge.executors.ray_executor import RayExecutor
+
+    seen = {"batch": 0, "killed": []}
+
+    def kill_some(executor, slot, key):
+        # batches: 1 references, 2 generation 0, 3 generation 1 (the last: told, never asked from)
+        seen["batch"] += key == "0"
+        first_kill = seen["batch"] == 2 and key == "2" and not seen["killed"]
+        doomed = seen["batch"] == 3 and key == "5" and len(seen["killed"]) < 3
+        if first_kill or doomed:
+            if executor.pids[slot]:
+                os.kill(executor.pids[slot], signal.SIGKILL)  # the worker process dies mid-evaluation
+            else:  # a replacement worker (pid not asked: that call would wait for the evaluation)
+                ray.kill(executor.actors[slot])
+            seen["killed"].append((seen["batch"], key))
+
+    monkeypatch.setattr(RayExecutor, "on_submit", staticmethod(kill_some))
+    got = _run([*_pool_args(test_zoo), "search.max_evals=16", "search.progress=false", "executor=ray", "executor.workers=2"], tmp_path / "ray")
+    assert seen["killed"] == [(2, "2"), (3, "5"), (3, "5")]
+    assert len(got) == len(local_archive) == 3 + 16
+    keys = [k for _, k, *_ in got]
+    assert len(set(keys)) == len(keys)  # nothing repeated
+    failed = [i for i, rec in enumerate(got) if rec[6]]
+    assert len(failed) == 1 and failed[0] >= 3 + 8  # the doomed candidate of generation 1, and only it
+    for i, (a, b) in enumerate(zip(got, local_archive)):
+        if i in failed:
+            assert a[:4] == b[:4] and a[5] == [1.0, 1.0] and a[6].startswith("WorkerDied")
+        else:
+            assert a == b, i  # same genomes, same scores as in process
+
+
+@needs_ray
+@pytest.mark.slow
+def test_killed_ray_driver_resumes_to_the_same_archive(test_zoo, local_archive, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "evomerge", *_pool_args(test_zoo), "search.max_evals=16", "executor=ray", "executor.workers=2"]
+    proc = subprocess.Popen([*args, f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    archive = run / "archive.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0]
+    before = _archive(run)
+    assert 3 + 5 <= len(before) < 3 + 16, out
+    resumed = subprocess.run([sys.executable, "-m", "evomerge", f"resume={run}", "executor=ray", "executor.workers=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "done: 16 candidates" in resumed.stdout
+    assert _archive(run) == local_archive  # nothing lost, nothing repeated, same scores
+
+
+@pytest.mark.slow
+def test_multirun_gives_each_job_its_own_run_dir(test_zoo, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomerge", "-m", "seed=0,1", *_pool_args(test_zoo), "search.max_evals=4", "algorithm.pop_size=4", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for job, seed in (("0", 0), ("1", 1)):
+        run = sweep / job
+        assert json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))["seed"] == seed
+        assert len(Archive(run / "archive.jsonl").search_records()) == 4
