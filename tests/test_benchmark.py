@@ -20,10 +20,8 @@ def load_script():
     return module
 
 
-def test_benchmark_protocol_cpu_sized(test_zoo, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    bench = load_script()
-    overrides = [
+def tiny_run_overrides(test_zoo) -> list[str]:
+    return [
         "modelpool=paths",
         f"modelpool.base={test_zoo.base}",
         *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items()),
@@ -31,6 +29,12 @@ def test_benchmark_protocol_cpu_sized(test_zoo, tmp_path, monkeypatch):
         "fitness.subset_size=8",
         "algorithm.pop_size=4",
     ]
+
+
+def test_benchmark_protocol_cpu_sized(test_zoo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench = load_script()
+    overrides = tiny_run_overrides(test_zoo)
     args = ["--settings", "toy", "--seeds", "0", "--budgets", "4", "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     bench.main(args + [a for o in overrides for a in ("--override", o)])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -57,15 +61,7 @@ def test_larger_budget_extends_the_smaller_run_exactly(test_zoo, tmp_path, monke
     fresh budget-8 run's (same genomes, same scores, same order)."""
     monkeypatch.chdir(tmp_path)
     bench = load_script()
-    overrides = [
-        "modelpool=paths",
-        f"modelpool.base={test_zoo.base}",
-        *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items()),
-        "device=cpu",
-        "fitness.subset_size=8",
-        "algorithm.pop_size=4",
-        "fitness.extra_in_search=false",
-    ]
+    overrides = tiny_run_overrides(test_zoo) + ["fitness.extra_in_search=false"]
     common = ["--settings", "toy", "--seeds", "0", "--searches", "random", "--budgets", "4", "8"]
     common += [a for o in overrides for a in ("--override", o)]
 
