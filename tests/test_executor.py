@@ -19,6 +19,7 @@ from evomerge.search.algorithms import GridStrategy
 from evomerge.search.archive import Archive
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.loop import SearchLoop
+from test_cli import pool_args  # the same tiny-zoo pool overrides as the CLI tests
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -98,18 +99,7 @@ needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip in
 
 
 def _pool_args(zoo) -> list[str]:
-    return [
-        "modelpool=paths",
-        f"modelpool.base={zoo.base}",
-        *(f"+modelpool.experts.{k}={v}" for k, v in zoo.experts.items()),
-        "device=cpu",
-        "fitness.subset_size=24",
-        "fitness.extra=[]",
-        "fitness.test_rescore=false",
-        "report.plots=false",
-        "report.html=false",
-        "algorithm.pop_size=8",
-    ]
+    return [*pool_args(zoo), "fitness.test_rescore=false", "report.plots=false", "report.html=false", "algorithm.pop_size=8"]
 
 
 def _run(overrides: list[str], run_dir: Path) -> list[tuple]:
