@@ -20,6 +20,7 @@ from evomerge.merge.recipe import Group, Recipe
 from evomerge.pool import ModelPool
 
 from conftest import make_llama
+from test_merger import LAYERWISE_PASSTHROUGH
 
 pytest.importorskip("mergekit", reason="mergekit is not installed (pip install -e '.[dev]' pins mergekit==0.1.5); parity tests skipped")
 
@@ -92,18 +93,7 @@ CASES = {
     "dare_ties_density_1": (uniform("dare_ties", {"weight": W2, "density": [1.0, 1.0]}), ("a", "b")),
     "dare_ties_density_1_unnormalized": (uniform("dare_ties", {"weight": W2, "density": [1.0, 1.0], "normalize": 0}), ("a", "b")),
     "della_density_1": (uniform("della", {"weight": W2, "density": [1.0, 1.0], "epsilon": 0.3}), ("a", "b")),
-    "passthrough_layerwise": (
-        Recipe(
-            groups=[
-                Group("embed", "embed", "passthrough", {"source": 0}),
-                Group("l0", "layers", "passthrough", {"source": 1}, layers=(0, 0)),
-                Group("l1-attn", "layers", "passthrough", {"source": 2}, layers=(1, 1), component="attn"),
-                Group("l1-mlp", "layers", "passthrough", {"source": 1}, layers=(1, 1), component="mlp"),
-                Group("head", "head", "passthrough", {"source": 2}),
-            ]
-        ),
-        ("a", "b"),
-    ),
+    "passthrough_layerwise": (LAYERWISE_PASSTHROUGH, ("a", "b")),
     "ties_layerwise_split_per_group_lambda": (
         Recipe(
             groups=[

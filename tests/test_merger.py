@@ -38,17 +38,20 @@ def test_task_arithmetic_in_place_matches_checkpoints(merger, tiny_models):
         torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+# each group copies one model (0 = base): a layer-wise recipe whose merged weights are known
+LAYERWISE_PASSTHROUGH = Recipe(
+    groups=[
+        Group("embed", "embed", "passthrough", {"source": 0}),
+        Group("l0", "layers", "passthrough", {"source": 1}, layers=(0, 0)),
+        Group("l1-attn", "layers", "passthrough", {"source": 2}, layers=(1, 1), component="attn"),
+        Group("l1-mlp", "layers", "passthrough", {"source": 1}, layers=(1, 1), component="mlp"),
+        Group("head", "head", "passthrough", {"source": 2}),
+    ]
+)
+
 def test_layerwise_recipe_routes_groups(merger, tiny_models):
     base, a, b = (params(tiny_models[k]) for k in ("base", "a", "b"))
-    recipe = Recipe(
-        groups=[
-            Group("embed", "embed", "passthrough", {"source": 0}),
-            Group("l0", "layers", "passthrough", {"source": 1}, layers=(0, 0)),
-            Group("l1-attn", "layers", "passthrough", {"source": 2}, layers=(1, 1), component="attn"),
-            Group("l1-mlp", "layers", "passthrough", {"source": 1}, layers=(1, 1), component="mlp"),
-            Group("head", "head", "passthrough", {"source": 2}),
-        ]
-    )
+    recipe = LAYERWISE_PASSTHROUGH
     merger.apply(recipe)
     live = state(merger.model)
     for name, value in live.items():

@@ -30,13 +30,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from launch import run_evomerge  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SEARCHES: dict[str, list[str]] = {
@@ -88,14 +89,7 @@ def run_one(root: Path, setting: str, search: str, budget: int, seed: int, extra
             f"hydra.run.dir={target}",
             *extra,
         ]
-    started = time.time()
-    print(f"[benchmark] {setting}/{search}/{budget}/seed-{seed}: python -m evomerge {' '.join(args)}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "evomerge", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise SystemExit(f"[benchmark] run failed ({target}):\n" + "\n".join(tail))
-    print(f"[benchmark]   done in {time.time() - started:.0f}s", flush=True)
-    return target
+    return run_evomerge(args, target, "benchmark")
 
 
 def hv(points: np.ndarray) -> float:

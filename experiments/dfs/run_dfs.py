@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from launch import run_evomerge  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SETTINGS: dict[str, dict[str, list[str]]] = {
@@ -57,14 +58,7 @@ def run(target: Path, args: list[str]) -> Path:
         args = [f"resume={target}"]
     else:
         args = [*args, "fitness.test_rescore=true", "search.progress=false", "report.html=false", f"hydra.run.dir={target}"]
-    started = time.time()
-    print(f"[dfs] python -m evomerge {' '.join(args)}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "evomerge", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        raise SystemExit(f"[dfs] run failed ({target}):\n" + "\n".join(tail))
-    print(f"[dfs]   done in {time.time() - started:.0f}s", flush=True)
-    return target
+    return run_evomerge(args, target, "dfs")
 
 
 def run_search(root: Path, setting: str, search: str, budget: int, seed: int) -> list[Path]:

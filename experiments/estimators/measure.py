@@ -68,6 +68,8 @@ def table(data: dict) -> str:
                 notes.append(f"calibration: {r['calibration_models']} models on the full split, {r['calibration_seconds']:.0f} s once; mean reported SE {r['mean_reported_stderr']:.3f}")
             if "front_recall" in r:
                 notes.append(f"k={r['k']:g}; {r['full_split_share']:.0%} of candidates promoted to the full split; exact-front recall {r['front_recall']:.0%} ({r['exact_front_size']} points)")
+            if r.get("cost", "").startswith("derived"):
+                notes.append("replayed from full-split items; s/candidate derived")
             lines.append(f"| {setting} | {name} | {r['items']:.1f} | {r['mae']:.4f} | {r['seconds_per_candidate']:.2f} | {'; '.join(notes)} |")
     return "\n".join(lines)
 
@@ -88,6 +90,11 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print results.json as a markdown table and exit")
     p.add_argument("--only", nargs="+", choices=["subset", "irt", "multifidelity"], default=None,
                    help="re-measure only these estimators (reuses the cached full-split scores, keeps the other rows)")
+    p.add_argument("--replay", action="store_true",
+                   help="score each merge once on the full split and let every estimator read its items from that "
+                        "(same answers, cost derived from measured seconds per item; see replay.py)")
+    p.add_argument("--items-cache", default=None,
+                   help="with --replay: JSON-lines cache of full-split items (default runs/estimators/items_<setting>.jsonl)")
     p.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = p.parse_args()
     if args.table:
@@ -121,12 +128,32 @@ def main() -> None:
     )
     full = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=None, **common)
     n_docs = dict(full.scorer.n_docs)
+    table = None
+    if args.replay:
+        from replay import ItemTable, ReplayFitness, ReplayMerger
+
+        cache_file = Path(args.items_cache or f"runs/estimators/items_{args.setting}.jsonl")
+        table = ItemTable(full, cache_file)
+        merger = ReplayMerger(merger, table)  # every apply makes that merge's full-split items current
+        full = ReplayFitness(table)
+
+        def subset_fitness(size: int):  # the same seeded subsets LmEvalFitness(subset_size=size, subset_seed=0) picks
+            from evomerge.estimators.lm_eval_fitness import choose_subset
+
+            return ReplayFitness(table, {t: choose_subset(n, size, i) for i, (t, n) in enumerate(sorted(n_docs.items()))})
+    else:
+        def subset_fitness(size: int):
+            return LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=size, subset_seed=0, **common)
     rng = np.random.default_rng(args.seed)
     recipes = [space.decode(rng.random(space.n_var)) for _ in range(args.candidates)]
     print(f"{args.setting}: {len(recipes)} held-out candidates, objectives {objectives}, docs per task {n_docs}", flush=True)
 
-    merger.apply(recipes[0])
-    full()  # warm-up: builds every request once, as a run would
+    if table:  # warm-up on the live objects, so no cached entry carries the request building
+        merger._merger.apply(recipes[0])
+        table.live.score_items(table.full_ids)
+    else:
+        merger.apply(recipes[0])
+        full()  # warm-up: builds every request once, as a run would
     n = args.items
     only = set(args.only or ["subset", "irt", "multifidelity"])
     # the full-split scores are cached so that one estimator can be re-measured alone (--only)
@@ -142,18 +169,20 @@ def main() -> None:
     extra: dict[str, dict] = {}
     tmp = tempfile.TemporaryDirectory()
     if "subset" in only:
-        ests["random_subset"] = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=n, subset_seed=0, **common)
+        ests["random_subset"] = subset_fitness(n)
         default_n = OmegaConf.select(cfg, "fitness.subset_size")
         if args.default_subset and default_n and int(default_n) != n:  # the default subset size, for scale
-            ests[f"random_subset_{int(default_n)}"] = LmEvalFitness(
-                merger.model, merger.tokenizer, tasks, subset_size=int(default_n), subset_seed=0, **common)
+            ests[f"random_subset_{int(default_n)}"] = subset_fitness(int(default_n))
     if "irt" in only:
         irt_cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/fitness/estimator/irt.yaml").read_text())
         n_probes = args.n_probes if args.n_probes is not None else int(irt_cfg["n_probes"])
         ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=Path(tmp.name) / "irt",
                              merger=merger, seed=0, **common)
         ctx.run_dir.mkdir()
+        live_before = table.live_seconds if table else 0.0
         irt = IrtEstimator(ctx, n_anchors=n, n_probes=n_probes, fitness=full)
+        if table:  # the calibration's model passes were the table's live full-split scorings
+            irt.calibration_s += table.live_seconds - live_before
         ests["irt_anchors"] = irt
         extra["irt_anchors"] = {"calibration_models": 1 + len(experts) + n_probes, "calibration_seconds": irt.calibration_s}
         print(f"irt calibrated in {irt.calibration_s:.0f} s", flush=True)
@@ -179,19 +208,26 @@ def main() -> None:
             ests[key] = mf
             extra[key] = {"k": k}
 
+    if table:
+        for name in ests:
+            extra.setdefault(name, {})["cost"] = "derived: merge + items x measured full-split s/item"
     exact: list[dict[str, float]] = cached["exact"] if use_cache else []
     out: dict[str, list] = {name: [] for name in ests}
     secs: dict[str, float] = {name: 0.0 for name in ["full_split", *ests]}
     for i, r in enumerate(recipes):
+        live_before = table.live_seconds if table else 0.0
         merge_s = merger.apply(r).seconds
         if not use_cache:
             started = time.perf_counter()
             exact.append({o: float(v) for o, v in full().items()})
-            secs["full_split"] += merge_s + time.perf_counter() - started
+            secs["full_split"] += merge_s + time.perf_counter() - started + (table.live_seconds - live_before if table else 0.0)
         for name, est in ests.items():
+            served_before = table.items_served if table else 0
             started = time.perf_counter()
             sc = est()
             secs[name] += merge_s + time.perf_counter() - started
+            if table:  # replayed: add what scoring the items it asked for costs live
+                secs[name] += (table.items_served - served_before) * table.seconds_per_item
             out[name].append(sc)
             if name in archives:
                 archives[name].append(Record(i, "search", str(i), [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
