@@ -47,6 +47,12 @@ SEARCHES: dict[str, list[str]] = {
     "ties_default": ["algorithm=hand_made", "genome=modelwise_ties", "genome.layer_groups=1", "search.seed_with_references=false"],
     "random": ["algorithm=random", "search.seed_with_references=false"],
 }
+# Levers: run only when named with --searches; reported next to the protocol's searches.
+LEVERS: dict[str, list[str]] = {
+    # the default search with multi-fidelity fitness: candidates that could enter the front are
+    # re-scored on up to the full validation split, so the front is chosen on less noisy scores
+    "default_mf": ["fitness/estimator=multifidelity"],
+}
 SETTINGS: dict[str, dict[str, Any]] = {
     "toy": {"overrides": [], "budgets": [48, 144]},
     # the stretch objective (target) is scored on the test re-score only: a third less time per candidate
@@ -57,7 +63,7 @@ SEEDS = [0, 1, 2]
 # continues a copy of the finished smaller-budget run (``resume=`` with a larger
 # ``search.max_evals``) instead of repeating its evaluations. Checked on the toy zoo: the
 # fresh budget-48 archives of both are exact prefixes of the fresh budget-144 ones.
-EXTENDABLE = {"default", "random"}
+EXTENDABLE = {"default", "random", "default_mf"}
 
 
 def run_dir(root: Path, setting: str, search: str, budget: int, seed: int) -> Path:
@@ -217,9 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         name, _, overrides = definition.partition("=")
         SEARCHES[name] = [o for o in overrides.split(";") if o]
     args.searches = args.searches or list(SEARCHES)
+    SEARCHES.update({k: v for k, v in LEVERS.items() if k in args.searches})
     unknown = sorted(set(args.searches) - set(SEARCHES))
     if unknown:
-        ap.error(f"unknown search {unknown[0]!r}; known: {', '.join(SEARCHES)} (add one with --define)")
+        ap.error(f"unknown search {unknown[0]!r}; known: {', '.join([*SEARCHES, *LEVERS])} (add one with --define)")
     if not args.report_only:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         # test re-scores shared by the runs (the base and experts, hand-made merges several searches find)
