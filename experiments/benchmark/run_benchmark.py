@@ -126,7 +126,19 @@ def measure(target: Path) -> dict[str, Any]:
         # the stretch objective(s): best test score of any front point, e.g. the target task
         **{f"best_test_{e}": max(t["scores"].get(e, 0.0) for n, t in test.items() if n.startswith("front:") or n in summary["references"]) for e in extras},
         "seconds": round(float(summary.get("mean_merge_s", 0) + summary.get("mean_eval_s", 0)) * int(summary["n_evaluated"]), 1),
+        "items_per_candidate": items_per_candidate(target, objectives),
     }
+
+
+def items_per_candidate(target: Path, objectives: list[str]) -> float | None:
+    """Mean validation items a search candidate was scored on, per objective (the cost of
+    multi-fidelity promotions; a fixed subset gives its size)."""
+    from evomerge.search.archive import Archive
+
+    records = [r for r in Archive(target / "archive.jsonl").search_records() if r.error is None and r.fidelity]
+    if not records:
+        return None
+    return round(float(np.mean([np.mean([r.fidelity.get(o, 0) for o in objectives]) for r in records])), 2)
 
 
 def collect(root: Path, settings: list[str], searches: list[str], budgets: dict[str, list[int]], seeds: list[int], results: dict) -> dict:
