@@ -1,5 +1,5 @@
 """Equal-weight merges on the toy zoo (validation subset): does the merge method matter when
-the search cannot pick an expert corner? Needs a finished ``compare_toy.py`` run directory.
+the search cannot pick an expert corner? Needs a finished ``compare.py`` run directory.
 
     python experiments/methods/probe_symmetric.py   # prints one line per recipe
 """
