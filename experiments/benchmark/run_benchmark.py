@@ -52,6 +52,9 @@ LEVERS: dict[str, list[str]] = {
     # the default search with multi-fidelity fitness: candidates that could enter the front are
     # re-scored on up to the full validation split, so the front is chosen on less noisy scores
     "default_mf": ["fitness/estimator=multifidelity"],
+    # the default algorithm and warm start in the grid's own space (2 task-arithmetic weights):
+    # does an adaptive search beat a grid where the grid is strongest?
+    "modelwise_nsga": ["genome=modelwise_ta", "genome.layer_groups=1"],
 }
 SETTINGS: dict[str, dict[str, Any]] = {
     "toy": {"overrides": [], "budgets": [48, 144]},
@@ -63,7 +66,7 @@ SEEDS = [0, 1, 2]
 # continues a copy of the finished smaller-budget run (``resume=`` with a larger
 # ``search.max_evals``) instead of repeating its evaluations. Checked on the toy zoo: the
 # fresh budget-48 archives of both are exact prefixes of the fresh budget-144 ones.
-EXTENDABLE = {"default", "random", "default_mf"}
+EXTENDABLE = {"default", "random", "default_mf", "modelwise_nsga"}
 
 
 def run_dir(root: Path, setting: str, search: str, budget: int, seed: int) -> Path:
