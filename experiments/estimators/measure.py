@@ -13,8 +13,9 @@ of items per task:
 - ``multifidelity``: starts at the same number of items and promotes candidates that
   could enter the running front (the candidates come in order, as in a search whose
   archive starts with the base and the experts, exact); its ``items`` is the mean
-  actually scored, ``front_recall`` the share of the exact front's candidates (among the
-  held-out ones) it scored on the full split.
+  actually scored, ``front_recall`` the share of the held-out candidates on the exact front
+  (of the references and the held-out candidates, as the promoter's archive holds them) that
+  it scored on the full split.
 
 MAE is the mean over candidates and objectives of |estimate - full-split score|.
 
@@ -67,7 +68,7 @@ def table(data: dict) -> str:
             if "calibration_models" in r:
                 notes.append(f"calibration: {r['calibration_models']} models on the full split, {r['calibration_seconds']:.0f} s once; mean reported SE {r['mean_reported_stderr']:.3f}")
             if "front_recall" in r:
-                notes.append(f"k={r['k']:g}; {r['full_split_share']:.0%} of candidates promoted to the full split; exact-front recall {r['front_recall']:.0%} ({r['exact_front_size']} points)")
+                notes.append(f"k={r['k']:g}; {r['full_split_share']:.0%} of candidates promoted to the full split; exact-front recall {'n/a' if r['front_recall'] is None else format(r['front_recall'], '.0%')} ({r['exact_front_size']} held-out points on the front with the references)")
             if r.get("cost", "").startswith("derived"):
                 notes.append("replayed from full-split items; s/candidate derived")
             lines.append(f"| {setting} | {name} | {r['items']:.1f} | {r['mae']:.4f} | {r['seconds_per_candidate']:.2f} | {'; '.join(notes)} |")
@@ -187,11 +188,11 @@ def main() -> None:
         extra["irt_anchors"] = {"calibration_models": 1 + len(experts) + n_probes, "calibration_seconds": irt.calibration_s}
         print(f"irt calibrated in {irt.calibration_s:.0f} s", flush=True)
     archives: dict[str, Any] = {}
+    refs: list[Any] = []
     if "multifidelity" in only:
         # a search seeded with the references starts with them, exact, in its archive
         from evomerge.estimators.irt import reference_recipes
 
-        refs = []
         for recipe in reference_recipes(merger.n_experts, merger.pool.expert_names, merger.n_layers).values():
             merger.apply(recipe)
             refs.append(full())
@@ -233,18 +234,21 @@ def main() -> None:
                 archives[name].append(Record(i, "search", str(i), [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
         print(f"candidate {i + 1}/{len(recipes)}: exact {exact[i]}", flush=True)
         # written after every candidate, so an interrupted run leaves its rows so far
-        write_results(args, summarise(exact[: i + 1], out, secs, i + 1, cached["seconds_per_candidate"] if use_cache else None,
+        write_results(args, summarise(exact[: i + 1], [dict(r) for r in refs], out, secs, i + 1, cached["seconds_per_candidate"] if use_cache else None,
                                       n_docs, tasks, objectives, extra, archives))
     if not use_cache:
         cache.write_text(json.dumps({"key": cache_key, "seconds_per_candidate": secs["full_split"] / len(recipes), "exact": exact}) + "\n")
     tmp.cleanup()
 
 
-def summarise(exact, out, secs, n_done, cached_full_s, n_docs, tasks, objectives, extra, archives) -> dict[str, dict]:
+def summarise(exact, ref_exact, out, secs, n_done, cached_full_s, n_docs, tasks, objectives, extra, archives) -> dict[str, dict]:
     full_s = cached_full_s if cached_full_s is not None else secs["full_split"] / n_done
     results: dict[str, dict] = {"full_split": {"items": sum(n_docs[t.task] for t in tasks) / len(tasks), "mae": 0.0,
                                                "seconds_per_candidate": full_s, "candidates": n_done}}
-    exact_front = {int(i) for i in nondominated(np.array([[1 - e[o] for o in objectives] for e in exact]))}
+    # the exact front of what the promoter's archive holds: the references (scored exactly first) and
+    # the held-out candidates; recall = the share of its held-out candidates scored on the full split
+    pool = [*exact, *ref_exact]
+    exact_front = {int(i) for i in nondominated(np.array([[1 - e[o] for o in objectives] for e in pool])) if int(i) < len(exact)}
     top = {o: n_docs[t.task] for o, t in zip(objectives, tasks)}
     for name, est in out.items():
         row = {"items": float(np.mean([np.mean([e.fidelity[o] for o in objectives]) for e in est])), "mae": mae(est, exact, objectives),
@@ -252,7 +256,7 @@ def summarise(exact, out, secs, n_done, cached_full_s, n_docs, tasks, objectives
         if name == "irt_anchors":
             row["mean_reported_stderr"] = float(np.mean([e.stderr[o] for e in est for o in objectives]))
         if name in archives:
-            row["front_recall"] = float(np.mean([all(est[i].fidelity[o] >= top[o] for o in objectives) for i in exact_front]))
+            row["front_recall"] = float(np.mean([all(est[i].fidelity[o] >= top[o] for o in objectives) for i in exact_front])) if exact_front else None
             row["exact_front_size"] = len(exact_front)
             row["full_split_share"] = float(np.mean([all(e.fidelity[o] >= top[o] for o in objectives) for e in est]))
         results[name] = row
