@@ -59,7 +59,7 @@ def mae(est: list[dict[str, float]], exact: list[dict[str, float]], objectives: 
 
 def table(data: dict) -> str:
     """results.json as a markdown table (the README's)."""
-    lines = ["| setting | estimator | items per task | MAE vs full split | s per candidate | notes |", "|---|---|---|---|---|---|"]
+    lines = ["| setting | estimator | items per task | MAE vs full split | s per candidate | cost vs full split | notes |", "|---|---|---|---|---|---|---|"]
     for setting, rows in data.items():
         if setting == "search_stream":  # search_stream.py's results, another shape
             continue
@@ -71,7 +71,7 @@ def table(data: dict) -> str:
                 notes.append(f"k={r['k']:g}; {r['full_split_share']:.0%} of candidates promoted to the full split; exact-front recall {'n/a' if r['front_recall'] is None else format(r['front_recall'], '.0%')} ({r['exact_front_size']} held-out points on the front with the references)")
             if r.get("cost", "").startswith("derived"):
                 notes.append("replayed from full-split items; s/candidate derived")
-            lines.append(f"| {setting} | {name} | {r['items']:.1f} | {r['mae']:.4f} | {r['seconds_per_candidate']:.2f} | {'; '.join(notes)} |")
+            lines.append(f"| {setting} | {name} | {r['items']:.1f} | {r['mae']:.4f} | {r['seconds_per_candidate']:.2f} | {r.get('relative_cost', float('nan')):.2f} | {'; '.join(notes)} |")
     return "\n".join(lines)
 
 
@@ -129,19 +129,19 @@ def main() -> None:
     )
     full = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=None, **common)
     n_docs = dict(full.scorer.n_docs)
-    table = None
+    item_table = None
     if args.replay:
         from replay import ItemTable, ReplayFitness, ReplayMerger
 
         cache_file = Path(args.items_cache or f"runs/estimators/items_{args.setting}.jsonl")
-        table = ItemTable(full, cache_file)
-        merger = ReplayMerger(merger, table)  # every apply makes that merge's full-split items current
-        full = ReplayFitness(table)
+        item_table = ItemTable(full, cache_file)
+        merger = ReplayMerger(merger, item_table)  # every apply makes that merge's full-split items current
+        full = ReplayFitness(item_table)
 
         def subset_fitness(size: int):  # the same seeded subsets LmEvalFitness(subset_size=size, subset_seed=0) picks
             from evomerge.estimators.lm_eval_fitness import choose_subset
 
-            return ReplayFitness(table, {t: choose_subset(n, size, i) for i, (t, n) in enumerate(sorted(n_docs.items()))})
+            return ReplayFitness(item_table, {t: choose_subset(n, size, i) for i, (t, n) in enumerate(sorted(n_docs.items()))})
     else:
         def subset_fitness(size: int):
             return LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=size, subset_seed=0, **common)
@@ -149,9 +149,9 @@ def main() -> None:
     recipes = [space.decode(rng.random(space.n_var)) for _ in range(args.candidates)]
     print(f"{args.setting}: {len(recipes)} held-out candidates, objectives {objectives}, docs per task {n_docs}", flush=True)
 
-    if table:  # warm-up on the live objects, so no cached entry carries the request building
+    if item_table:  # warm-up on the live objects, so no cached entry carries the request building
         merger._merger.apply(recipes[0])
-        table.live.score_items(table.full_ids)
+        item_table.live.score_items(item_table.full_ids)
     else:
         merger.apply(recipes[0])
         full()  # warm-up: builds every request once, as a run would
@@ -180,10 +180,11 @@ def main() -> None:
         ctx = FitnessContext(merger.model, merger.tokenizer, tasks, objectives, subset_size=n, run_dir=Path(tmp.name) / "irt",
                              merger=merger, seed=0, **common)
         ctx.run_dir.mkdir()
-        live_before = table.live_seconds if table else 0.0
+        live_before = item_table.live_seconds if item_table else 0.0
+        scored_before = item_table.scored_seconds if item_table else 0.0
         irt = IrtEstimator(ctx, n_anchors=n, n_probes=n_probes, fitness=full)
-        if table:  # the calibration's model passes were the table's live full-split scorings
-            irt.calibration_s += table.live_seconds - live_before
+        if item_table:  # its model passes cost their full-split scorings, whether cached or scored just now
+            irt.calibration_s += (item_table.live_seconds - live_before) - (item_table.scored_seconds - scored_before)
         ests["irt_anchors"] = irt
         extra["irt_anchors"] = {"calibration_models": 1 + len(experts) + n_probes, "calibration_seconds": irt.calibration_s}
         print(f"irt calibrated in {irt.calibration_s:.0f} s", flush=True)
@@ -209,26 +210,26 @@ def main() -> None:
             ests[key] = mf
             extra[key] = {"k": k}
 
-    if table:
+    if item_table:
         for name in ests:
             extra.setdefault(name, {})["cost"] = "derived: merge + items x measured full-split s/item"
     exact: list[dict[str, float]] = cached["exact"] if use_cache else []
     out: dict[str, list] = {name: [] for name in ests}
     secs: dict[str, float] = {name: 0.0 for name in ["full_split", *ests]}
     for i, r in enumerate(recipes):
-        live_before = table.live_seconds if table else 0.0
+        live_before = item_table.live_seconds if item_table else 0.0
         merge_s = merger.apply(r).seconds
         if not use_cache:
             started = time.perf_counter()
             exact.append({o: float(v) for o, v in full().items()})
-            secs["full_split"] += merge_s + time.perf_counter() - started + (table.live_seconds - live_before if table else 0.0)
+            secs["full_split"] += merge_s + time.perf_counter() - started + (item_table.live_seconds - live_before if item_table else 0.0)
         for name, est in ests.items():
-            served_before = table.items_served if table else 0
+            served_before = item_table.items_served if item_table else 0
             started = time.perf_counter()
             sc = est()
             secs[name] += merge_s + time.perf_counter() - started
-            if table:  # replayed: add what scoring the items it asked for costs live
-                secs[name] += (table.items_served - served_before) * table.seconds_per_item
+            if item_table:  # replayed: add what scoring the items it asked for costs live
+                secs[name] += (item_table.items_served - served_before) * item_table.seconds_per_item
             out[name].append(sc)
             if name in archives:
                 archives[name].append(Record(i, "search", str(i), [0.0], {}, dict(sc), [1 - sc[o] for o in objectives], stderr=sc.stderr, fidelity=sc.fidelity))
@@ -260,8 +261,9 @@ def summarise(exact, ref_exact, out, secs, n_done, cached_full_s, n_docs, tasks,
             row["exact_front_size"] = len(exact_front)
             row["full_split_share"] = float(np.mean([all(e.fidelity[o] >= top[o] for o in objectives) for e in est]))
         results[name] = row
-    for v in results.values():
-        for key in ("mae", "seconds_per_candidate", "items", "calibration_seconds", "mean_reported_stderr"):
+    for v in results.values():  # cost relative to the full split: ratios survive a loaded machine, seconds do not
+        v["relative_cost"] = v["seconds_per_candidate"] / full_s if full_s else None
+        for key in ("mae", "seconds_per_candidate", "items", "calibration_seconds", "mean_reported_stderr", "relative_cost"):
             if key in v:
                 v[key] = round(float(v[key]), 4)
     return results

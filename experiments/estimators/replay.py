@@ -53,7 +53,8 @@ class ItemTable:
                 self.entries[e["key"]] = e
         self.current: dict | None = None
         self.items_served = 0
-        self.live_seconds = 0.0  # full-split scoring time of every recipe made current
+        self.live_seconds = 0.0  # full-split scoring time of every recipe made current (cached ones included)
+        self.scored_seconds = 0.0  # the part of it actually spent scoring in this process
 
     def make_current(self, recipe: Any) -> dict:
         key = recipe_key(recipe)
@@ -62,6 +63,7 @@ class ItemTable:
             started = time.perf_counter()
             items = self.live.score_items(self.full_ids)
             seconds = time.perf_counter() - started
+            self.scored_seconds += seconds
             entry = {"key": key, "seconds": seconds, "ids": items.ids,
                      "values": {t: {m: v.tolist() for m, v in per.items()} for t, per in items.values.items()}}
             self.entries[key] = entry
