@@ -1,5 +1,6 @@
 """Executors: duplicates never dispatched, archive order, local vs Ray (2 workers) give the
-same archive, a killed worker loses and repeats nothing, driver kill + resume, multirun dirs."""
+same archive, a killed worker loses and repeats nothing, driver kill + resume, multirun dirs;
+the asynchronous steady-state mode (fake executor for the bookkeeping, Ray once)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.executors import LocalExecutor, Outcome
-from evomerge.search.algorithms import GridStrategy
-from evomerge.search.archive import Archive
+from evomerge.errors import ConfigError
+from evomerge.executors import LocalExecutor, Outcome, evaluate_outcome
+from evomerge.search.algorithms import GridStrategy, RandomStrategy, nsga2
+from evomerge.search.archive import Archive, genome_key
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.loop import SearchLoop
 from test_cli import pool_args  # the same tiny-zoo pool overrides as the CLI tests
@@ -87,6 +89,155 @@ def test_resume_takes_the_executor_of_its_own_command_line(tmp_path):
     cfg, _, lock = open_run_dir(again, run, [f"resume={run}", "executor=ray", "executor.workers=3"])
     lock.release()
     assert cfg.executor == {"_target_": "x.ray", "workers": 3} and cfg.seed == 0
+
+
+# ---------------------------------------------------------------- async (steady-state) mode, no Ray
+
+
+@pytest.fixture(autouse=True)
+def _no_gc_per_failure(monkeypatch):
+    # a failed candidate runs gc.collect() (seconds with torch loaded on a busy machine)
+    monkeypatch.setattr("evomerge.executors.base.free_accelerator_memory", lambda: None)
+
+
+def _score_or_fail(recipe):
+    w0, w1 = recipe.groups[1].params["weight"]
+    if w0 >= 0.999:
+        raise ValueError("this recipe always fails")
+    return {"a": w0, "b": w1}, 0.0, 0.0
+
+
+class StreamingFake:
+    """An async executor without Ray: ``workers`` slots, the newest job completes first (so
+    completion order is not ask order). Records what was dispatched and how many workers were
+    busy whenever the loop waited; ``interrupt_at``: the n-th wait raises KeyboardInterrupt."""
+
+    mode = "async"
+
+    def __init__(self, evaluate, workers: int = 2, interrupt_at: int | None = None):
+        self.evaluate, self.workers, self.interrupt_at = evaluate, workers, interrupt_at
+        self.running: list[tuple[str, object]] = []
+        self.dispatched: list[str] = []
+        self.busy: list[int] = []
+
+    def submit(self, key, recipe):
+        assert len(self.running) < self.workers, "dispatched beyond the free workers"
+        self.running.append((key, recipe))
+        self.dispatched.append(key)
+
+    def idle(self):
+        return self.workers - len(self.running)
+
+    def next_completed(self):
+        if len(self.busy) + 1 == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.busy.append(len(self.running))
+        key, recipe = self.running.pop()
+        return key, evaluate_outcome(self.evaluate, recipe)
+
+    def map(self, jobs):
+        return LocalExecutor(self.evaluate).map(jobs)
+
+    def close(self):
+        pass
+
+
+A, B, F1, F2 = [0.1, 0.2], [0.3, 0.4], [1.0, 0.7], [1.4, 0.7]  # F2 decodes to F1's (failing) recipe
+
+
+def _async_loop(run_dir, max_evals=8):
+    run_dir.mkdir(exist_ok=True)
+    # asks: A (archived before the run), B, B again (while B runs), F1, F2, then 3 random genomes
+    loop = SearchLoop(_space(), RandomStrategy(pop_size=4), ["a", "b"], run_dir, max_evals=max_evals, seed=0, progress=False, initial=np.array([A, B, B, F1, F2]))
+    if not loop.archive.records:
+        loop.evaluate_genome(np.array(A), LocalExecutor(_score_or_fail))
+    return loop
+
+
+def _search_set(run_dir):
+    return sorted((r.key, r.genome, r.scores, r.error, r.generation) for r in Archive(run_dir / "archive.jsonl").search_records())
+
+
+def test_async_keeps_workers_busy_serves_duplicates_and_honours_the_budget(tmp_path):
+    loop = _async_loop(tmp_path / "async")
+    fake = StreamingFake(_score_or_fail)
+    state = loop.run(fake)
+    keys = lambda *gs: [genome_key(g) for g in gs]  # noqa: E731
+    # A archived, the second B waits for the first and is served; F2 is dispatched because
+    # its recipe failed under F1's genome; budget 8 = 6 dispatched + 2 served
+    assert len(fake.dispatched) == len(set(fake.dispatched)) == 6
+    assert fake.dispatched[:3] == keys(B, F1, F2)
+    assert fake.busy == [2, 2, 2, 2, 2, 1]  # both workers busy until nothing is left to ask
+    assert state.n_asked == 8 and loop.reused == 2 and state.in_flight == [] and state.finished
+    records = loop.archive.search_records()
+    assert [r.key for r in records][:4] == keys(A, F1, F2) + [fake.dispatched[3]]  # completion order
+    assert records[-1].key == keys(B)[0]  # B ran longest (newest first), archived last
+    assert [r.error is not None for r in records] == [False, True, True, False, False, False, False]
+    assert state.generation == 2 and state.history[-1]["n_evals"] == 7  # blocks of pop_size=4
+    # the same candidates, scores and generation labels as the generational loop
+    gen = _async_loop(tmp_path / "gen")
+    gen.run(LocalExecutor(_score_or_fail))
+    assert _search_set(tmp_path / "async") == _search_set(tmp_path / "gen")
+    assert gen.state.generation == 2
+
+
+@pytest.mark.parametrize(("kill", "at", "resume"), [("waiting", 3, "async"), ("archived", 3, "async"), ("waiting", 4, "generational")])
+def test_async_driver_killed_and_resumed_loses_and_repeats_nothing(tmp_path, kill, at, resume):
+    reference = tmp_path / "reference"
+    whole = StreamingFake(_score_or_fail)
+    _async_loop(reference).run(whole)
+    run = tmp_path / "run"
+    loop = _async_loop(run)
+    first = StreamingFake(_score_or_fail, interrupt_at=at if kill == "waiting" else None)
+    if kill == "archived":  # killed after a result reached the archive, before the next checkpoint
+        original, count = loop._archive_outcome, []
+
+        def archive_then_die(job, outcome):
+            record = original(job, outcome)
+            count.append(job.key)
+            if len(count) == at:
+                raise KeyboardInterrupt
+            return record
+
+        loop._archive_outcome = archive_then_die
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(first)
+    archived = {r.key for r in Archive(run / "archive.jsonl").records}
+    lost = {k for k, _ in first.running} - archived  # dispatched, never archived
+    assert lost and (kill == "waiting" or count[-1] in archived)
+    again = _async_loop(run)  # the strategy comes from the checkpoint
+    second = StreamingFake(_score_or_fail) if resume == "async" else ReversedExecutor(_score_or_fail)
+    again.run(second)
+    assert _search_set(run) == _search_set(reference)  # nothing lost, same scores and generations
+    keys = [r.key for r in Archive(run / "archive.jsonl").records]
+    assert len(keys) == len(set(keys))  # nothing archived twice
+    assert again.state.n_asked == 8 and again.state.in_flight == [] and again.state.finished
+    if resume == "async":  # re-dispatched: exactly what was running and not archived
+        assert len(second.dispatched) == len(set(second.dispatched))
+        assert set(second.dispatched) & set(first.dispatched) == lost
+        assert set(second.dispatched) | set(first.dispatched) == set(whole.dispatched)
+        assert len(first.dispatched) + len(second.dispatched) == len(whole.dispatched) + len(lost)
+
+
+def test_async_refuses_generational_algorithms_and_unknown_modes(tmp_path, capsys):
+    from evomerge.executors import local_executor
+    from evomerge.executors.base import check_mode
+
+    loop = SearchLoop(_space(), nsga2(pop_size=4), ["a", "b"], tmp_path, max_evals=8, seed=0, progress=False)
+    with pytest.raises(ConfigError) as err:
+        loop.run(StreamingFake(_score_or_fail))
+    assert str(err.value) == (
+        "executor.mode=async: algorithm nsga2 is generational only (its selection needs whole generations); "
+        "use executor.mode=generational, or an algorithm that supports async: random, grid, hand_made"
+    )
+    with pytest.raises(ConfigError, match="executor.mode must be one of generational, async, got 'steady'"):
+        check_mode("steady")
+
+    class Session:
+        evaluate = staticmethod(_score)
+
+    assert local_executor(Session(), mode="async").mode == "generational"
+    assert "executor.mode=async has no effect with executor=local" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- local vs Ray on the test zoo
