@@ -9,6 +9,10 @@ must be identical (same seed); the script checks it.
     python experiments/bench_executor.py [--evals 32] [--zoo tiny|default] [--workers 1,2] [--subset 100] [--out DIR]
 
 On a GPU machine use ``--gpu``: each Ray worker then gets one GPU (``gpus_per_worker=1``).
+
+``--modes``: instead, ``executor.mode`` generational vs async on Ray (``--mode-workers``
+workers, random search, the same budget and seed), candidates per minute and the workers'
+idle share side by side; both must evaluate the same candidates (archive order differs).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -55,6 +61,7 @@ def run_one(overrides: list[str], run_dir: Path) -> dict:
     n = len(search)
     workers = int(cfg.executor.get("workers", 1)) if "executor" in cfg else 1
     busy = sum(r.merge_s + r.eval_s for r in search)
+    costs = np.array([r.merge_s + r.eval_s for r in search]) if search else np.zeros(1)
     return {
         "evals": n,
         "search_s": spent["search"],
@@ -64,6 +71,8 @@ def run_one(overrides: list[str], run_dir: Path) -> dict:
         # share of worker time spent evaluating during the search loop: what a steady-state
         # (asynchronous) mode could at most win back from generation barriers and dispatch
         "utilisation": busy / (workers * spent["search"]),
+        "cost_mean_s": float(costs.mean()),
+        "cost_cv": float(costs.std() / costs.mean()) if costs.mean() > 0 else 0.0,  # spread of candidate cost
         "archive": [(r.key, r.scores) for r in records],
     }
 
@@ -76,12 +85,16 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=100, help="fitness.subset_size (items per task per candidate)")
     ap.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (else CPU workers, device=cpu)")
     ap.add_argument("--out", default=None, help="folder for the run directories (default: a temp folder)")
+    ap.add_argument("--modes", action="store_true", help="compare executor.mode generational vs async (random search on Ray)")
+    ap.add_argument("--mode-workers", type=int, default=2)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_executor_"))
     common = [
         f"modelpool.size={args.zoo}", f"search.max_evals={args.evals}", "algorithm.pop_size=8", "search.progress=false",
         "fitness.test_rescore=false", f"fitness.subset_size={args.subset}", "report.plots=false", "report.html=false", "device=" + ("cuda" if args.gpu else "cpu"),
     ]
+    if args.modes:
+        return compare_modes(args, common, out)
     settings = [("local", ["executor=local"])]
     for w in [int(v) for v in args.workers.split(",")]:
         ray = ["executor=ray", f"executor.workers={w}"] + (["executor.gpus_per_worker=1"] if args.gpu else [])
@@ -102,6 +115,22 @@ def main() -> None:
         print(f"\n{ray_names[-1]} over {ray_names[0]}: {b['search_per_min'] / a['search_per_min']:.2f}x (search loop)")
     print(f"archives identical across settings: {same}")
     (out / "bench_executor.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "archive"} for k, v in results.items()}, indent=1))
+
+
+def compare_modes(args: argparse.Namespace, common: list[str], out: Path) -> None:
+    ray = ["executor=ray", f"executor.workers={args.mode_workers}", "algorithm=random"] + (["executor.gpus_per_worker=1"] if args.gpu else [])
+    results = {}
+    for mode in ("generational", "async"):
+        r = results[mode] = run_one([*common, *ray, f"executor.mode={mode}"], out / mode)
+        print(f"{mode:>12}: {r['evals']} candidates, search {r['search_s']:.1f} s ({r['search_per_min']:.1f}/min), workers idle {100 * (1 - r['utilisation']):.0f}%", flush=True)
+    load = os.getloadavg()
+    gen, asy = results["generational"], results["async"]
+    print(f"\n| mode (ray x{args.mode_workers}, random, pop 8) | candidates/min (search) | candidates/min (incl. start-up) | workers idle | candidate cost mean / CV |\n|---|---|---|---|---|")
+    for mode, r in results.items():
+        print(f"| {mode} | {r['search_per_min']:.1f} | {r['total_per_min']:.1f} | {100 * (1 - r['utilisation']):.0f}% | {r['cost_mean_s']:.2f} s / {r['cost_cv']:.2f} |")
+    print(f"\nasync over generational: {asy['search_per_min'] / gen['search_per_min']:.2f}x (search loop); load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(f"same candidates and scores in both modes: {sorted(gen['archive']) == sorted(asy['archive'])}")
+    (out / "bench_modes.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "archive"} | {"loadavg": load} for k, v in results.items()}, indent=1))
 
 
 if __name__ == "__main__":

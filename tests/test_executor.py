@@ -351,3 +351,68 @@ def test_multirun_gives_each_job_its_own_run_dir(test_zoo, tmp_path):
         run = sweep / job
         assert json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))["seed"] == seed
         assert len(Archive(run / "archive.jsonl").search_records()) == 4
+
+
+# ---------------------------------------------------------------- async mode on Ray
+
+
+def test_async_with_a_generational_algorithm_is_refused_before_ray_starts(test_zoo, tmp_path, monkeypatch):
+    from evomerge.executors import ray_executor
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started before the refusal")
+
+    monkeypatch.setattr(ray_executor, "RayExecutor", no_ray)
+    with pytest.raises(ConfigError, match=r"^executor.mode=async: algorithm nsga2 is generational only .* random, grid, hand_made$"):
+        _run([*_pool_args(test_zoo), "search.max_evals=8", "search.progress=false", "executor=ray", "executor.mode=async"], tmp_path / "run")
+
+
+ASYNC_EVALS = 12
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_async_budget_ctrl_c_and_resume(test_zoo, local_ray, tmp_path, monkeypatch):
+    """One async run on 2 Ray workers, interrupted (Ctrl-C) at its 5th search dispatch, then
+    resumed: exactly the budget, nothing dispatched twice but the interrupted in-flight ones,
+    workers stopped, and the candidates and scores of the local generational run."""
+    from evomerge.executors.ray_executor import RayExecutor
+
+    args = [*_pool_args(test_zoo), "algorithm=random", f"search.max_evals={ASYNC_EVALS}", "search.progress=false"]
+    local = _run(args, tmp_path / "local")
+    dispatched: list[str] = []
+    seen: dict = {}
+
+    def interrupt(executor, slot, key):
+        if len(key) == 16:  # a genome key (the references go out as "0", "1", ...)
+            dispatched.append(key)
+            seen["pids"] = [p for p in executor.pids if p]
+            if len(dispatched) == 5 and "interrupted" not in seen:
+                seen["interrupted"] = list(dispatched)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(RayExecutor, "on_submit", staticmethod(interrupt))
+    run = tmp_path / "async"
+    ray_args = [*args, "executor=ray", "executor.workers=2", "executor.mode=async"]
+    with pytest.raises(KeyboardInterrupt):
+        _run(ray_args, run)
+    deadline = time.time() + 60  # Ctrl-C stops the workers (their processes exit)
+    while time.time() < deadline and any(_alive(p) for p in seen["pids"]):
+        time.sleep(0.5)
+    assert seen["pids"] and not any(_alive(p) for p in seen["pids"])
+    before = {key for _, key, *_ in _archive(run)}
+    got = _run([*ray_args, f"resume={run}"], run)
+    keys = [k for _, k, *_ in got]
+    assert len(keys) == len(set(keys)) == 3 + ASYNC_EVALS  # the budget exactly, nothing archived twice
+    repeated = {k for k in dispatched if dispatched.count(k) > 1}
+    assert repeated and repeated <= set(seen["interrupted"]) - before  # only the interrupted in-flight ones, once more
+    assert all(dispatched.count(k) == 2 for k in repeated)
+    assert sorted(got, key=str) == sorted(local, key=str)  # same candidates and scores as local generational
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
