@@ -219,6 +219,33 @@ def test_async_driver_killed_and_resumed_loses_and_repeats_nothing(tmp_path, kil
         assert len(first.dispatched) + len(second.dispatched) == len(whole.dispatched) + len(lost)
 
 
+def test_async_strategies_ask_one_by_one_what_they_ask_by_generation():
+    def one_by_one(strategy):
+        out = []
+        while strategy.has_next():
+            out.append(strategy.ask_one())
+        return np.array(out)
+
+    def by_generation(strategy):
+        out = []
+        while strategy.has_next():
+            X = strategy.ask()
+            strategy.tell(X, np.zeros((len(X), 2)))
+            out += list(X)
+        return np.array(out)
+
+    for make in (lambda: GridStrategy(pop_size=4), lambda: RandomStrategy(pop_size=4)):
+        a, b = make(), make()
+        for s in (a, b):
+            s.setup(2, 2, 9, seed=3, initial=np.array([A, B]))
+        X = one_by_one(a)
+        assert X.shape == (9, 2) and np.array_equal(X, by_generation(b))
+    assert X[:2].tolist() == [A, B]  # random: the seeds first
+    grid = GridStrategy(pop_size=4)
+    grid.setup(2, 2, 9, seed=0)
+    assert one_by_one(grid)[[0, 1, 8]].tolist() == [[0.0, 0.0], [0.0, 0.5], [1.0, 1.0]]  # 3 x 3 grid
+
+
 def test_async_refuses_generational_algorithms_and_unknown_modes(tmp_path, capsys):
     from evomerge.executors import local_executor
     from evomerge.executors.base import check_mode

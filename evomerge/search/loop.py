@@ -172,6 +172,8 @@ class SearchLoop:
                 "replaying the search from the archive, evaluating what is missing"
             )
             return None
+        if not hasattr(state, "in_flight"):  # checkpoint of a version without async mode
+            state.in_flight = []
         if not hasattr(state, "n_asked"):  # checkpoint of an older version
             state.n_asked = int(getattr(getattr(getattr(state.strategy, "algorithm", None), "evaluator", None), "n_eval", 0) or 0)
         if state.np_random_state is not None:
@@ -338,7 +340,7 @@ class SearchLoop:
         if getattr(executor, "mode", "generational") == "async":
             require_async(strategy)
             return self._run_async(executor, on_generation, started, evals_at_start)
-        if getattr(self.state, "in_flight", None):  # an async run resumed generationally: finish its asked candidates first
+        if self.state.in_flight:  # an async run resumed generationally: finish its asked candidates first
             for gen in sorted({g for _, g in self.state.in_flight}):
                 self.evaluate_genomes([np.asarray(x) for x, g in self.state.in_flight if g == gen], executor, gen)
             self.state.in_flight = []
