@@ -296,9 +296,21 @@ def _archive(run_dir: Path) -> list[tuple]:
     return [(r.kind, r.key, r.label, r.genome, r.scores, r.losses, r.error) for r in Archive(run_dir / "archive.jsonl").records]
 
 
+def init_ray(attempts: int = 3) -> None:
+    """``ray.init`` gives the raylet 30 s to register; on a loaded machine that can be missed."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+            return
+        except Exception:  # noqa: BLE001 -- "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    init_ray()
     yield
     ray.shutdown()
 
