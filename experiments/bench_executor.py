@@ -13,6 +13,12 @@ On a GPU machine use ``--gpu``: each Ray worker then gets one GPU (``gpus_per_wo
 ``--modes``: instead, ``executor.mode`` generational vs async on Ray (``--mode-workers``
 workers, random search, the same budget and seed), candidates per minute and the workers'
 idle share side by side; both must evaluate the same candidates (archive order differs).
+
+``--simulate``: the same comparison without Ray or models: the real search loop (random
+search, a 2-expert genome), ``--mode-workers`` threads as workers, and a *simulated*
+candidate cost (a sleep fixed per recipe: constant, or log-normal with ``--cost-cv``), so
+it isolates what the generation barrier costs and what the steady state wins back, driver
+overhead (archive + checkpoint per candidate) included.
 """
 
 from __future__ import annotations
@@ -87,7 +93,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the run directories (default: a temp folder)")
     ap.add_argument("--modes", action="store_true", help="compare executor.mode generational vs async (random search on Ray)")
     ap.add_argument("--mode-workers", type=int, default=2)
+    ap.add_argument("--simulate", action="store_true", help="--modes with threads and simulated candidate cost (no Ray, no models)")
+    ap.add_argument("--cost-s", type=float, default=0.5, help="--simulate: mean candidate cost in seconds")
+    ap.add_argument("--cost-cv", default="0,0.5,1", help="--simulate: coefficients of variation of the cost to compare (0 = constant)")
     args = ap.parse_args()
+    if args.simulate:
+        return simulate_modes(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_executor_"))
     common = [
         f"modelpool.size={args.zoo}", f"search.max_evals={args.evals}", "algorithm.pop_size=8", "search.progress=false",
@@ -141,6 +152,83 @@ def compare_modes(args: argparse.Namespace, common: list[str], out: Path) -> Non
     print(f"\nasync over generational: {asy['search_per_min'] / gen['search_per_min']:.2f}x (search loop); load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"same candidates and scores in both modes: {sorted(gen['archive']) == sorted(asy['archive'])}")
     (out / "bench_modes.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "archive"} | {"loadavg": load} for k, v in results.items()}, indent=1))
+
+
+class SimulatedWorkers:
+    """Threads standing in for Ray workers: a candidate 'costs' a sleep fixed by its recipe
+    (the same in both modes). Implements map (generational) and submit/idle/next_completed."""
+
+    def __init__(self, workers: int, mode: str, cost_s: float, cv: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers, self.mode, self.cost_s, self.cv = workers, mode, cost_s, cv
+        self.pool = ThreadPoolExecutor(workers)
+        self.futures: dict = {}
+
+    def _evaluate(self, recipe):
+        from evomerge.executors.base import Outcome
+
+        groups = json.dumps(recipe.to_dict()["groups"], sort_keys=True)
+        rng = np.random.default_rng(int.from_bytes(groups.encode()[-64:], "little") % (2**63))
+        sigma = np.sqrt(np.log1p(self.cv**2))  # log-normal with mean cost_s and this CV
+        cost = self.cost_s * (rng.lognormal(-sigma**2 / 2, sigma) if self.cv > 0 else 1.0)
+        time.sleep(cost)
+        w = recipe.groups[-1].params["weight"]
+        return Outcome({"a": float(w[0]), "b": float(w[1])}, eval_s=cost)
+
+    def submit(self, key, recipe):
+        self.futures[self.pool.submit(self._evaluate, recipe)] = key
+
+    def idle(self):
+        return self.workers - len(self.futures)
+
+    def next_completed(self):
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
+        future = next(iter(done))
+        return self.futures.pop(future), future.result()
+
+    def map(self, jobs):
+        for key, recipe in jobs:
+            self.submit(key, recipe)
+        while self.futures:
+            yield self.next_completed()
+
+    def close(self):
+        self.pool.shutdown()
+
+
+def simulate_modes(args: argparse.Namespace) -> None:
+    from evomerge.search.algorithms import RandomStrategy
+    from evomerge.search.archive import Archive
+    from evomerge.search.genome import GenomeSpace
+    from evomerge.search.loop import SearchLoop
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_modes_sim_"))
+    space = GenomeSpace(n_experts=2, n_layers=2, methods=("task_arithmetic",), separate_embed_head=False)
+    print(f"SIMULATED candidate cost (sleep, mean {args.cost_s} s), {args.mode_workers} thread workers, random search pop 8, {args.evals} candidates\n")
+    print("| cost CV | mode | candidates/min | workers idle | vs generational |\n|---|---|---|---|---|")
+    same = True
+    for cv in [float(v) for v in args.cost_cv.split(",")]:
+        results = {}
+        for mode in ("generational", "async"):
+            run_dir = out / f"cv{cv}_{mode}"
+            run_dir.mkdir(parents=True)
+            loop = SearchLoop(space, RandomStrategy(pop_size=8), ["a", "b"], run_dir, max_evals=args.evals, seed=0, progress=False)
+            workers = SimulatedWorkers(args.mode_workers, mode, args.cost_s, cv)
+            started = time.perf_counter()
+            loop.run(workers)
+            elapsed = time.perf_counter() - started
+            workers.close()
+            search = Archive(run_dir / "archive.jsonl").search_records()
+            busy = sum(r.eval_s for r in search)
+            results[mode] = (60 * len(search) / elapsed, 1 - busy / (args.mode_workers * elapsed), sorted((r.key, r.scores["a"]) for r in search))
+        same &= results["generational"][2] == results["async"][2]
+        for mode, (rate, idle, _) in results.items():
+            print(f"| {cv:g} | {mode} | {rate:.1f} | {100 * idle:.0f}% | {rate / results['generational'][0]:.2f}x |")
+    load = os.getloadavg()
+    print(f"\nsame candidates and scores in both modes: {same}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
 
 if __name__ == "__main__":
