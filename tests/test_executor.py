@@ -108,20 +108,21 @@ def _score_or_fail(recipe):
 
 
 class StreamingFake:
-    """An async executor without Ray: ``workers`` slots, the newest job completes first (so
-    completion order is not ask order). Records what was dispatched and how many workers were
-    busy whenever the loop waited; ``interrupt_at``: the n-th wait raises KeyboardInterrupt."""
+    """An async executor without Ray: ``workers`` slots behind a queue (as RayExecutor); of the
+    running jobs the newest completes first (so completion order is not ask order). Records
+    what was dispatched and how many workers were busy whenever the loop waited;
+    ``interrupt_at``: the n-th wait raises KeyboardInterrupt."""
 
     mode = "async"
 
     def __init__(self, evaluate, workers: int = 2, interrupt_at: int | None = None):
         self.evaluate, self.workers, self.interrupt_at = evaluate, workers, interrupt_at
-        self.running: list[tuple[str, object]] = []
+        self.running: list[tuple[str, object]] = []  # submitted and not returned; the first `workers` run, the rest queue
         self.dispatched: list[str] = []
         self.busy: list[int] = []
 
     def submit(self, key, recipe):
-        assert len(self.running) < self.workers, "dispatched beyond the free workers"
+        assert len(self.running) < self.workers + 1, "more than one job queued beyond the workers"
         self.running.append((key, recipe))
         self.dispatched.append(key)
 
@@ -131,8 +132,8 @@ class StreamingFake:
     def next_completed(self):
         if len(self.busy) + 1 == self.interrupt_at:
             raise KeyboardInterrupt
-        self.busy.append(len(self.running))
-        key, recipe = self.running.pop()
+        self.busy.append(min(len(self.running), self.workers))
+        key, recipe = self.running.pop(min(len(self.running), self.workers) - 1)
         return key, evaluate_outcome(self.evaluate, recipe)
 
     def map(self, jobs):
@@ -163,16 +164,17 @@ def test_async_keeps_workers_busy_serves_duplicates_and_honours_the_budget(tmp_p
     fake = StreamingFake(_score_or_fail)
     state = loop.run(fake)
     keys = lambda *gs: [genome_key(g) for g in gs]  # noqa: E731
-    # A archived, the second B waits for the first and is served; F2 is dispatched because
-    # its recipe failed under F1's genome; budget 8 = 6 dispatched + 2 served
+    # A archived; the second B waits for the first and is served; F2 waits for F1 (same
+    # recipe), which fails, so F2 is dispatched; one job queued beyond the 2 workers (R1);
+    # budget 8 = 6 dispatched + 2 served
     assert len(fake.dispatched) == len(set(fake.dispatched)) == 6
-    assert fake.dispatched[:3] == keys(B, F1, F2)
+    assert fake.dispatched[:2] == keys(B, F1) and fake.dispatched[3] == keys(F2)[0]
     assert fake.busy == [2, 2, 2, 2, 2, 1]  # both workers busy until nothing is left to ask
     assert state.n_asked == 8 and loop.reused == 2 and state.in_flight == [] and state.finished
     records = loop.archive.search_records()
-    assert [r.key for r in records][:4] == keys(A, F1, F2) + [fake.dispatched[3]]  # completion order
+    assert [r.key for r in records][:4] == keys(A, F1) + [fake.dispatched[2]] + keys(F2)  # completion order
     assert records[-1].key == keys(B)[0]  # B ran longest (newest first), archived last
-    assert [r.error is not None for r in records] == [False, True, True, False, False, False, False]
+    assert [r.error is not None for r in records] == [False, True, False, True, False, False, False]
     assert state.generation == 2 and state.history[-1]["n_evals"] == 7  # blocks of pop_size=4
     # the same candidates, scores and generation labels as the generational loop
     gen = _async_loop(tmp_path / "gen")

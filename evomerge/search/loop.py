@@ -42,6 +42,7 @@ from evomerge.search.genome import GenomeSpace
 from evomerge.search.pareto import hypervolume, nondominated
 
 log = logging.getLogger(__name__)
+ASYNC_AHEAD = 1  # async mode: candidates dispatched beyond the free workers (queued in the executor)
 
 
 class Evaluator(Protocol):
@@ -428,7 +429,9 @@ class SearchLoop:
         for x, generation in list(self.state.in_flight):  # asked before the checkpoint: not asked again
             admit(pending(x, generation))
         while True:
-            while executor.idle() - len(to_submit) > 0 and self._can_ask():
+            # one candidate queued beyond the busy workers: a worker that frees up starts it at
+            # once instead of waiting while the driver archives, checkpoints and asks
+            while executor.idle() - len(to_submit) > -ASYNC_AHEAD and self._can_ask():
                 generation = self.state.n_asked // block
                 self.state.n_asked += 1
                 admit(pending(strategy.ask_one(), generation))
