@@ -59,7 +59,7 @@ class StreamingExecutor(Executor, Protocol):
     def submit(self, key: str, recipe: Any) -> None: ...
 
     def idle(self) -> int:
-        """Workers that would start a job submitted now (free workers minus queued jobs)."""
+        """Free workers minus queued jobs (negative while jobs wait in the queue)."""
         ...
 
     def next_completed(self) -> tuple[str, Outcome]:
