@@ -225,12 +225,25 @@ def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     genome_cfg = OmegaConf.to_container(cfg.genome, resolve=True)
     stages_cfg = OmegaConf.select(cfg, "search.stages")
     stages = plan_stages(genome_cfg, OmegaConf.to_container(stages_cfg) if stages_cfg is not None else None, max_evals)
+    check_async(cfg, session, stages)
     executor = build_executor(cfg, session, run_dir)
     try:
         loop = _run_stages(cfg, run_dir, session, executor, stages, seed, ref_point)
     finally:  # also on Ctrl-C: workers stopped, a Ray started here shut down
         executor.close()
     return finish_run(cfg, run_dir, session, loop)
+
+
+def check_async(cfg: DictConfig, session: Session, stages: list) -> None:
+    """``executor.mode=async`` with an algorithm that needs whole generations is refused
+    before any worker starts (``executor=local`` ignores the mode)."""
+    from evomerge.search.algorithms import require_async
+
+    target = str(OmegaConf.select(cfg, "executor._target_") or "")
+    if OmegaConf.select(cfg, "executor.mode") != "async" or target.endswith("local_executor"):
+        return
+    for stage in stages:
+        require_async(build_strategy(cfg, build_space(cfg, session.merger, list(session.experts), stage.genome), stage.algorithm))
 
 
 def build_executor(cfg: DictConfig, session: Session, run_dir: Path):

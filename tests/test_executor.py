@@ -1,5 +1,6 @@
 """Executors: duplicates never dispatched, archive order, local vs Ray (2 workers) give the
-same archive, a killed worker loses and repeats nothing, driver kill + resume, multirun dirs."""
+same archive, a killed worker loses and repeats nothing, driver kill + resume, multirun dirs;
+the asynchronous steady-state mode (fake executor for the bookkeeping, Ray once)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.executors import LocalExecutor, Outcome
-from evomerge.search.algorithms import GridStrategy
-from evomerge.search.archive import Archive
+from evomerge.errors import ConfigError
+from evomerge.executors import LocalExecutor, Outcome, evaluate_outcome
+from evomerge.search.algorithms import GridStrategy, RandomStrategy, nsga2
+from evomerge.search.archive import Archive, genome_key
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.loop import SearchLoop
 from test_cli import pool_args  # the same tiny-zoo pool overrides as the CLI tests
@@ -89,6 +91,184 @@ def test_resume_takes_the_executor_of_its_own_command_line(tmp_path):
     assert cfg.executor == {"_target_": "x.ray", "workers": 3} and cfg.seed == 0
 
 
+# ---------------------------------------------------------------- async (steady-state) mode, no Ray
+
+
+@pytest.fixture(autouse=True)
+def _no_gc_per_failure(monkeypatch):
+    # a failed candidate runs gc.collect() (seconds with torch loaded on a busy machine)
+    monkeypatch.setattr("evomerge.executors.base.free_accelerator_memory", lambda: None)
+
+
+def _score_or_fail(recipe):
+    w0, w1 = recipe.groups[1].params["weight"]
+    if w0 >= 0.999:
+        raise ValueError("this recipe always fails")
+    return {"a": w0, "b": w1}, 0.0, 0.0
+
+
+class StreamingFake:
+    """An async executor without Ray: ``workers`` slots behind a queue (as RayExecutor); of the
+    running jobs the newest completes first (so completion order is not ask order). Records
+    what was dispatched and how many workers were busy whenever the loop waited;
+    ``interrupt_at``: the n-th wait raises KeyboardInterrupt."""
+
+    mode = "async"
+
+    def __init__(self, evaluate, workers: int = 2, interrupt_at: int | None = None):
+        self.evaluate, self.workers, self.interrupt_at = evaluate, workers, interrupt_at
+        self.running: list[tuple[str, object]] = []  # submitted and not returned; the first `workers` run, the rest queue
+        self.dispatched: list[str] = []
+        self.busy: list[int] = []
+
+    def submit(self, key, recipe):
+        assert len(self.running) < self.workers + 1, "more than one job queued beyond the workers"
+        self.running.append((key, recipe))
+        self.dispatched.append(key)
+
+    def idle(self):
+        return self.workers - len(self.running)
+
+    def next_completed(self):
+        if len(self.busy) + 1 == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.busy.append(min(len(self.running), self.workers))
+        key, recipe = self.running.pop(min(len(self.running), self.workers) - 1)
+        return key, evaluate_outcome(self.evaluate, recipe)
+
+    def map(self, jobs):
+        return LocalExecutor(self.evaluate).map(jobs)
+
+    def close(self):
+        pass
+
+
+A, B, F1, F2 = [0.1, 0.2], [0.3, 0.4], [1.0, 0.7], [1.4, 0.7]  # F2 decodes to F1's (failing) recipe
+
+
+def _async_loop(run_dir, max_evals=8):
+    run_dir.mkdir(exist_ok=True)
+    # asks: A (archived before the run), B, B again (while B runs), F1, F2, then 3 random genomes
+    loop = SearchLoop(_space(), RandomStrategy(pop_size=4), ["a", "b"], run_dir, max_evals=max_evals, seed=0, progress=False, initial=np.array([A, B, B, F1, F2]))
+    if not loop.archive.records:
+        loop.evaluate_genome(np.array(A), LocalExecutor(_score_or_fail))
+    return loop
+
+
+def _search_set(run_dir):
+    return sorted((r.key, r.genome, r.scores, r.error, r.generation) for r in Archive(run_dir / "archive.jsonl").search_records())
+
+
+def test_async_keeps_workers_busy_serves_duplicates_and_honours_the_budget(tmp_path):
+    loop = _async_loop(tmp_path / "async")
+    fake = StreamingFake(_score_or_fail)
+    state = loop.run(fake)
+    keys = lambda *gs: [genome_key(g) for g in gs]  # noqa: E731
+    # A archived; the second B waits for the first and is served; F2 waits for F1 (same
+    # recipe), which fails, so F2 is dispatched; one job queued beyond the 2 workers (R1);
+    # budget 8 = 6 dispatched + 2 served
+    assert len(fake.dispatched) == len(set(fake.dispatched)) == 6
+    assert fake.dispatched[:2] == keys(B, F1) and fake.dispatched[3] == keys(F2)[0]
+    assert fake.busy == [2, 2, 2, 2, 2, 1]  # both workers busy until nothing is left to ask
+    assert state.n_asked == 8 and loop.reused == 2 and state.in_flight == [] and state.finished
+    records = loop.archive.search_records()
+    assert [r.key for r in records][:4] == keys(A, F1) + [fake.dispatched[2]] + keys(F2)  # completion order
+    assert records[-1].key == keys(B)[0]  # B ran longest (newest first), archived last
+    assert [r.error is not None for r in records] == [False, True, False, True, False, False, False]
+    assert state.generation == 2 and state.history[-1]["n_evals"] == 7  # blocks of pop_size=4
+    # the same candidates, scores and generation labels as the generational loop
+    gen = _async_loop(tmp_path / "gen")
+    gen.run(LocalExecutor(_score_or_fail))
+    assert _search_set(tmp_path / "async") == _search_set(tmp_path / "gen")
+    assert gen.state.generation == 2
+
+
+@pytest.mark.parametrize(("kill", "at", "resume"), [("waiting", 3, "async"), ("archived", 3, "async"), ("waiting", 4, "generational")])
+def test_async_driver_killed_and_resumed_loses_and_repeats_nothing(tmp_path, kill, at, resume):
+    reference = tmp_path / "reference"
+    whole = StreamingFake(_score_or_fail)
+    _async_loop(reference).run(whole)
+    run = tmp_path / "run"
+    loop = _async_loop(run)
+    first = StreamingFake(_score_or_fail, interrupt_at=at if kill == "waiting" else None)
+    if kill == "archived":  # killed after a result reached the archive, before the next checkpoint
+        original, count = loop._archive_outcome, []
+
+        def archive_then_die(job, outcome):
+            record = original(job, outcome)
+            count.append(job.key)
+            if len(count) == at:
+                raise KeyboardInterrupt
+            return record
+
+        loop._archive_outcome = archive_then_die
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(first)
+    archived = {r.key for r in Archive(run / "archive.jsonl").records}
+    lost = {k for k, _ in first.running} - archived  # dispatched, never archived
+    assert lost and (kill == "waiting" or count[-1] in archived)
+    again = _async_loop(run)  # the strategy comes from the checkpoint
+    second = StreamingFake(_score_or_fail) if resume == "async" else ReversedExecutor(_score_or_fail)
+    again.run(second)
+    assert _search_set(run) == _search_set(reference)  # nothing lost, same scores and generations
+    keys = [r.key for r in Archive(run / "archive.jsonl").records]
+    assert len(keys) == len(set(keys))  # nothing archived twice
+    assert again.state.n_asked == 8 and again.state.in_flight == [] and again.state.finished
+    if resume == "async":  # re-dispatched: exactly what was running and not archived
+        assert len(second.dispatched) == len(set(second.dispatched))
+        assert set(second.dispatched) & set(first.dispatched) == lost
+        assert set(second.dispatched) | set(first.dispatched) == set(whole.dispatched)
+        assert len(first.dispatched) + len(second.dispatched) == len(whole.dispatched) + len(lost)
+
+
+def test_async_strategies_ask_one_by_one_what_they_ask_by_generation():
+    def one_by_one(strategy):
+        out = []
+        while strategy.has_next():
+            out.append(strategy.ask_one())
+        return np.array(out)
+
+    def by_generation(strategy):
+        out = []
+        while strategy.has_next():
+            X = strategy.ask()
+            strategy.tell(X, np.zeros((len(X), 2)))
+            out += list(X)
+        return np.array(out)
+
+    for make in (lambda: GridStrategy(pop_size=4), lambda: RandomStrategy(pop_size=4)):
+        a, b = make(), make()
+        for s in (a, b):
+            s.setup(2, 2, 9, seed=3, initial=np.array([A, B]))
+        X = one_by_one(a)
+        assert X.shape == (9, 2) and np.array_equal(X, by_generation(b))
+    assert X[:2].tolist() == [A, B]  # random: the seeds first
+    grid = GridStrategy(pop_size=4)
+    grid.setup(2, 2, 9, seed=0)
+    assert one_by_one(grid)[[0, 1, 8]].tolist() == [[0.0, 0.0], [0.0, 0.5], [1.0, 1.0]]  # 3 x 3 grid
+
+
+def test_async_refuses_generational_algorithms_and_unknown_modes(tmp_path, capsys):
+    from evomerge.executors import local_executor
+    from evomerge.executors.base import check_mode
+
+    loop = SearchLoop(_space(), nsga2(pop_size=4), ["a", "b"], tmp_path, max_evals=8, seed=0, progress=False)
+    with pytest.raises(ConfigError) as err:
+        loop.run(StreamingFake(_score_or_fail))
+    assert str(err.value) == (
+        "executor.mode=async: algorithm nsga2 is generational only (its selection needs whole generations); "
+        "use executor.mode=generational, or an algorithm that supports async: random, grid, hand_made"
+    )
+    with pytest.raises(ConfigError, match="executor.mode must be one of generational, async, got 'steady'"):
+        check_mode("steady")
+
+    class Session:
+        evaluate = staticmethod(_score)
+
+    assert local_executor(Session(), mode="async").mode == "generational"
+    assert "executor.mode=async has no effect with executor=local" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- local vs Ray on the test zoo
 
 try:
@@ -118,9 +298,21 @@ def _archive(run_dir: Path) -> list[tuple]:
     return [(r.kind, r.key, r.label, r.genome, r.scores, r.losses, r.error) for r in Archive(run_dir / "archive.jsonl").records]
 
 
+def init_ray(attempts: int = 3) -> None:
+    """``ray.init`` gives the raylet 30 s to register; on a loaded machine that can be missed."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+            return
+        except Exception:  # noqa: BLE001 -- "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    init_ray()
     yield
     ray.shutdown()
 
@@ -200,3 +392,68 @@ def test_multirun_gives_each_job_its_own_run_dir(test_zoo, tmp_path):
         run = sweep / job
         assert json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))["seed"] == seed
         assert len(Archive(run / "archive.jsonl").search_records()) == 4
+
+
+# ---------------------------------------------------------------- async mode on Ray
+
+
+def test_async_with_a_generational_algorithm_is_refused_before_ray_starts(test_zoo, tmp_path, monkeypatch):
+    from evomerge.executors import ray_executor
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started before the refusal")
+
+    monkeypatch.setattr(ray_executor, "RayExecutor", no_ray)
+    with pytest.raises(ConfigError, match=r"^executor.mode=async: algorithm nsga2 is generational only .* random, grid, hand_made$"):
+        _run([*_pool_args(test_zoo), "search.max_evals=8", "search.progress=false", "executor=ray", "executor.mode=async"], tmp_path / "run")
+
+
+ASYNC_EVALS = 12
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_async_budget_ctrl_c_and_resume(test_zoo, local_ray, tmp_path, monkeypatch):
+    """One async run on 2 Ray workers, interrupted (Ctrl-C) at its 5th search dispatch, then
+    resumed: exactly the budget, nothing dispatched twice but the interrupted in-flight ones,
+    workers stopped, and the candidates and scores of the local generational run."""
+    from evomerge.executors.ray_executor import RayExecutor
+
+    args = [*_pool_args(test_zoo), "algorithm=random", f"search.max_evals={ASYNC_EVALS}", "search.progress=false"]
+    local = _run(args, tmp_path / "local")
+    dispatched: list[str] = []
+    seen: dict = {}
+
+    def interrupt(executor, slot, key):
+        if len(key) == 16:  # a genome key (the references go out as "0", "1", ...)
+            dispatched.append(key)
+            seen["pids"] = [p for p in executor.pids if p]
+            if len(dispatched) == 5 and "interrupted" not in seen:
+                seen["interrupted"] = list(dispatched)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(RayExecutor, "on_submit", staticmethod(interrupt))
+    run = tmp_path / "async"
+    ray_args = [*args, "executor=ray", "executor.workers=2", "executor.mode=async"]
+    with pytest.raises(KeyboardInterrupt):
+        _run(ray_args, run)
+    deadline = time.time() + 60  # Ctrl-C stops the workers (their processes exit)
+    while time.time() < deadline and any(_alive(p) for p in seen["pids"]):
+        time.sleep(0.5)
+    assert seen["pids"] and not any(_alive(p) for p in seen["pids"])
+    before = {key for _, key, *_ in _archive(run)}
+    got = _run([*ray_args, f"resume={run}"], run)
+    keys = [k for _, k, *_ in got]
+    assert len(keys) == len(set(keys)) == 3 + ASYNC_EVALS  # the budget exactly, nothing archived twice
+    repeated = {k for k in dispatched if dispatched.count(k) > 1}
+    assert repeated and repeated <= set(seen["interrupted"]) - before  # only the interrupted in-flight ones, once more
+    assert all(dispatched.count(k) == 2 for k in repeated)
+    assert sorted(got, key=str) == sorted(local, key=str)  # same candidates and scores as local generational
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -35,14 +35,44 @@ class Outcome:
         return cls({}, error=error)
 
 
+MODES = ("generational", "async")
+
+
 class Executor(Protocol):
-    """Evaluates recipes, possibly in parallel; ``map`` yields in completion order."""
+    """Evaluates recipes, possibly in parallel; ``map`` yields in completion order.
+
+    ``mode``: ``generational`` (the loop dispatches a whole generation through ``map``) or
+    ``async`` (steady state: the loop ``submit``s one job whenever ``idle()`` says a worker
+    is free and takes results back one by one with ``next_completed``)."""
 
     workers: int
+    mode: str
 
     def map(self, jobs: Sequence[Job]) -> Iterator[tuple[str, Outcome]]: ...
 
     def close(self) -> None: ...
+
+
+class StreamingExecutor(Executor, Protocol):
+    """An executor the async loop can drive job by job."""
+
+    def submit(self, key: str, recipe: Any) -> None: ...
+
+    def idle(self) -> int:
+        """Free workers minus queued jobs (negative while jobs wait in the queue)."""
+        ...
+
+    def next_completed(self) -> tuple[str, Outcome]:
+        """Block until a submitted job is done (a worker death re-queues it inside)."""
+        ...
+
+
+def check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        from evomerge.errors import ConfigError
+
+        raise ConfigError(f"executor.mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return str(mode)
 
 
 def evaluate_outcome(evaluate: Callable[[Any], tuple[dict[str, float], float, float]], recipe: Any) -> Outcome:

@@ -3,7 +3,9 @@
 Each actor builds its own merger and fitness estimator once, from the run's resolved
 config, in a private scratch folder that holds copies of the run's state files (subset,
 fingerprints, estimator state): actors never write the run directory, the driver stays
-its only writer. ``map`` keeps every actor busy and yields outcomes as they complete.
+its only writer. ``map`` keeps every actor busy and yields outcomes as they complete;
+``submit`` / ``idle`` / ``next_completed`` expose the same queue job by job, for the
+steady-state (``mode=async``) search loop.
 
 Faults: an actor that dies (killed process, OOM kill, lost node) is replaced and its
 candidate re-queued; a candidate whose evaluation kills two workers is returned as failed.
@@ -23,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.executors.base import Job, Outcome, evaluate_outcome
+from evomerge.executors.base import Job, Outcome, check_mode, evaluate_outcome
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,9 @@ class RayExecutor:
         address: str | None = None,
         cpus_per_worker: int = 1,
         gpus_per_worker: float | str = "auto",
+        mode: str = "generational",
     ):
+        self.mode = check_mode(mode)
         try:
             import ray
         except ImportError:
@@ -119,6 +123,10 @@ class RayExecutor:
         self.actors: list[Any] = []
         self.pids: list[int | None] = []
         self.events: list[str] = []
+        self._queue: deque[Job] = deque()
+        self._idle: deque[int] = deque(range(self.workers))
+        self._in_flight: dict[Any, tuple[int, str, Any]] = {}
+        self._attempts: dict[str, int] = {}  # deaths per job key, while it is queued or running
         try:
             self.actors = [self._actor_cls.remote(*self._args) for _ in range(self.workers)]
             self.pids = list(ray.get([a.ready.remote() for a in self.actors]))
@@ -146,42 +154,59 @@ class RayExecutor:
         print(f"executor: {message}", file=sys.stderr, flush=True)
 
     def map(self, jobs: Sequence[Job]) -> Iterator[tuple[str, Outcome]]:
+        for key, recipe in jobs:
+            self.submit(key, recipe)
+        while self._queue or self._in_flight:
+            yield self.next_completed()
+
+    # ---- streaming (``map`` and the async loop): a queue in front of the idle workers
+    def submit(self, key: str, recipe: Any) -> None:
+        self._queue.append((key, recipe))
+        self._fill()
+
+    def idle(self) -> int:
+        return len(self._idle) - len(self._queue)
+
+    def _fill(self) -> None:
+        while self._queue and self._idle:
+            slot = self._idle.popleft()
+            key, recipe = self._queue.popleft()
+            self._in_flight[self.actors[slot].evaluate.remote(recipe.to_dict())] = (slot, key, recipe)
+            if self.on_submit is not None:
+                self.on_submit(self, slot, key)
+
+    def next_completed(self) -> tuple[str, Outcome]:
         import ray
 
         deaths = _death_errors()
-        queue = deque(jobs)
-        attempts: dict[str, int] = {}
-        idle = deque(range(len(self.actors)))
-        in_flight: dict[Any, tuple[int, str, Any]] = {}
-        while queue or in_flight:
-            while queue and idle:
-                slot = idle.popleft()
-                key, recipe = queue.popleft()
-                in_flight[self.actors[slot].evaluate.remote(recipe.to_dict())] = (slot, key, recipe)
-                if self.on_submit is not None:
-                    self.on_submit(self, slot, key)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            slot, key, recipe = in_flight.pop(ready[0])
+        while True:
+            if not self._in_flight:
+                raise RuntimeError("next_completed() with nothing submitted")
+            ready, _ = ray.wait(list(self._in_flight), num_returns=1)
+            slot, key, recipe = self._in_flight.pop(ready[0])
             try:
                 outcome = ray.get(ready[0])
             except deaths as exc:
-                attempts[key] = attempts.get(key, 0) + 1
+                self._attempts[key] = self._attempts.get(key, 0) + 1
                 self._replace(slot)
-                idle.append(slot)
-                if attempts[key] < MAX_ATTEMPTS:
+                self._idle.append(slot)
+                if self._attempts[key] < MAX_ATTEMPTS:
                     self._note(f"worker {slot} died ({type(exc).__name__}) evaluating a candidate; replaced, candidate re-queued")
-                    queue.appendleft((key, recipe))
+                    self._queue.appendleft((key, recipe))
+                    self._fill()
                     continue
                 self._note(f"worker {slot} died ({type(exc).__name__}); the candidate killed {MAX_ATTEMPTS} workers and is recorded as failed")
                 outcome = Outcome.failed(f"WorkerDied: the candidate's evaluation killed {MAX_ATTEMPTS} Ray workers ({type(exc).__name__})")
             except ray.exceptions.RayError as exc:  # anything else Ray reports: a failed candidate
                 if isinstance(exc, KeyboardInterrupt) or isinstance(getattr(exc, "cause", None), KeyboardInterrupt):
                     raise KeyboardInterrupt from None  # Ctrl-C reached the worker first: not the candidate's fault
-                idle.append(slot)
+                self._idle.append(slot)
                 outcome = Outcome.failed(f"{type(exc).__name__}: {_first_line(exc)}"[:500])
             else:
-                idle.append(slot)
-            yield key, outcome
+                self._idle.append(slot)
+            self._attempts.pop(key, None)
+            self._fill()
+            return key, outcome
 
     def close(self) -> None:
         try:
@@ -200,12 +225,20 @@ class RayExecutor:
 
 
 def ray_executor(
-    session: Any, cfg: DictConfig, run_dir: Path, workers: int = 2, address: str | None = None, cpus_per_worker: int = 1, gpus_per_worker: Any = "auto"
+    session: Any,
+    cfg: DictConfig,
+    run_dir: Path,
+    workers: int = 2,
+    address: str | None = None,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: Any = "auto",
+    mode: str = "generational",
 ) -> RayExecutor:
     """``executor=ray``. The driver's session is not used for candidates (the actors have their own)."""
     if hasattr(session.fitness, "attach"):
         raise ConfigError("executor=ray does not support this fitness estimator yet (its promotions read the live archive); use executor=local")
-    return RayExecutor(cfg, run_dir, workers=workers, address=address, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    check_mode(mode)  # before Ray starts
+    return RayExecutor(cfg, run_dir, workers=workers, address=address, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, mode=mode)
 
 
 def _first_line(exc: BaseException) -> str:

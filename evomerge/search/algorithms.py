@@ -18,10 +18,17 @@ from evomerge.errors import ConfigError
 
 
 class Strategy:
-    """ask() -> X in [0,1]^(P x n_var); tell(X, F) with F to minimise (P x n_obj)."""
+    """ask() -> X in [0,1]^(P x n_var); tell(X, F) with F to minimise (P x n_obj).
+
+    A strategy with ``supports_async`` also serves the steady-state loop (``executor.mode=
+    async``): ``ask_one()`` -> one genome (the budget it stands for is spent when asked),
+    ``tell_one(x, f)`` in completion order. Only strategies whose next candidate never
+    waits on earlier results declare it (see ``require_async``)."""
 
     name = "strategy"
     multi_objective = True
+    supports_async = False
+    pop_size = 16  # in async mode: the block of completions reported as one "generation"
 
     def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
         """``initial``: genomes to put in the first population (e.g. the experts)."""
@@ -35,6 +42,30 @@ class Strategy:
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         raise NotImplementedError
+
+    def ask_one(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
+        """Candidates are independent of results: nothing to learn."""
+
+
+# Why the pymoo algorithms are generational only: their survival (non-dominated sorting,
+# crowding, reference directions, CMA-ES's covariance update, DE's one-to-one replacement)
+# is defined over a whole offspring population; telling them one individual at a time
+# would be a different algorithm (a steady-state variant pymoo does not provide), not the
+# one configured. Random, grid and hand-made points never depend on results: their ask
+# order is the same in both modes, so the same seed gives the same candidates.
+ASYNC_ALGORITHMS = ("random", "grid", "hand_made")
+
+
+def require_async(strategy: Strategy) -> None:
+    """One-line ConfigError unless ``strategy`` can run in the steady-state loop."""
+    if not getattr(strategy, "supports_async", False):
+        raise ConfigError(
+            f"executor.mode=async: algorithm {strategy.name} is generational only (its selection needs whole generations); "
+            f"use executor.mode=generational, or an algorithm that supports async: {', '.join(ASYNC_ALGORITHMS)}"
+        )
 
 
 def scalarize(F: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
@@ -114,6 +145,7 @@ class RandomStrategy(Strategy):
     """Uniform random genomes: the baseline every algorithm must beat."""
 
     name = "random"
+    supports_async = True
 
     def __init__(self, pop_size: int = 16):
         self.pop_size = int(pop_size)
@@ -134,12 +166,21 @@ class RandomStrategy(Strategy):
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         self.left -= len(X)
 
+    def ask_one(self) -> np.ndarray:
+        # the same stream as ask(): seeds first, then rows of the same generator
+        self.left -= 1
+        if len(self.initial):
+            x, self.initial = self.initial[0], self.initial[1:]
+            return x
+        return self.rng.random(self.n_var)
+
 
 class GridStrategy(Strategy):
     """A full grid over the unit cube with as many points per axis as the budget allows
     (use with a small genome, e.g. model-wise task-arithmetic weights)."""
 
     name = "grid"
+    supports_async = True
 
     def __init__(self, pop_size: int = 16, points_per_axis: int | None = None):
         self.pop_size = int(pop_size)
@@ -162,6 +203,10 @@ class GridStrategy(Strategy):
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         self.next += len(X)
+
+    def ask_one(self) -> np.ndarray:
+        self.next += 1
+        return self.points[self.next - 1]
 
 
 # ---------------------------------------------------------------- factories (Hydra targets)
@@ -238,6 +283,7 @@ class HandMadeStrategy(Strategy):
     and nothing else: the "what a user would do by hand" baselines of the benchmark."""
 
     name = "hand_made"
+    supports_async = True
 
     def __init__(self, space, points: Sequence[str], pop_size: int = 16):
         self.pop_size = int(pop_size)
@@ -262,6 +308,10 @@ class HandMadeStrategy(Strategy):
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         self.next += len(X)
+
+    def ask_one(self) -> np.ndarray:
+        self.next += 1
+        return self.points[self.next - 1]
 
 
 def hand_made(space, points: Sequence[str] = ("ties:default",), pop_size: int = 16) -> Strategy:

@@ -11,6 +11,11 @@ The checkpoint also records how many archive records existed and their digest. I
 archive no longer holds them (damaged or lost lines) or the checkpoint itself cannot be
 read, the loop discards it and replays the search from the start, serving every intact
 candidate from the archive: only what was lost is evaluated again.
+
+With an executor in ``async`` mode (steady state, ``_run_async``) the loop asks one
+candidate whenever a worker frees up and archives results in completion order; the
+checkpoint (written before each dispatch) also lists every candidate asked and not yet
+archived, which a resume dispatches again before asking anything new.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ import numpy as np
 
 from evomerge.executors.base import Executor, Outcome
 from evomerge.executors.local import as_executor
-from evomerge.search.algorithms import Strategy
+from evomerge.search.algorithms import Strategy, require_async
 from evomerge.errors import ConfigError
 from evomerge.search.archive import Archive, ArchiveWriteError, Record, genome_key
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.pareto import hypervolume, nondominated
 
 log = logging.getLogger(__name__)
+ASYNC_AHEAD = 1  # async mode: candidates dispatched beyond the free workers (queued in the executor)
 
 
 class Evaluator(Protocol):
@@ -58,6 +64,9 @@ class LoopState:
     archive_digest: str | None = None
     n_asked: int = 0
     max_evals: int | None = None
+    # async mode: (genome, generation) of every candidate asked but not yet archived when the
+    # checkpoint was written; re-dispatched first on resume (nothing lost, nothing repeated)
+    in_flight: list[tuple[list[float], int]] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +173,8 @@ class SearchLoop:
                 "replaying the search from the archive, evaluating what is missing"
             )
             return None
+        if not hasattr(state, "in_flight"):  # checkpoint of a version without async mode
+            state.in_flight = []
         if not hasattr(state, "n_asked"):  # checkpoint of an older version
             state.n_asked = int(getattr(getattr(getattr(state.strategy, "algorithm", None), "evaluator", None), "n_eval", 0) or 0)
         if state.np_random_state is not None:
@@ -270,7 +281,7 @@ class SearchLoop:
     def evaluate_genome(self, x: np.ndarray, evaluate: Evaluator | Executor) -> Record:
         return self.evaluate_genomes([x], evaluate)[0]
 
-    def evaluate_genomes(self, X: Sequence[np.ndarray], evaluate: Evaluator | Executor) -> list[Record]:
+    def evaluate_genomes(self, X: Sequence[np.ndarray], evaluate: Evaluator | Executor, generation: int | None = None) -> list[Record]:
         """Records for a generation. The same genome, or another genome (e.g. of an earlier
         search stage) that decodes to the same recipe, is served from the archive and never
         dispatched; so is a repeat within the generation. The rest go out at once."""
@@ -293,7 +304,7 @@ class SearchLoop:
                 repeats[i] = (first_by_key[key] if same else first_by_recipe[rkey], same)
             else:
                 first_by_key[key] = first_by_recipe[rkey] = len(jobs)
-                jobs.append(_Pending(key, x, recipe))
+                jobs.append(_Pending(key, x, recipe, generation=generation))
                 slot_of_job.append(i)
         for i, record in zip(slot_of_job, self._dispatch(jobs, evaluate)):
             out[i] = record
@@ -307,7 +318,7 @@ class SearchLoop:
             else:
                 again.append(i)
         if again:
-            for i, record in zip(again, self.evaluate_genomes([X[i] for i in again], evaluate)):
+            for i, record in zip(again, self.evaluate_genomes([X[i] for i in again], evaluate, generation)):
                 out[i] = record
         return [r for r in out if r is not None]
 
@@ -319,12 +330,21 @@ class SearchLoop:
     # ---- main loop
     def run(self, evaluate: Evaluator | Executor, on_generation: Callable[["SearchLoop"], None] | None = None) -> LoopState:
         """``evaluate``: an executor, or a plain evaluate callable (run in process). Each
-        generation is asked whole, dispatched at once and told back when complete."""
+        generation is asked whole, dispatched at once and told back when complete; with an
+        executor in ``async`` mode see ``_run_async``."""
         executor = as_executor(evaluate)
         started = time.time()
         evals_at_start = self.evaluated
         strategy = self.state.strategy
         if self.retry_failed and self.retry_failed_records(executor):
+            self._save_checkpoint()
+        if getattr(executor, "mode", "generational") == "async":
+            require_async(strategy)
+            return self._run_async(executor, on_generation, started, evals_at_start)
+        if self.state.in_flight:  # an async run resumed generationally: finish its asked candidates first
+            for gen in sorted({g for _, g in self.state.in_flight}):
+                self.evaluate_genomes([np.asarray(x) for x, g in self.state.in_flight if g == gen], executor, gen)
+            self.state.in_flight = []
             self._save_checkpoint()
         while not self.state.finished and strategy.has_next():
             X = strategy.ask()
@@ -343,16 +363,98 @@ class SearchLoop:
             F = np.array([r.losses for r in records], dtype=float)
             strategy.tell(X, F)
             self.state.n_asked += len(X)
-            self.state.generation += 1
-            self.state.history.append(self._generation_summary())
-            self._save_checkpoint()
-            if on_generation is not None:
-                on_generation(self)
-            if self.progress:
-                self._print_progress(started, evals_at_start)
+            self._end_generation(on_generation, started, evals_at_start)
         self.state.finished = True
         self._save_checkpoint()
         return self.state
+
+    def _end_generation(self, on_generation: Callable[["SearchLoop"], None] | None, started: float, evals_at_start: int) -> None:
+        self.state.generation += 1
+        self.state.history.append(self._generation_summary())
+        self._save_checkpoint()
+        if on_generation is not None:
+            on_generation(self)
+        if self.progress:
+            self._print_progress(started, evals_at_start)
+
+    def _run_async(self, executor: Any, on_generation: Callable[["SearchLoop"], None] | None, started: float, evals_at_start: int) -> LoopState:
+        """Steady state: one candidate is asked whenever a worker is free, each result archived
+        (completion order) and told as it arrives. Served candidates (archived genome or recipe)
+        are never dispatched; a repeat of a running recipe waits for it. Everything asked and
+        not yet archived is in the checkpoint, written before anything is dispatched, so a
+        resume re-dispatches exactly that. Every ``pop_size`` resolved candidates count as a
+        generation (history, progress, report); records keep the generation they would have
+        had in generational mode."""
+        strategy = self.state.strategy
+        block = max(1, int(getattr(strategy, "pop_size", 16)))
+        running: dict[str, _Pending] = {}  # dispatched (or about to be), by genome key
+        running_recipes: dict[str, str] = {}  # recipe key -> genome key of the running job
+        parked: list[_Pending] = []  # repeats of a running recipe
+        to_submit: list[_Pending] = []
+
+        def admit(job: _Pending) -> None:
+            rkey = _recipe_key(job.recipe.to_dict())
+            cached = self.archive.by_key.get(job.key) or self._same_recipe().get(rkey)
+            if cached is not None:
+                self.reused += 1
+                strategy.tell_one(job.x, np.asarray(cached.losses, dtype=float))
+            elif job.key in running or rkey in running_recipes:
+                parked.append(job)
+            else:
+                running[job.key] = job
+                running_recipes[rkey] = job.key
+                to_submit.append(job)
+
+        def pending(x: Any, generation: int) -> _Pending:
+            x = np.asarray(x, dtype=float)
+            return _Pending(genome_key(x), x, self.space.decode(x), generation=generation)
+
+        def settle() -> None:
+            """Checkpoint (with what is asked and not archived), then dispatch; count generations."""
+            self.state.in_flight = [([float(v) for v in j.x], int(j.generation)) for j in [*running.values(), *parked]]  # type: ignore[union-attr, arg-type]
+            self._save_checkpoint()
+            for job in to_submit:
+                executor.submit(job.key, job.recipe)
+            to_submit.clear()
+            done = self.state.n_asked - len(running) - len(parked)
+            while done >= (self.state.generation + 1) * block or (done == self.state.n_asked and not self._can_ask() and done > self.state.generation * block):
+                self.state.generation += 1
+                self.state.history.append(self._generation_summary())
+                self._save_checkpoint()
+                if on_generation is not None:
+                    on_generation(self)
+                if self.progress:
+                    self._print_progress(started, evals_at_start)
+
+        for x, generation in list(self.state.in_flight):  # asked before the checkpoint: not asked again
+            admit(pending(x, generation))
+        while True:
+            # one candidate queued beyond the busy workers: a worker that frees up starts it at
+            # once instead of waiting while the driver archives, checkpoints and asks
+            while executor.idle() - len(to_submit) > -ASYNC_AHEAD and self._can_ask():
+                generation = self.state.n_asked // block
+                self.state.n_asked += 1
+                admit(pending(strategy.ask_one(), generation))
+            settle()
+            if not running:
+                break
+            key, outcome = executor.next_completed()
+            job = running.pop(key)
+            rkey = _recipe_key(job.recipe.to_dict())
+            running_recipes.pop(rkey, None)
+            record = self._archive_outcome(job, outcome)
+            strategy.tell_one(job.x, np.asarray(record.losses, dtype=float))
+            twins = [p for p in parked if p.key == key or _recipe_key(p.recipe.to_dict()) == rkey]
+            parked[:] = [p for p in parked if all(p is not t for t in twins)]
+            for twin in twins:  # served now, or dispatched if its recipe failed under another genome
+                admit(twin)
+        self.state.in_flight = []
+        self.state.finished = True
+        self._save_checkpoint()
+        return self.state
+
+    def _can_ask(self) -> bool:
+        return not self.state.finished and self.state.n_asked < self.max_evals and self.state.strategy.has_next()
 
     def front_records(self) -> list[Record]:
         recs = [r for r in self.archive.search_records() if r.error is None]
