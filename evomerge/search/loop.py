@@ -418,13 +418,7 @@ class SearchLoop:
             to_submit.clear()
             done = self.state.n_asked - len(running) - len(parked)
             while done >= (self.state.generation + 1) * block or (done == self.state.n_asked and not self._can_ask() and done > self.state.generation * block):
-                self.state.generation += 1
-                self.state.history.append(self._generation_summary())
-                self._save_checkpoint()
-                if on_generation is not None:
-                    on_generation(self)
-                if self.progress:
-                    self._print_progress(started, evals_at_start)
+                self._end_generation(on_generation, started, evals_at_start)
 
         for x, generation in list(self.state.in_flight):  # asked before the checkpoint: not asked again
             admit(pending(x, generation))
