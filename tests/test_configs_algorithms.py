@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_module
 
 import evomerge.cli  # noqa: F401  (registers the em_or resolver)
 from evomerge.errors import ConfigError
-from evomerge.run import build_strategy
+from evomerge.session import build_strategy
 from evomerge.search.genome import GenomeSpace
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -291,7 +291,7 @@ def test_every_algorithm_searches_the_dfs_genome(algorithm):
     from test_configs_algorithms import composed
 
     from evomerge.dfs.space import build_dfs_space
-    from evomerge.run import build_strategy
+    from evomerge.session import build_strategy
 
     space = build_dfs_space(["base", "expert:a", "expert:b"], n_layers=2, repeats=1)
     assert space.n_var == 6 + 6

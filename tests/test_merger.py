@@ -181,7 +181,7 @@ def test_dtype_auto_is_bfloat16_on_gpu_and_float32_on_cpu(monkeypatch):
     import torch
 
     import evomerge.merge.merger as merger_module
-    from evomerge.run import resolve_dtype
+    from evomerge.session import resolve_dtype
 
     assert resolve_dtype("auto", "cpu") == "float32"
     assert resolve_dtype(None, "cpu") == "float32"

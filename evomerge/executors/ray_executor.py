@@ -45,7 +45,7 @@ class EvalWorker:
         if threads > 0:
             torch.set_num_threads(threads)
         from evomerge.estimators.lm_eval_fitness import quiet_libraries
-        from evomerge.run import open_session
+        from evomerge.session import open_session
 
         quiet_libraries()
         self._scratch = tempfile.TemporaryDirectory(prefix="evomerge-worker-")

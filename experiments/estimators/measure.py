@@ -109,7 +109,7 @@ def main() -> None:
     from evomerge.estimators.lm_eval_fitness import LmEvalFitness, quiet_libraries
     from evomerge.estimators.multifidelity import MultiFidelityEstimator
     from evomerge.merge.merger import Merger
-    from evomerge.run import _get, _tasks, build_pool, build_space
+    from evomerge.session import build_pool, build_space, config_value, fitness_tasks
     from evomerge.search.archive import Archive, Record
 
     quiet_libraries()
@@ -119,11 +119,11 @@ def main() -> None:
     pool, experts, _ = build_pool(cfg)
     merger = Merger(pool, device=args.device or OmegaConf.select(cfg, "device") or "auto")
     space = build_space(cfg, merger, list(experts))
-    tasks = _tasks(cfg.fitness.objectives, "fitness.objectives")
+    tasks = fitness_tasks(cfg.fitness.objectives, "fitness.objectives")
     objectives = [t.name for t in tasks]
     common = dict(
         split=str(cfg.fitness.split or "validation"),
-        batch_size=_get(cfg, "fitness.batch_size", int, positive=True),
+        batch_size=config_value(cfg, "fitness.batch_size", int, positive=True),
         max_length=OmegaConf.select(cfg, "fitness.max_length"),
         include_paths=list(OmegaConf.select(cfg, "fitness.include_paths") or []),
     )

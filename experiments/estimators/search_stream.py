@@ -83,7 +83,7 @@ def main() -> None:
     from evomerge.estimators.lm_eval_fitness import LmEvalFitness, quiet_libraries
     from evomerge.merge.merger import Merger
     from evomerge.merge.recipe import Recipe
-    from evomerge.run import _tasks, build_pool
+    from evomerge.session import build_pool, fitness_tasks
     from evomerge.search.archive import Archive
     from evomerge.search.pareto import hypervolume, nondominated
 
@@ -91,7 +91,7 @@ def main() -> None:
     cfg = compose("toy", [])
     pool, _, _ = build_pool(cfg)
     merger = Merger(pool, device="cpu")
-    tasks = _tasks(cfg.fitness.objectives, "fitness.objectives")
+    tasks = fitness_tasks(cfg.fitness.objectives, "fitness.objectives")
     objectives = [t.name for t in tasks]
     full = LmEvalFitness(merger.model, merger.tokenizer, tasks, subset_size=None, batch_size=int(cfg.fitness.batch_size),
                          max_length=cfg.fitness.max_length)

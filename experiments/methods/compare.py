@@ -72,12 +72,14 @@ def rescore_on_test(run_dirs: dict[str, Path], best: dict[str, dict]) -> dict[st
 
     from evomerge.estimators.lm_eval_fitness import LmEvalFitness
     from evomerge.merge.recipe import Recipe
-    from evomerge.run import CONFIG_FILE, _tasks, open_session, reference_recipes
+    from evomerge.merge.recipe import reference_recipes
+    from evomerge.run import CONFIG_FILE
+    from evomerge.session import fitness_tasks, open_session
 
     first = next(iter(run_dirs.values()))
     cfg = OmegaConf.load(first / CONFIG_FILE)
     session = open_session(cfg, first)
-    tasks = _tasks(cfg.fitness.objectives, "") + _tasks(cfg.fitness.extra, "")
+    tasks = fitness_tasks(cfg.fitness.objectives, "") + fitness_tasks(cfg.fitness.extra, "")
     test = LmEvalFitness(session.merger.model, session.merger.tokenizer, tasks, split="test", batch_size=int(cfg.fitness.batch_size), max_length=cfg.fitness.max_length)
     out = {}
     for label, recipe in reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers).items():

@@ -11,7 +11,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from evomerge.merge.recipe import Group, Recipe
-from evomerge.run import CONFIG_FILE, open_session
+from evomerge.run import CONFIG_FILE
+from evomerge.session import open_session
 
 RUN = Path(__file__).resolve().parent / "runs" / "iso_c-s0"
 

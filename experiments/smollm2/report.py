@@ -31,7 +31,7 @@ def ties_default(run_dir: Path) -> dict:
 
     from evomerge.estimators.lm_eval_fitness import FitnessTask, LmEvalFitness
     from evomerge.merge.recipe import Recipe
-    from evomerge.run import open_session
+    from evomerge.session import open_session
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     session = open_session(cfg, run_dir)

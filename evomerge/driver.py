@@ -1,0 +1,96 @@
+"""Driving a search: the executor, and the stages of a run (one by default) over one archive."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from evomerge.errors import ConfigError
+from evomerge.merge.recipe import reference_recipes
+from evomerge.report import refresh_report
+from evomerge.search.loop import SearchLoop
+from evomerge.search.stages import Stage, carry_front
+from evomerge.session import Session, build_space, build_strategy
+
+
+def check_async(cfg: DictConfig, session: Session, stages: list[Stage]) -> None:
+    """``executor.mode=async`` with an algorithm that needs whole generations is refused
+    before any worker starts (``executor=local`` ignores the mode)."""
+    from evomerge.search.algorithms import require_async
+
+    target = str(OmegaConf.select(cfg, "executor._target_") or "")
+    if OmegaConf.select(cfg, "executor.mode") != "async" or target.endswith("local_executor"):
+        return
+    for stage in stages:
+        require_async(build_strategy(cfg, build_space(cfg, session.merger, list(session.experts), stage.genome), stage.algorithm))
+
+
+def build_executor(cfg: DictConfig, session: Session, run_dir: Path):
+    """The run's ``executor`` group (``local`` when the config has none, e.g. older runs)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from evomerge.executors import local_executor
+
+    node = OmegaConf.select(cfg, "executor")
+    if node is None:
+        return local_executor(session)
+    try:
+        factory = instantiate(node)
+        return factory(session=session, cfg=cfg, run_dir=run_dir)
+    except InstantiationException as exc:
+        raise ConfigError(f"invalid executor config: {str(exc).splitlines()[0]}") from None
+    except TypeError as exc:
+        raise ConfigError(f"invalid executor option: {exc}") from None
+
+
+def run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, stages: list[Stage], seed: int, ref_point: Any) -> SearchLoop:
+    history: list[dict[str, Any]] = []
+    html = OmegaConf.select(cfg, "report.html") is not False
+    loop: SearchLoop | None = None
+    for i, stage in enumerate(stages):
+        space = build_space(cfg, session.merger, list(session.experts), stage.genome)
+        strategy = build_strategy(cfg, space, stage.algorithm)
+        initial = None
+        if loop is not None:  # later stages start from the front found so far (hand-made merges included)
+            initial = carry_front(loop.archive.records, space)
+            print(f"stage {stage.name}: starting from {len(initial)} front points of the earlier stages", file=sys.stderr, flush=True)
+        elif OmegaConf.select(cfg, "search.seed_with_references"):
+            initial = space.reference_genomes()
+            print(f"warm start: {', '.join(space.hand_made_genomes())}", file=sys.stderr, flush=True)
+        loop = SearchLoop(
+            space,
+            strategy,
+            session.objectives,
+            run_dir,
+            max_evals=stage.evals,
+            seed=seed + i,
+            ref_point=None if ref_point is None else list(ref_point),
+            progress=bool(OmegaConf.select(cfg, "search.progress")),
+            initial=initial,
+            checkpoint_name=stage.checkpoint,
+            retry_failed=bool(OmegaConf.select(cfg, "search.retry_failed")),
+        )
+        if hasattr(session.fitness, "attach"):  # multi-fidelity promotion reads the live front
+            session.fitness.attach(loop.archive)
+        label = f"stage {stage.name}: " if len(stages) > 1 else "search: "
+        print(
+            f"{label}{strategy.name} over {space.n_var} genes ({len(space.slots)} groups, methods {', '.join(space.methods)}), "
+            f"{stage.evals} evaluations, objectives {', '.join(session.objectives)}; run dir {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if i == 0:
+            refs = reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers)
+            for label, rec in loop.evaluate_references(refs, executor).items():
+                if rec.error:  # the references are plain merges: if they fail, every candidate would
+                    raise ConfigError(f"reference {label} failed, so every candidate would: {rec.error}")
+                print(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()), file=sys.stderr)
+        loop.run(executor, on_generation=(lambda _: refresh_report(run_dir, live=True)) if html else None)
+        history += loop.state.history
+    assert loop is not None, "plan_stages returns at least one stage"
+    loop.state.history = history
+    return loop

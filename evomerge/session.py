@@ -1,0 +1,189 @@
+"""A run's heavy objects, built once from a composed config: model pool, merger, fitness
+estimator (``Session``), and the genome space and algorithm bound to it."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from evomerge import rundir
+from evomerge.checks import check_tasks, check_weights_finite
+from evomerge.dfs import wiring as dfs
+from evomerge.errors import ConfigError
+from evomerge.estimators.base import Estimator, FitnessContext
+from evomerge.estimators.build import build_estimator
+from evomerge.estimators.lm_eval_fitness import FitnessTask
+from evomerge.merge.merger import Merger
+from evomerge.merge.recipe import Recipe
+from evomerge.pool import ModelPool
+from evomerge.search.genome import GenomeSpace
+
+
+def config_value(cfg: DictConfig, key: str, kind: type, positive: bool = False) -> Any:
+    """``cfg.key`` converted to ``kind``; a missing or wrong value is a ConfigError naming the key."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        raise ConfigError(f"config value '{key}' is missing")
+    try:
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config value '{key}' must be {kind.__name__}, got {value!r}") from None
+    if positive and converted <= 0:
+        raise ConfigError(f"config value '{key}' must be positive, got {value!r}")
+    return converted
+
+
+def fitness_tasks(items: Any, where: str) -> list[FitnessTask]:
+    """The ``{name, task, metric}`` entries of a ``fitness.objectives``/``fitness.extra`` list."""
+    out = []
+    for item in items or []:
+        try:
+            out.append(FitnessTask(str(item["name"]), str(item["task"]), str(item["metric"])))
+        except (KeyError, TypeError):
+            raise ConfigError(f"each entry of {where} needs name, task and metric, got {item!r}") from None
+    return out
+
+
+def build_pool(cfg: DictConfig) -> tuple[ModelPool, dict[str, str], str]:
+    """The model pool named by ``cfg.modelpool`` (the toy zoo is built on first use)."""
+    kind = OmegaConf.select(cfg, "modelpool.kind")
+    if kind == "toy_zoo":
+        from evomerge.zoo.build import TINY, ZooConfig, build_zoo, default_cache_dir
+
+        size = OmegaConf.select(cfg, "modelpool.size") or "default"
+        if size not in ("default", "tiny"):
+            raise ConfigError(f"modelpool.size must be default or tiny, got {size!r}")
+        cache = OmegaConf.select(cfg, "modelpool.cache_dir") or default_cache_dir()
+        print(f"toy zoo: building or reusing in {cache} ...", file=sys.stderr, flush=True)
+        zoo = build_zoo(cache, TINY if size == "tiny" else ZooConfig())
+        experts = {k: str(v) for k, v in zoo.experts.items()}
+        base = str(zoo.base)
+    elif kind == "paths":
+        base = OmegaConf.select(cfg, "modelpool.base")
+        experts = OmegaConf.to_container(cfg.modelpool.experts, resolve=True) if OmegaConf.select(cfg, "modelpool.experts") else None
+        if not base or base == "???":
+            raise ConfigError("modelpool.base must be set to the base model's path")
+        if not isinstance(experts, dict) or not experts:
+            raise ConfigError("modelpool.experts must map expert names to paths, e.g. modelpool.experts.math=/path")
+        experts = {str(k): str(v) for k, v in experts.items()}
+    else:
+        raise ConfigError(f"modelpool.kind must be toy_zoo or paths, got {kind!r}")
+    return ModelPool(base, experts, dtype=resolve_dtype(OmegaConf.select(cfg, "dtype"), OmegaConf.select(cfg, "device"))), experts, str(base)
+
+
+def resolve_dtype(dtype: str | None, device: str | None) -> str:
+    """``auto``: bfloat16 on a GPU (half the memory, the dtype models ship in), float32 on CPU
+    (bfloat16 arithmetic is slow there and the fused CPU kernels are float32/float64)."""
+    if dtype not in (None, "", "auto"):
+        return str(dtype)
+    from evomerge.merge.merger import resolve_device
+
+    return "bfloat16" if resolve_device(device or "auto").type == "cuda" else "float32"
+
+
+def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome: dict | None = None) -> GenomeSpace:
+    g = OmegaConf.to_container(cfg.genome, resolve=True) if genome is None else genome
+    if not isinstance(g, dict):
+        raise ConfigError("genome config must be a mapping")
+    if dfs.is_dfs(g):  # data-flow (layer-path) genome: evomerge/dfs
+        return dfs.build_space(g, merger.n_layers, expert_names)
+    allowed = {"methods", "layer_groups", "split_attn_mlp", "separate_embed_head", "search_lambda", "lines", "ranges"}
+    unknown = set(g) - allowed
+    if unknown:
+        raise ConfigError(f"unknown genome option {sorted(unknown)[0]!r}; known: {', '.join(sorted(allowed))}")
+    try:
+        return GenomeSpace(
+            n_experts=merger.n_experts,
+            n_layers=merger.n_layers,
+            expert_names=expert_names,
+            methods=tuple(g.get("methods", ["ties"])),
+            layer_groups=int(g.get("layer_groups", 1)),
+            split_attn_mlp=bool(g.get("split_attn_mlp", False)),
+            separate_embed_head=bool(g.get("separate_embed_head", True)),
+            search_lambda=bool(g.get("search_lambda", False)),
+            lines=bool(g.get("lines", False)),
+            ranges=dict(g.get("ranges") or {}),
+            seed=config_value(cfg, "seed", int),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid genome config: {exc}") from None
+
+
+def build_strategy(cfg: DictConfig, space: GenomeSpace, algorithm: dict | None = None):
+    """The run's ``algorithm`` (or a stage's own ``algorithm`` mapping) bound to ``space``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        factory = instantiate(cfg.algorithm if algorithm is None else OmegaConf.create(algorithm))
+    except InstantiationException as exc:
+        raise ConfigError(f"invalid algorithm config: {str(exc).splitlines()[0]}") from None
+    kwargs = {"space": space} if "space" in inspect.signature(factory.func).parameters else {}
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"invalid algorithm option: {exc}") from None
+
+
+@dataclass
+class Session:
+    """Everything heavy for one run: built once, reused for every candidate."""
+
+    cfg: DictConfig
+    pool: ModelPool
+    experts: dict[str, str]
+    base: str
+    merger: Merger
+    fitness: Estimator
+    objectives: list[str]
+
+    def evaluate(self, recipe: Recipe) -> tuple[dict[str, float], float, float]:
+        timing = self.merger.apply(recipe)
+        started = time.perf_counter()
+        scores = self.fitness()
+        return scores, timing.seconds, time.perf_counter() - started
+
+
+def open_session(cfg: DictConfig, run_dir: Path) -> Session:
+    task_files = check_tasks(cfg)
+    pool, experts, base = build_pool(cfg)
+    models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
+    rundir.verify_inputs(run_dir, models, task_files, force=bool(OmegaConf.select(cfg, "force")))
+    device = OmegaConf.select(cfg, "device") or "auto"
+    merger = Merger(pool, device=device, offload=bool(OmegaConf.select(cfg, "offload")))
+    check_weights_finite(merger)
+    genome = OmegaConf.to_container(cfg.genome, resolve=True) if OmegaConf.select(cfg, "genome") is not None else None
+    if dfs.is_dfs(genome):  # candidates are layer paths over resident layers of the genome's models
+        merger = dfs.path_merger(merger, genome, list(experts))
+    objectives = fitness_tasks(OmegaConf.select(cfg, "fitness.objectives"), "fitness.objectives")
+    extra = fitness_tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
+    if OmegaConf.select(cfg, "fitness.extra_in_search") is False:
+        extra = []  # recorded only by the test re-score (rescore_on_test reads fitness.extra itself)
+    if not objectives:
+        raise ConfigError("fitness.objectives must list at least one task")
+    subset_size = OmegaConf.select(cfg, "fitness.subset_size")
+    ctx = FitnessContext(
+        merger.model,
+        merger.tokenizer,
+        objectives + extra,
+        [t.name for t in objectives],
+        split=str(OmegaConf.select(cfg, "fitness.split") or "validation"),
+        subset_size=None if subset_size is None else config_value(cfg, "fitness.subset_size", int, positive=True),
+        subset_seed=config_value(cfg, "fitness.subset_seed", int),
+        batch_size=config_value(cfg, "fitness.batch_size", int, positive=True),
+        max_length=OmegaConf.select(cfg, "fitness.max_length"),
+        include_paths=list(OmegaConf.select(cfg, "fitness.include_paths") or []),
+        run_dir=run_dir,
+        merger=merger,
+        seed=config_value(cfg, "seed", int),
+    )
+    fitness = build_estimator(OmegaConf.select(cfg, "fitness.estimator"), ctx)
+    return Session(cfg, pool, experts, base, merger, fitness, [t.name for t in objectives])
