@@ -117,7 +117,7 @@ def main() -> None:
         print(f"{name:>8}: {r['evals']} candidates, search {r['search_s']:.1f} s ({r['search_per_min']:.1f}/min), total {r['total_s']:.1f} s ({r['total_per_min']:.1f}/min), workers busy {100 * r['utilisation']:.0f}%", flush=True)
     base = results["local"]
     same = all(r["archive"] == base["archive"] for r in results.values())
-    print(f"\n| executor | candidates/min (search) | vs local | candidates/min (incl. start-up) | vs local | workers busy |\n|---|---|---|---|---|---|")
+    print("\n| executor | candidates/min (search) | vs local | candidates/min (incl. start-up) | vs local | workers busy |\n|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['search_per_min']:.1f} | {r['search_per_min'] / base['search_per_min']:.2f}x | {r['total_per_min']:.1f} | {r['total_per_min'] / base['total_per_min']:.2f}x | {100 * r['utilisation']:.0f}% |")
     ray_names = [n for n in results if n.startswith("ray")]

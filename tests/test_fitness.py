@@ -1,7 +1,5 @@
 """lm-eval fitness on a small trained zoo; fitness data files; task lookup."""
 
-import json
-import os
 from pathlib import Path
 
 import pytest

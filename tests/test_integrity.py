@@ -11,16 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from evomerge.checks import check_config, check_tasks
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError
 from evomerge.rundir import (
     RunDirError,
     RunLock,

@@ -1,6 +1,5 @@
 """The search loop with a synthetic evaluator: failures, duplicates, archive, checkpoints."""
 
-import json
 import math
 
 import numpy as np

@@ -4,14 +4,13 @@ heatmaps, validation vs test, and the front table with export commands."""
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from evomerge.report.data import SEPARATION_Z, Point, RunData, load_run, recipe_table
 from evomerge.report.page import data_block, esc, figure_block, page, write_atomic
@@ -311,7 +310,6 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
     front = run.front()
     knee = run.knee()
     chosen = run.chosen()
-    keys = run.objectives + run.extras
     hv = run.hypervolume()
     recipes = {str(p.id): recipe_table(p.recipe, run.expert_names) for p in front}
     data = {

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import random
 import sys
 import time

@@ -247,9 +247,9 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), force: bool = F
         shutil.rmtree(base_cache, ignore_errors=True)
         partial.rename(base_cache)
     model.save_pretrained(str(tmp / "base"))
-    for name, skill in cfg.experts.items():
-        from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    for name, skill in cfg.experts.items():
         expert = AutoModelForCausalLM.from_pretrained(str(tmp / "base"))
         skill_sample = _skill_sampler(skill, cfg.seed + 1, held_out)
         replay = _pretrain_sampler(cfg, held_out, f"replay:{name}:{cfg.seed}")
