@@ -80,7 +80,10 @@ def rescore_on_test(run_dirs: dict[str, Path], best: dict[str, dict]) -> dict[st
     cfg = OmegaConf.load(first / CONFIG_FILE)
     session = open_session(cfg, first)
     tasks = fitness_tasks(cfg.fitness.objectives, "") + fitness_tasks(cfg.fitness.extra, "")
-    test = LmEvalFitness(session.merger.model, session.merger.tokenizer, tasks, split="test", batch_size=int(cfg.fitness.batch_size), max_length=cfg.fitness.max_length)
+    test = LmEvalFitness(
+        session.merger.model, session.merger.tokenizer, tasks, split="test", batch_size=int(cfg.fitness.batch_size),
+        max_length=cfg.fitness.max_length, include_paths=list(OmegaConf.select(cfg, "fitness.include_paths") or []),
+    )
     out = {}
     for label, recipe in reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers).items():
         session.merger.apply(recipe)
