@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     SEARCHES.update({k: v for k, v in LEVERS.items() if k in args.searches})
     unknown = sorted(set(args.searches) - set(SEARCHES))
     if unknown:
-        ap.error(f"unknown search {unknown[0]!r}; known: {', '.join([*SEARCHES, *LEVERS])} (add one with --define)")
+        ap.error(f"unknown search {unknown[0]!r}; known: {', '.join(dict.fromkeys([*SEARCHES, *LEVERS]))} (add one with --define)")
     if not args.report_only:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         # test re-scores shared by the runs (the base and experts, hand-made merges several searches find)
