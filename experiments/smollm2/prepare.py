@@ -9,7 +9,9 @@ and lm-eval tasks, all made locally and reproducibly (seeded).
   folder (``evomerge.convert``);
 - skill A ``math``: arithmetic word problems with numeric answers;
 - skill B ``roman``: writing a number in Roman numerals;
-- target (needs both, trained by nobody): a word problem answered in Roman numerals.
+- skill C ``sort`` (the third expert, for the three-objective settings): sorting four
+  numbers from smallest to largest;
+- target (needs math and roman, trained by nobody): a word problem answered in Roman numerals.
 
 Everything goes to ``--out`` (default ``$EVOMERGE_CACHE/smollm2`` or
 ``~/.cache/evomerge/smollm2``): ``base/``, ``expert_math/``, ``expert_roman/``, ``tasks/``
@@ -61,7 +63,8 @@ def math_example(rng: random.Random) -> tuple[str, str]:
 
 
 def roman_example(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(1, 399)
+    # 1-999: room for 100 validation + 300 test numbers with ~600 left for training
+    n = rng.randint(1, 999)
     return f"Write {n} in Roman numerals.", to_roman(n)
 
 
@@ -70,19 +73,29 @@ def target_example(rng: random.Random) -> tuple[str, str]:
     return f"{q} Answer in Roman numerals.", to_roman(max(n, 1))
 
 
+def sort_example(rng: random.Random) -> tuple[str, str]:
+    numbers = rng.sample(range(1, 100), 4)
+    return f"Sort these numbers from smallest to largest: {', '.join(map(str, numbers))}.", ", ".join(map(str, sorted(numbers)))
+
+
 SKILLS: dict[str, tuple[Callable[[random.Random], tuple[str, str]], str]] = {
     "math": (math_example, "(-?[0-9]+)"),
     "roman": (roman_example, "([IVXLCDM]+)"),
+    "sort": (sort_example, "([0-9]+(?:, [0-9]+)*)"),
     "target": (target_example, "([IVXLCDM]+)"),
 }
+EXPERT_SKILLS = ("math", "roman", "sort")
+MAX_GEN_TOKS = {"sort": 16}  # four two-digit numbers and separators; the others fit in 10
 
 
 def prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def write_tasks(folder: Path, n_eval: int, seed: int) -> dict[str, set[str]]:
-    """Validation/test jsonl + lm-eval YAML per skill; returns the held-out questions."""
+def write_tasks(folder: Path, n_eval: int, seed: int, n_test: int | None = None) -> dict[str, set[str]]:
+    """Validation (``n_eval`` items) and test (``n_test``, default ``n_eval``) jsonl + lm-eval
+    YAML per skill; returns the held-out questions. The test items are drawn after the
+    validation ones from the same stream, so a larger test split keeps validation as it is."""
     folder.mkdir(parents=True, exist_ok=True)
     held_out: dict[str, set[str]] = {}
     for skill, (make, pattern) in SKILLS.items():
@@ -90,7 +103,8 @@ def write_tasks(folder: Path, n_eval: int, seed: int) -> dict[str, set[str]]:
         seen: set[str] = set()
         splits: dict[str, list[dict]] = {"validation": [], "test": []}
         for split in splits:
-            while len(splits[split]) < n_eval:  # the question spaces hold > 300 distinct items
+            size = n_eval if split == "validation" or n_test is None else n_test
+            while len(splits[split]) < size:  # the question spaces hold > 400 distinct items
                 q, a = make(rng)
                 if q in seen:
                     continue
@@ -110,7 +124,7 @@ validation_split: validation
 test_split: test
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: "{{{{answer}}}}"
-generation_kwargs: {{until: ["\\n", "Question:"], do_sample: false, max_gen_toks: 10}}
+generation_kwargs: {{until: ["\\n", "Question:"], do_sample: false, max_gen_toks: {MAX_GEN_TOKS.get(skill, 10)}}}
 filter_list:
   - name: extract
     filter:
@@ -211,13 +225,15 @@ def score_sources(out: Path, device: str, batch_size: int) -> dict:
     from evomerge.merge.recipe import Recipe
     from evomerge.pool import ModelPool
 
-    experts = {s: out / f"expert_{s}" for s in ("math", "roman")}
+    experts = {s: out / f"expert_{s}" for s in EXPERT_SKILLS}
     merger = Merger(ModelPool(out / "base", experts), device=device)
     tasks = [FitnessTask(s, f"smollm2_{s}", "exact_match,extract") for s in SKILLS]
     result: dict = {}
+    models = {"base": [0.0, 0.0, 0.0], **{f"expert:{s}": [float(s == e) for e in EXPERT_SKILLS] for s in EXPERT_SKILLS}}
+    models.update({"task_arithmetic_1_1": [1.0, 1.0, 0.0], "task_arithmetic_1_1_1": [1.0, 1.0, 1.0]})
     for split in ("validation", "test"):
         fitness = LmEvalFitness(merger.model, merger.tokenizer, tasks, split=split, batch_size=batch_size, max_length=256, include_paths=[out / "tasks"])
-        for label, weights in {"base": [0.0, 0.0], "expert:math": [1.0, 0.0], "expert:roman": [0.0, 1.0], "task_arithmetic_1_1": [1.0, 1.0]}.items():
+        for label, weights in models.items():
             merger.apply(Recipe.uniform("task_arithmetic", {"weight": weights}, merger.n_layers))
             result.setdefault(label, {})[split] = fitness()
     return result
@@ -237,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="1e-3 suits LoRA; full fine-tuning wants ~5e-5")
     p.add_argument("--lora-rank", type=int, default=16, help="0 = full fine-tuning (the first release's experts)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--n-eval", type=int, default=100, help="validation and test items per task")
+    p.add_argument("--n-eval", type=int, default=100, help="validation items per task (and test items unless --n-test)")
+    p.add_argument("--n-test", type=int, default=300, help="test items per task (0: as many as --n-eval)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-scores", action="store_true")
@@ -248,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    held_out = write_tasks(out / "tasks", args.n_eval, args.seed)
+    held_out = write_tasks(out / "tasks", args.n_eval, args.seed, args.n_test or None)
     if not (out / "base" / "config.json").is_file():
         if args.base_hf is not None:
             import shutil
@@ -260,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             gguf_to_hf(find_gguf(out), out / "base")
     timings = {}
     recipe = {k: getattr(args, k) for k in ("steps", "lr", "batch", "seed", "lora_rank")}
-    for skill in ("math", "roman"):
+    for skill in EXPERT_SKILLS:
         target = out / f"expert_{skill}"
         stamp = target / "evomerge_finetune.json"
         if (target / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
