@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import reference_recipes
 from evomerge.report import refresh_report
+from evomerge.search.archive import genome_key
 from evomerge.search.loop import SearchLoop
 from evomerge.search.stages import Stage, carry_front
 from evomerge.session import Session, build_space, build_strategy
@@ -54,13 +56,16 @@ def run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, 
     for i, stage in enumerate(stages):
         space = build_space(cfg, session.merger, list(session.experts), stage.genome)
         strategy = build_strategy(cfg, space, stage.algorithm)
-        initial = None
+        initial, labels, aliases = None, [], {}
         if loop is not None:  # later stages start from the front found so far (hand-made merges included)
             initial = carry_front(loop.archive.records, space)
             print(f"stage {stage.name}: starting from {len(initial)} front points of the earlier stages", file=sys.stderr, flush=True)
         elif OmegaConf.select(cfg, "search.seed_with_references"):
-            initial = space.reference_genomes()
-            print(f"warm start: {', '.join(space.hand_made_genomes())}", file=sys.stderr, flush=True)
+            hand_made = space.hand_made_genomes()
+            labels = list(hand_made)
+            initial = np.array(list(hand_made.values())) if hand_made else None
+            # the base and the experts are the reference records: served from the archive, never evaluated twice
+            aliases = {genome_key(x): f"ref:{label}" for label, x in hand_made.items() if label == "base" or label.startswith("expert:")}
         loop = SearchLoop(
             space,
             strategy,
@@ -73,7 +78,12 @@ def run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, 
             initial=initial,
             checkpoint_name=stage.checkpoint,
             retry_failed=bool(OmegaConf.select(cfg, "search.retry_failed")),
+            aliases=aliases,
         )
+        if labels:
+            used = int(getattr(loop.state.strategy, "initial_used", len(labels)))
+            note = "" if used >= len(labels) else f" ({used} of {len(labels)} hand-made merges: the first population holds {used}; left out: {', '.join(labels[used:])})"
+            print(f"warm start: {', '.join(labels[:used])}{note}; base and experts served from the references", file=sys.stderr, flush=True)
         if hasattr(session.fitness, "attach"):  # multi-fidelity promotion reads the live front
             session.fitness.attach(loop.archive)
         label = f"stage {stage.name}: " if len(stages) > 1 else "search: "
@@ -85,6 +95,9 @@ def run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, 
         )
         if i == 0:
             refs = reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers)
+            todo = [label for label in refs if loop.archive.by_key.get(f"ref:{label}") is None or loop.archive.by_key[f"ref:{label}"].error]
+            if todo:
+                print(f"references: scoring {', '.join(todo)} (not counted in the budget) ...", file=sys.stderr, flush=True)
             for label, rec in loop.evaluate_references(refs, executor).items():
                 if rec.error:  # the references are plain merges: if they fail, every candidate would
                     raise ConfigError(f"reference {label} failed, so every candidate would: {rec.error}")

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoo
     summary = write_front(run_dir, session.objectives, loop.archive, loop.ref_point)
     chosen = write_recipes(run_dir, session.objectives, loop.archive, session.base, session.experts)
     summary["chosen"] = chosen
+    summary["budget"] = {"max_evals": loop.max_evals, "evaluated": loop.n_counted, "served_from_archive": loop.state.served, "ended_early": loop.exhausted}
     search = loop.archive.search_records()
     if search:
         summary["mean_merge_s"] = float(np.mean([r.merge_s for r in search]))
@@ -106,19 +108,27 @@ def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen:
     settings = {"split": "test", "tasks": [vars(t) for t in tasks], "batch_size": OmegaConf.select(cfg, "fitness.batch_size"), "max_length": OmegaConf.select(cfg, "fitness.max_length")}
     cache = ScoreCache.from_env(run_dir, settings) if run_dir is not None else None  # shared by runs when $EVOMERGE_SCORE_CACHE is set
     out = {}
-    for name, rec in targets.items():
+    started = time.time()
+    for i, (name, rec) in enumerate(targets.items(), start=1):
         scores = cache.get(rec.recipe) if cache else None
+        source = "score cache"
         if scores is None:
             session.merger.apply(candidate_from_dict(rec.recipe))
             scores = dict(test())
+            source = f"{time.time() - started:.0f}s elapsed"
             if cache:
                 cache.put(rec.recipe, scores)
         out[name] = {"id": rec.id, "scores": scores}
+        print(f"test re-score {i}/{len(targets)}: {name} ({source})", file=sys.stderr, flush=True)
     return out
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    lines = [f"done: {summary['n_evaluated']} candidates, {len(summary['front'])} on the Pareto front, hypervolume {summary['hypervolume']:.4f}"]
+    served = (summary.get("budget") or {}).get("served_from_archive") or 0
+    lines = [
+        f"done: {summary['n_evaluated']} candidates, {len(summary['front'])} on the Pareto front, hypervolume {summary['hypervolume']:.4f}"
+        + (f" ({served} repeats served from the archive, not counted)" if served else "")
+    ]
     for name, scores in summary["references"].items():
         lines.append(f"  {name:>16}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     for p in summary["front"][:12]:

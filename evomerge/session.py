@@ -95,10 +95,11 @@ def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome
         raise ConfigError("genome config must be a mapping")
     if dfs.is_dfs(g):  # data-flow (layer-path) genome: evomerge/dfs
         return dfs.build_space(g, merger.n_layers, expert_names)
-    allowed = {"methods", "layer_groups", "split_attn_mlp", "separate_embed_head", "search_lambda", "lines", "ranges"}
+    allowed = {"methods", "layer_groups", "split_attn_mlp", "separate_embed_head", "search_lambda", "lines", "ranges", "blocks", "n_blocks", "layer_ranges"}
     unknown = set(g) - allowed
     if unknown:
         raise ConfigError(f"unknown genome option {sorted(unknown)[0]!r}; known: {', '.join(sorted(allowed))}")
+    layer_ranges = genome_layer_ranges(g, merger)
     try:
         return GenomeSpace(
             n_experts=merger.n_experts,
@@ -112,9 +113,36 @@ def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome
             lines=bool(g.get("lines", False)),
             ranges=dict(g.get("ranges") or {}),
             seed=config_value(cfg, "seed", int),
+            layer_ranges=layer_ranges,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid genome config: {exc}") from None
+
+
+def genome_layer_ranges(g: dict, merger: Merger) -> list[tuple[int, int]] | None:
+    """Explicit layer blocks of a genome config: ``layer_ranges`` as given, or with
+    ``blocks: adaptive`` the ``n_blocks`` blocks segmented from the experts' per-layer
+    task-vector norms (evomerge.search.blocks); None for uniform ``layer_groups``."""
+    blocks = g.get("blocks") or "uniform"
+    if blocks not in ("uniform", "adaptive"):
+        raise ConfigError(f"genome.blocks must be uniform or adaptive, got {blocks!r}")
+    if g.get("layer_ranges"):
+        try:
+            return [(int(a), int(b)) for a, b in g["layer_ranges"]]
+        except (TypeError, ValueError):
+            raise ConfigError(f"genome.layer_ranges must be a list of [first, last] layer pairs, got {g['layer_ranges']!r}") from None
+    if blocks == "uniform":
+        return None
+    from evomerge.search.blocks import adaptive_blocks
+
+    n_blocks = g.get("n_blocks", 4)
+    if not isinstance(n_blocks, int) or isinstance(n_blocks, bool):
+        raise ConfigError(f"genome.n_blocks must be an integer, got {n_blocks!r}")
+    ranges = adaptive_blocks(merger.layer_task_vector_norms(), min(n_blocks, merger.n_layers))
+    if getattr(merger, "_announced_blocks", None) != ranges:  # once per run, not per stage/check
+        merger._announced_blocks = ranges
+        print(f"adaptive blocks ({len(ranges)}): " + ", ".join(f"layers {a}-{b}" for a, b in ranges), file=sys.stderr, flush=True)
+    return ranges
 
 
 def build_strategy(cfg: DictConfig, space: GenomeSpace, algorithm: dict | None = None):

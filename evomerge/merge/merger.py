@@ -171,6 +171,20 @@ class Merger:
     def n_experts(self) -> int:
         return len(self.pool.experts)
 
+    def layer_task_vector_norms(self) -> "np.ndarray":
+        """(layers x experts) L2 norms of each expert's task vector per transformer layer
+        (attention and MLP together): the statistics adaptive layer blocks are cut from."""
+        import numpy as np
+
+        out = np.zeros((self.n_layers, self.n_experts))
+        for buffers in self._units:
+            layer = buffers.unit.layer
+            if layer is None:
+                continue
+            deltas = buffers.host_deltas if buffers.host_deltas is not None else buffers.group.deltas
+            out[layer] += (deltas.double() ** 2).sum(dim=1).cpu().numpy()
+        return np.sqrt(out)
+
     def resident_bytes(self) -> int:
         """Bytes of the merge buffers on the device (task vectors: staging only when offloaded)."""
         el = self._units[0].out.element_size()

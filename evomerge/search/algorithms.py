@@ -17,18 +17,29 @@ import numpy as np
 from evomerge.errors import ConfigError
 
 
+UNLIMITED_EVALS = 10**12
+
+
+def _population_size(algorithm: Any) -> int:
+    return int(getattr(algorithm, "pop_size", None) or getattr(getattr(algorithm, "es", None), "popsize", 0) or 10**9)
+
+
 class Strategy:
-    """ask() -> X in [0,1]^(P x n_var); tell(X, F) with F to minimise (P x n_obj).
+    """ask() -> X in [0,1]^(P x n_var); tell(X, F, S) with F to minimise (P x n_obj) and
+    S the standard error of each loss (P x n_obj; NaN where the fitness gave none): a
+    model-based strategy uses it as observation noise, the others ignore it. The loop, not
+    the strategy, counts the evaluation budget; a strategy stops by ``has_next()``.
 
     A strategy with ``supports_async`` also serves the steady-state loop (``executor.mode=
     async``): ``ask_one()`` -> one genome (the budget it stands for is spent when asked),
-    ``tell_one(x, f)`` in completion order. Only strategies whose next candidate never
+    ``tell_one(x, f, s)`` in completion order. Only strategies whose next candidate never
     waits on earlier results declare it (see ``require_async``)."""
 
     name = "strategy"
     multi_objective = True
     supports_async = False
     pop_size = 16  # in async mode: the block of completions reported as one "generation"
+    initial_used = 0  # how many of the warm-start genomes given to setup() it will ask
 
     def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
         """``initial``: genomes to put in the first population (e.g. the experts)."""
@@ -40,13 +51,13 @@ class Strategy:
     def ask(self) -> np.ndarray:
         raise NotImplementedError
 
-    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+    def tell(self, X: np.ndarray, F: np.ndarray, S: np.ndarray | None = None) -> None:
         raise NotImplementedError
 
     def ask_one(self) -> np.ndarray:
         raise NotImplementedError
 
-    def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
+    def tell_one(self, x: np.ndarray, f: np.ndarray, s: np.ndarray | None = None) -> None:
         """Candidates are independent of results: nothing to learn."""
 
 
@@ -120,7 +131,10 @@ class PymooStrategy(Strategy):
         init = getattr(self.algorithm, "initialization", None)
         if initial is not None and len(initial) and self.mixed_space is None and init is not None:
             init.sampling = SeededSampling(np.asarray(initial, dtype=float))
-        self.algorithm.setup(problem, termination=("n_eval", max_evals), seed=seed, verbose=False)
+        # the loop counts the budget (repeats served from the archive are free), so pymoo's own
+        # termination never cuts a search short; algorithms that converge stop by themselves
+        self.algorithm.setup(problem, termination=("n_eval", UNLIMITED_EVALS), seed=seed, verbose=False)
+        self.initial_used = 0 if initial is None or init is None or self.mixed_space is not None else min(len(initial), _population_size(self.algorithm))
 
     def has_next(self) -> bool:
         return bool(self.algorithm.has_next())
@@ -132,7 +146,7 @@ class PymooStrategy(Strategy):
             return np.stack([self.mixed_space.from_mixed(x) for x in X])
         return np.asarray(X, dtype=float)
 
-    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+    def tell(self, X: np.ndarray, F: np.ndarray, S: np.ndarray | None = None) -> None:
         from pymoo.problems.static import StaticProblem
 
         F_eff = F if self.multi_objective else scalarize(F, self.objective_weights)
@@ -151,24 +165,24 @@ class RandomStrategy(Strategy):
         self.pop_size = int(pop_size)
 
     def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
-        self.n_var, self.left = n_var, max_evals
+        self.n_var, self.left = n_var, max_evals  # left: batch sizes only (the loop counts the budget)
         self.rng = np.random.default_rng(seed)
         self.initial = np.zeros((0, n_var)) if initial is None else np.asarray(initial, dtype=float)
+        self.initial_used = len(self.initial)
 
     def has_next(self) -> bool:
-        return self.left > 0
+        return True
 
     def ask(self) -> np.ndarray:
-        size = min(self.pop_size, self.left)
+        size = self.pop_size
         seeds, self.initial = self.initial[:size], self.initial[size:]
         return np.vstack([seeds, self.rng.random((size - len(seeds), self.n_var))])
 
-    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+    def tell(self, X: np.ndarray, F: np.ndarray, S: np.ndarray | None = None) -> None:
         self.left -= len(X)
 
     def ask_one(self) -> np.ndarray:
         # the same stream as ask(): seeds first, then rows of the same generator
-        self.left -= 1
         if len(self.initial):
             x, self.initial = self.initial[0], self.initial[1:]
             return x
@@ -201,7 +215,7 @@ class GridStrategy(Strategy):
         batch = self.points[self.next : self.next + self.pop_size]
         return batch
 
-    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+    def tell(self, X: np.ndarray, F: np.ndarray, S: np.ndarray | None = None) -> None:
         self.next += len(X)
 
     def ask_one(self) -> np.ndarray:
@@ -306,7 +320,7 @@ class HandMadeStrategy(Strategy):
     def ask(self) -> np.ndarray:
         return self.points[self.next : self.next + self.pop_size]
 
-    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+    def tell(self, X: np.ndarray, F: np.ndarray, S: np.ndarray | None = None) -> None:
         self.next += len(X)
 
     def ask_one(self) -> np.ndarray:

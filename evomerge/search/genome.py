@@ -68,10 +68,21 @@ class GenomeSpace:
     lines: bool = False
     ranges: dict[str, Sequence[float]] = field(default_factory=dict)
     seed: int = 0
+    # explicit contiguous layer blocks (inclusive ranges covering every layer), e.g. the
+    # adaptive blocks of evomerge.search.blocks; None: ``layer_groups`` equal blocks
+    layer_ranges: Sequence[tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
             raise ConfigError("the genome needs at least one expert")
+        if self.layer_ranges is not None:
+            self.layer_ranges = [(int(a), int(b)) for a, b in self.layer_ranges]
+            edges = [a for a, _ in self.layer_ranges] + [self.layer_ranges[-1][1] + 1] if self.layer_ranges else []
+            if not edges or edges[0] != 0 or edges[-1] != self.n_layers or any(a > b for a, b in self.layer_ranges) or any(
+                self.layer_ranges[i][1] + 1 != self.layer_ranges[i + 1][0] for i in range(len(self.layer_ranges) - 1)
+            ):
+                raise ConfigError(f"genome.layer_ranges must be contiguous [first, last] blocks covering layers 0-{self.n_layers - 1}, got {self.layer_ranges}")
+            self.layer_groups = len(self.layer_ranges)
         if not 1 <= self.layer_groups <= self.n_layers:
             raise ConfigError(f"genome.layer_groups must be between 1 and the model's {self.n_layers} layers, got {self.layer_groups}")
         if not self.methods:
@@ -101,8 +112,11 @@ class GenomeSpace:
     # ---- layout
     def _slots(self) -> list[GroupSlot]:
         slots: list[GroupSlot] = []
-        bounds = [math.floor(i * self.n_layers / self.layer_groups) for i in range(self.layer_groups + 1)]
-        ranges = [(bounds[i], bounds[i + 1] - 1) for i in range(self.layer_groups)]
+        if self.layer_ranges is not None:
+            ranges = list(self.layer_ranges)
+        else:
+            bounds = [math.floor(i * self.n_layers / self.layer_groups) for i in range(self.layer_groups + 1)]
+            ranges = [(bounds[i], bounds[i + 1] - 1) for i in range(self.layer_groups)]
         if self.separate_embed_head:
             slots.append(GroupSlot("embed", "embed"))
         for a, b in ranges:

@@ -42,6 +42,9 @@ from evomerge.search.pareto import hypervolume, nondominated
 
 log = logging.getLogger(__name__)
 ASYNC_AHEAD = 1  # async mode: candidates dispatched beyond the free workers (queued in the executor)
+# an algorithm that proposes only archived candidates this many generations in a row has
+# exhausted what it can reach (e.g. a converged population): the search stops and says so
+MAX_IDLE_GENERATIONS = 25
 
 
 class Evaluator(Protocol):
@@ -66,6 +69,13 @@ class LoopState:
     # async mode: (genome, generation) of every candidate asked but not yet archived when the
     # checkpoint was written; re-dispatched first on resume (nothing lost, nothing repeated)
     in_flight: list[tuple[list[float], int]] = field(default_factory=list)
+    # the budget counts evaluations: ids of the search records this loop evaluated (a
+    # candidate served from the archive -- a repeat, or a hand-made merge that is a
+    # reference -- costs nothing); ``served`` counts those repeats for the report
+    counted: list[int] = field(default_factory=list)
+    served: int = 0
+    # generations in a row that asked only archived candidates (see MAX_IDLE_GENERATIONS)
+    idle_generations: int = 0
 
 
 @dataclass
@@ -78,6 +88,8 @@ class _Pending:
     kind: str = "search"
     label: str | None = None
     generation: int | None = None
+    counts: bool = True  # spends budget (a retried failure does not: its first try did)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. propose_s: the strategy's time to propose the batch
 
 
 def losses_from_scores(scores: dict[str, float], objectives: Sequence[str]) -> list[float]:
@@ -99,7 +111,10 @@ class SearchLoop:
         initial: np.ndarray | None = None,
         checkpoint_name: str = "checkpoint.pkl",
         retry_failed: bool = False,
+        aliases: dict[str, str] | None = None,
     ):
+        """``aliases``: genome key -> archive key of a record that stands for it (the warm
+        start's base and experts are the reference records, never evaluated twice)."""
         self.space = space
         self.objectives = list(objectives)
         self.run_dir = Path(run_dir)
@@ -110,6 +125,8 @@ class SearchLoop:
         self.progress = progress
         self.retry_failed = retry_failed
         self.archive = Archive(self.run_dir / "archive.jsonl")
+        self.aliases = dict(aliases or {})
+        self.exhausted: str | None = None  # why the search stopped before its budget, if it did
         self.checkpoint_path = self.run_dir / checkpoint_name
         damage = self.archive.describe_damage()
         if damage:  # say what is damaged; the lost candidates are evaluated again below
@@ -174,6 +191,9 @@ class SearchLoop:
             return None
         if not hasattr(state, "in_flight"):  # checkpoint of a version without async mode
             state.in_flight = []
+        if not hasattr(state, "counted"):  # checkpoint of a version whose budget counted asked candidates
+            state.counted = [r.id for r in self.archive.search_records()][: state.n_asked or None]
+            state.served, state.idle_generations = 0, 0
         if not hasattr(state, "n_asked"):  # checkpoint of an older version
             state.n_asked = int(getattr(getattr(getattr(state.strategy, "algorithm", None), "evaluator", None), "n_eval", 0) or 0)
         if state.np_random_state is not None:
@@ -197,7 +217,11 @@ class SearchLoop:
         elif hasattr(strategy, "left"):
             strategy.left += self.max_evals - old
         elif term is not None and hasattr(term, "n_max_evals"):
-            term.n_max_evals = self.max_evals
+            # the loop counts the budget; a checkpoint of an older version may still hold a
+            # pymoo termination at the old budget
+            from evomerge.search.algorithms import UNLIMITED_EVALS
+
+            term.n_max_evals = UNLIMITED_EVALS
             term.update(strategy.algorithm)
         else:
             raise ConfigError(f"algorithm {strategy.name} cannot extend its budget on resume (its points depend on search.max_evals); start a new run")
@@ -260,9 +284,12 @@ class SearchLoop:
             eval_s=round(outcome.eval_s, 6),
             stderr=dict(outcome.stderr),
             fidelity=dict(outcome.fidelity),
+            extra=dict(job.extra),
         )
         self.archive.append(record)
         self.evaluated += 1
+        if job.kind == "search" and job.counts:
+            self.state.counted.append(record.id)
         if record.kind == "search" and record.error is None:
             self._same_recipe()[_recipe_key(record.recipe)] = record
         if error is not None and error not in self._errors_seen:  # print each distinct failure once
@@ -274,16 +301,51 @@ class SearchLoop:
         """Evaluate failed search candidates again (``search.retry_failed``); a success
         replaces the failure in the front; the search's own course is unchanged."""
         failed = [r for r in self.archive.search_records() if r.error is not None and r.genome is not None]
-        self._dispatch([_Pending(r.key, np.asarray(r.genome), self.space.decode(r.genome), generation=r.generation) for r in failed], evaluate)
+        self._dispatch([_Pending(r.key, np.asarray(r.genome), self.space.decode(r.genome), generation=r.generation, counts=False) for r in failed], evaluate)
         return len(failed)
 
     def evaluate_genome(self, x: np.ndarray, evaluate: Evaluator | Executor) -> Record:
         return self.evaluate_genomes([x], evaluate)[0]
 
-    def evaluate_genomes(self, X: Sequence[np.ndarray], evaluate: Evaluator | Executor, generation: int | None = None) -> list[Record]:
+    def _served(self, key: str, rkey: str) -> Record | None:
+        """The archived record that stands for a genome: the same genome, another genome of
+        the same recipe (e.g. of an earlier stage), or a reference it is an alias of."""
+        cached = self.archive.by_key.get(key) or self._same_recipe().get(rkey)
+        if cached is None and key in self.aliases:
+            ref = self.archive.by_key.get(self.aliases[key])
+            cached = ref if ref is not None and ref.error is None else None
+        return cached
+
+    def _count_served(self, key: str, record: Record) -> None:
+        """A served candidate costs no budget -- unless it is this very genome's own record
+        that this loop has not counted yet: evaluated after the last checkpoint (or in a
+        replay from the archive) and now asked again, it was a real evaluation."""
+        if record.kind == "search" and record.key == key and record.id not in self._counted_ids():
+            self.state.counted.append(record.id)
+        else:
+            self.reused += 1
+            self.state.served += 1
+
+    def _counted_ids(self) -> set[int]:
+        return set(self.state.counted)
+
+    @property
+    def n_counted(self) -> int:
+        """Evaluations spent of this loop's budget."""
+        return len(self.state.counted)
+
+    def evaluate_genomes(
+        self,
+        X: Sequence[np.ndarray],
+        evaluate: Evaluator | Executor,
+        generation: int | None = None,
+        limit: int | None = None,
+        propose_s: float | None = None,
+    ) -> list[Record]:
         """Records for a generation. The same genome, or another genome (e.g. of an earlier
         search stage) that decodes to the same recipe, is served from the archive and never
-        dispatched; so is a repeat within the generation. The rest go out at once."""
+        dispatched; so is a repeat within the generation. The rest go out at once; with
+        ``limit``, only the first ``limit`` of them (the candidates past it get no record)."""
         out: list[Record | None] = [None] * len(X)
         jobs: list[_Pending] = []
         slot_of_job: list[int] = []
@@ -294,16 +356,17 @@ class SearchLoop:
             key = genome_key(x)
             recipe = self.space.decode(x)
             rkey = _recipe_key(recipe.to_dict())
-            cached = self.archive.by_key.get(key) or self._same_recipe().get(rkey)
+            cached = self._served(key, rkey)
             if cached is not None:
-                self.reused += 1
+                self._count_served(key, cached)
                 out[i] = cached
             elif key in first_by_key or rkey in first_by_recipe:
                 same = key in first_by_key
                 repeats[i] = (first_by_key[key] if same else first_by_recipe[rkey], same)
-            else:
+            elif limit is None or len(jobs) < limit:
                 first_by_key[key] = first_by_recipe[rkey] = len(jobs)
-                jobs.append(_Pending(key, x, recipe, generation=generation))
+                extra = {} if propose_s is None else {"propose_s": round(propose_s, 4)}
+                jobs.append(_Pending(key, x, recipe, generation=generation, extra=extra))
                 slot_of_job.append(i)
         for i, record in zip(slot_of_job, self._dispatch(jobs, evaluate)):
             out[i] = record
@@ -313,11 +376,13 @@ class SearchLoop:
             assert first is not None
             if same or first.error is None:  # as if evaluated one by one: a failed recipe is tried again
                 self.reused += 1
+                self.state.served += 1
                 out[i] = first
             else:
                 again.append(i)
         if again:
-            for i, record in zip(again, self.evaluate_genomes([X[i] for i in again], evaluate, generation)):
+            room = None if limit is None else max(limit - len(jobs), 0)
+            for i, record in zip(again, self.evaluate_genomes([X[i] for i in again], evaluate, generation, room)):
                 out[i] = record
         return [r for r in out if r is not None]
 
@@ -345,31 +410,52 @@ class SearchLoop:
                 self.evaluate_genomes([np.asarray(x) for x, g in self.state.in_flight if g == gen], executor, gen)
             self.state.in_flight = []
             self._save_checkpoint()
-        while not self.state.finished and strategy.has_next():
+        while not self.state.finished and strategy.has_next() and self.n_counted < self.max_evals:
+            asked_at = time.perf_counter()
             X = strategy.ask()
-            left = self.max_evals - self.state.n_asked
-            if len(X) > left:
-                # the generation overshoots the budget: evaluate what fits and tell nothing, so
-                # a resume with a larger budget asks this same generation again
-                print(f"note: stopping at search.max_evals={self.max_evals}: the last generation is cut to {max(left, 0)} of {len(X)} candidates", file=sys.stderr)
-                self.evaluate_genomes(X[: max(left, 0)], executor)
+            propose_s = time.perf_counter() - asked_at
+            left = self.max_evals - self.n_counted
+            before = self.n_counted
+            records = self.evaluate_genomes(X, executor, limit=left, propose_s=propose_s)
+            if len(records) < len(X):
+                # the generation holds more new candidates than the budget has left: evaluate
+                # what fits and tell nothing, so a resume with a larger budget asks this same
+                # generation again (the evaluated ones are then served from the archive)
+                print(f"note: stopping at search.max_evals={self.max_evals}: the last generation is cut to {self.n_counted - before} new of its {len(X)} candidates", file=sys.stderr)
                 self.state.generation += 1
-                self.state.history.append(self._generation_summary())
+                self.state.history.append(self._generation_summary(propose_s))
                 if self.progress:
                     self._print_progress(started, evals_at_start)
                 return self.state
-            records = self.evaluate_genomes(X, executor)
             F = np.array([r.losses for r in records], dtype=float)
-            strategy.tell(X, F)
+            strategy.tell(X, F, self._stderr_matrix(records))
             self.state.n_asked += len(X)
-            self._end_generation(on_generation, started, evals_at_start)
+            self.state.idle_generations = 0 if self.n_counted > before else self.state.idle_generations + 1
+            if self.state.idle_generations >= MAX_IDLE_GENERATIONS:
+                self.exhausted = f"{strategy.name} proposed only archived candidates for {MAX_IDLE_GENERATIONS} generations in a row"
+                self._end_generation(on_generation, started, evals_at_start, propose_s)
+                break
+            self._end_generation(on_generation, started, evals_at_start, propose_s)
+        return self._finish()
+
+    def _finish(self) -> LoopState:
+        """Mark the search finished; say so when it ended before spending its budget."""
+        if self.n_counted < self.max_evals and self.exhausted is None:
+            self.exhausted = f"{self.state.strategy.name} has no more candidates to propose"
+        if self.exhausted:
+            print(f"note: the search ended after {self.n_counted} of search.max_evals={self.max_evals} evaluations: {self.exhausted}", file=sys.stderr, flush=True)
+        self.state.in_flight = []
         self.state.finished = True
         self._save_checkpoint()
         return self.state
 
-    def _end_generation(self, on_generation: Callable[["SearchLoop"], None] | None, started: float, evals_at_start: int) -> None:
+    def _stderr_matrix(self, records: Sequence[Record]) -> np.ndarray:
+        """Standard errors of each record's objectives (NaN where the fitness gave none)."""
+        return np.array([[float(r.stderr.get(o, np.nan)) for o in self.objectives] for r in records], dtype=float).reshape(len(records), len(self.objectives))
+
+    def _end_generation(self, on_generation: Callable[["SearchLoop"], None] | None, started: float, evals_at_start: int, propose_s: float | None = None) -> None:
         self.state.generation += 1
-        self.state.history.append(self._generation_summary())
+        self.state.history.append(self._generation_summary(propose_s))
         self._save_checkpoint()
         if on_generation is not None:
             on_generation(self)
@@ -390,16 +476,19 @@ class SearchLoop:
         running_recipes: dict[str, str] = {}  # recipe key -> genome key of the running job
         parked: list[_Pending] = []  # repeats of a running recipe
         to_submit: list[_Pending] = []
+        served_in_a_row = [0]  # asks in a row that were all served (a strategy that cannot find new candidates)
 
         def admit(job: _Pending) -> None:
             rkey = _recipe_key(job.recipe.to_dict())
-            cached = self.archive.by_key.get(job.key) or self._same_recipe().get(rkey)
+            cached = self._served(job.key, rkey)
             if cached is not None:
-                self.reused += 1
-                strategy.tell_one(job.x, np.asarray(cached.losses, dtype=float))
+                self._count_served(job.key, cached)
+                served_in_a_row[0] += 1
+                strategy.tell_one(job.x, np.asarray(cached.losses, dtype=float), self._stderr_matrix([cached])[0])
             elif job.key in running or rkey in running_recipes:
                 parked.append(job)
             else:
+                served_in_a_row[0] = 0
                 running[job.key] = job
                 running_recipes[rkey] = job.key
                 to_submit.append(job)
@@ -424,7 +513,10 @@ class SearchLoop:
         while True:
             # one candidate queued beyond the busy workers: a worker that frees up starts it at
             # once instead of waiting while the driver archives, checkpoints and asks
-            while executor.idle() - len(to_submit) > -ASYNC_AHEAD and self._can_ask():
+            while executor.idle() - len(to_submit) > -ASYNC_AHEAD and self._can_ask(len(running)):
+                if served_in_a_row[0] >= MAX_IDLE_GENERATIONS * block:
+                    self.exhausted = f"{strategy.name} proposed only archived candidates {served_in_a_row[0]} times in a row"
+                    break
                 generation = self.state.n_asked // block
                 self.state.n_asked += 1
                 admit(pending(strategy.ask_one(), generation))
@@ -436,18 +528,16 @@ class SearchLoop:
             rkey = _recipe_key(job.recipe.to_dict())
             running_recipes.pop(rkey, None)
             record = self._archive_outcome(job, outcome)
-            strategy.tell_one(job.x, np.asarray(record.losses, dtype=float))
+            strategy.tell_one(job.x, np.asarray(record.losses, dtype=float), self._stderr_matrix([record])[0])
             twins = [p for p in parked if p.key == key or _recipe_key(p.recipe.to_dict()) == rkey]
             parked[:] = [p for p in parked if all(p is not t for t in twins)]
             for twin in twins:  # served now, or dispatched if its recipe failed under another genome
                 admit(twin)
-        self.state.in_flight = []
-        self.state.finished = True
-        self._save_checkpoint()
-        return self.state
+        return self._finish()
 
-    def _can_ask(self) -> bool:
-        return not self.state.finished and self.state.n_asked < self.max_evals and self.state.strategy.has_next()
+    def _can_ask(self, running: int = 0) -> bool:
+        """Budget left for one more evaluation beyond the ``running`` ones (served asks are free)."""
+        return not self.state.finished and self.exhausted is None and self.n_counted + running < self.max_evals and self.state.strategy.has_next()
 
     def front_records(self) -> list[Record]:
         recs = [r for r in self.archive.search_records() if r.error is None]
@@ -456,12 +546,15 @@ class SearchLoop:
         idx = nondominated(np.array([r.losses for r in recs]))
         return [recs[i] for i in idx]
 
-    def _generation_summary(self) -> dict[str, Any]:
+    def _generation_summary(self, propose_s: float | None = None) -> dict[str, Any]:
         recs = self.archive.search_records()
         ok = [r for r in recs if r.error is None]
         F = np.array([r.losses for r in ok]) if ok else np.zeros((0, len(self.objectives)))
         return {
             "generation": self.state.generation,
+            "budget_used": self.n_counted,
+            "served": self.state.served,
+            "propose_s": None if propose_s is None else round(propose_s, 4),
             "n_records": len(self.archive.records),
             "archive_digest": self.archive.digest(),
             "n_evals": len(recs),
@@ -472,7 +565,7 @@ class SearchLoop:
 
     def _print_progress(self, started: float, evals_at_start: int) -> None:
         h = self.state.history[-1]
-        done = h["n_evals"]
+        done = self.n_counted
         new = self.evaluated - evals_at_start
         elapsed = time.time() - started
         rate = new / elapsed if elapsed > 0 and new else 0.0
@@ -482,6 +575,8 @@ class SearchLoop:
         line = f"gen {h['generation']:3d} | evals {done:4d}/{self.max_evals} | best {best} | HV {h['hypervolume']:.4f} | ETA {eta_s}"
         if h["n_failed"]:
             line += f" | failed {h['n_failed']}"
+        if self.state.served:
+            line += f" | {self.state.served} repeats served from the archive"
         print(line, file=sys.stderr, flush=True)
 
 

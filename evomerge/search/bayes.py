@@ -1,0 +1,271 @@
+"""Multi-objective Bayesian optimisation (``algorithm=bo``), on BoTorch.
+
+One Gaussian process per objective over the genome in [0, 1]^n, fitted to every candidate
+told so far; each objective's recorded standard error is that point's observation noise
+(heteroscedastic: a candidate the multi-fidelity estimator promoted to more items is
+trusted more). The next batch of ``pop_size`` candidates maximises q(Log)NEHVI -- the
+expected gain in hypervolume over the noisy front -- or qLogNParEGO (random Chebyshev
+scalarisations), chosen sequentially so a batch spreads out. The first batches are the
+warm start (hand-made merges) and a scrambled Sobol design.
+
+The strategy keeps only numpy arrays between rounds (no model objects): it pickles into
+the run checkpoint, and every round refits from its data with a seed of its own, so a
+resumed run proposes exactly what the uninterrupted one would. ``ask_one`` serves the
+steady-state loop (``executor.mode=async``): candidates still running are ``X_pending``.
+
+Method genes are categorical; the surrogate assumes continuous genes, so genomes with a
+method choice are refused (use one method per genome, e.g. ``genome=blocks_ta``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+from evomerge.search.algorithms import Strategy
+
+ACQUISITIONS = ("qlognehvi", "qlognparego")
+NOISE_FLOOR = 1e-6  # variance: a score with SE 0 (every item agrees) is still not exact
+
+
+def require_continuous(space: Any, algorithm: str) -> None:
+    """One-line ConfigError when the genome has a categorical method gene."""
+    genes = space.genes_per_slot() if hasattr(space, "genes_per_slot") else []
+    if "method" in genes:
+        raise ConfigError(
+            f"algorithm={algorithm} models continuous genes; genome methods {list(space.methods)} add a categorical method choice. "
+            "Use a single-method genome: genome=blocks_ta, genome=modelwise_ta, genome=layerwise_ties or genome.methods=[ties]"
+        )
+
+
+def sobol_design(n: int, n_var: int, seed: int) -> np.ndarray:
+    from scipy.stats import qmc
+
+    if n <= 0:
+        return np.zeros((0, n_var))
+    return qmc.Sobol(n_var, scramble=True, seed=seed).random(n)
+
+
+def noise_variances(S: np.ndarray) -> np.ndarray | None:
+    """Per-point observation variances from standard errors (NaN = unknown: the median of
+    the known ones); None when no point has one (the GP then infers a common noise)."""
+    S = np.asarray(S, dtype=float)
+    known = np.isfinite(S)
+    if not known.any():
+        return None
+    var = np.where(known, S, np.nanmedian(np.where(known, S, np.nan))) ** 2
+    return np.maximum(var, NOISE_FLOOR)
+
+
+class BayesStrategy(Strategy):
+    name = "bo"
+    supports_async = True
+
+    def __init__(
+        self,
+        space: Any = None,
+        pop_size: int = 8,
+        n_init: int = 8,
+        acquisition: str = "qlognehvi",
+        ref_point: list[float] | None = None,
+        num_restarts: int = 2,
+        raw_samples: int = 128,
+        mc_samples: int = 32,
+        maxiter: int = 50,
+    ):
+        if acquisition not in ACQUISITIONS:
+            raise ConfigError(f"algorithm.acquisition must be one of {', '.join(ACQUISITIONS)}, got {acquisition!r}")
+        if space is not None:
+            require_continuous(space, self.name)
+        self.pop_size = int(pop_size)
+        self.n_init = int(n_init)
+        self.acquisition = acquisition
+        self.ref_point = ref_point
+        self.num_restarts, self.raw_samples, self.mc_samples, self.maxiter = int(num_restarts), int(raw_samples), int(mc_samples), int(maxiter)
+        for key, value in (("pop_size", self.pop_size), ("num_restarts", self.num_restarts), ("raw_samples", self.raw_samples), ("mc_samples", self.mc_samples)):
+            if value < 1:
+                raise ConfigError(f"algorithm.{key} must be at least 1, got {value}")
+
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
+        self.n_var, self.n_obj, self.seed = n_var, n_obj, int(seed)
+        warm = np.zeros((0, n_var)) if initial is None or not len(initial) else np.asarray(initial, dtype=float)
+        self.initial_used = len(warm)
+        self.design = np.vstack([warm, sobol_design(self.n_init, n_var, self.seed)])
+        self.X = np.zeros((0, n_var))
+        self.Y = np.zeros((0, n_obj))  # scores (maximised): 1 - loss
+        self.S = np.zeros((0, n_obj))
+        self.pending: list[np.ndarray] = []
+        self.rounds = 0
+        self.last_propose_s = 0.0
+
+    def has_next(self) -> bool:
+        return True
+
+    # ---- generational
+    def ask(self) -> np.ndarray:
+        if len(self.design):
+            batch, self.design = self.design[: self.pop_size], self.design[self.pop_size :]
+            return batch
+        return self._propose(self.pop_size, pending=None)
+
+    def tell(self, X: np.ndarray, F: np.ndarray, S: np.ndarray | None = None) -> None:
+        X, F = np.asarray(X, dtype=float), np.asarray(F, dtype=float)
+        S = np.full(F.shape, np.nan) if S is None else np.asarray(S, dtype=float)
+        self.X = np.vstack([self.X, X])
+        self.Y = np.vstack([self.Y, 1.0 - F])
+        self.S = np.vstack([self.S, S])
+
+    # ---- steady state
+    def ask_one(self) -> np.ndarray:
+        if len(self.design):
+            x, self.design = self.design[0], self.design[1:]
+        else:
+            x = self._propose(1, pending=np.array(self.pending) if self.pending else None)[0]
+        self.pending.append(np.asarray(x, dtype=float))
+        return x
+
+    def tell_one(self, x: np.ndarray, f: np.ndarray, s: np.ndarray | None = None) -> None:
+        x = np.asarray(x, dtype=float)
+        for i, p in enumerate(self.pending):
+            if np.allclose(p, x, atol=1e-12):
+                del self.pending[i]
+                break
+        self.tell(x[None], np.asarray(f, dtype=float)[None], None if s is None else np.asarray(s, dtype=float)[None])
+
+    # ---- the model
+    def _fit(self):
+        import torch
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import ModelListGP, SingleTaskGP
+        from botorch.models.transforms.outcome import Standardize
+        from gpytorch.mlls import SumMarginalLogLikelihood
+
+        X = torch.as_tensor(self.X, dtype=torch.double)
+        models = []
+        for j in range(self.n_obj):
+            y = torch.as_tensor(self.Y[:, j : j + 1], dtype=torch.double)
+            var = noise_variances(self.S[:, j])
+            yvar = None if var is None else torch.as_tensor(var[:, None], dtype=torch.double)
+            models.append(SingleTaskGP(X, y, train_Yvar=yvar, outcome_transform=Standardize(m=1)))
+        model = ModelListGP(*models)
+        mll = SumMarginalLogLikelihood(model.likelihood, model)
+        try:
+            fit_gpytorch_mll(mll)
+        except Exception:  # noqa: BLE001 -- a failed hyperparameter fit keeps the priors' values
+            pass
+        return model
+
+    def _propose(self, q: int, pending: np.ndarray | None) -> np.ndarray:
+        """``q`` new genomes from the acquisition (falls back to Sobol points while the
+        data cannot support a model: fewer than two distinct points)."""
+        import torch
+
+        started = time.perf_counter()
+        self.rounds += 1
+        round_seed = self.seed * 100_003 + self.rounds
+        if len(np.unique(np.round(self.X, 9), axis=0)) < 2:
+            return sobol_design(q, self.n_var, round_seed)
+        with _torch_seed(round_seed), _one_thread():
+            model = self._fit()
+            bounds = torch.stack([torch.zeros(self.n_var, dtype=torch.double), torch.ones(self.n_var, dtype=torch.double)])
+            X_pending = None if pending is None or not len(pending) else torch.as_tensor(pending, dtype=torch.double)
+            if self.acquisition == "qlognehvi":
+                candidates = self._nehvi(model, bounds, q, X_pending)
+            else:
+                candidates = self._parego(model, bounds, q, X_pending)
+        self.last_propose_s = time.perf_counter() - started
+        return np.clip(candidates.detach().cpu().numpy().astype(float), 0.0, 1.0)
+
+    def _ref(self):
+        import torch
+
+        ref = [0.0] * self.n_obj if self.ref_point is None else [float(v) for v in self.ref_point]
+        if len(ref) != self.n_obj:
+            raise ConfigError(f"algorithm.ref_point needs {self.n_obj} scores, got {ref}")
+        return torch.tensor(ref, dtype=torch.double)
+
+    def _sampler(self):
+        import torch
+        from botorch.sampling.normal import SobolQMCNormalSampler
+
+        return SobolQMCNormalSampler(sample_shape=torch.Size([self.mc_samples]))
+
+    def _optimize(self, acq, bounds, q: int):
+        from botorch.optim import optimize_acqf
+
+        candidates, _ = optimize_acqf(
+            acq, bounds=bounds, q=q, num_restarts=self.num_restarts, raw_samples=self.raw_samples, sequential=True,
+            options={"batch_limit": 8, "maxiter": self.maxiter},
+        )
+        return candidates
+
+    def _nehvi(self, model, bounds, q: int, X_pending):
+        import torch
+        from botorch.acquisition.multi_objective import logei
+        from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+
+        # BoTorch would JIT-compile a C++ kernel (-march=native) on first use: minutes on a
+        # fresh machine, and machine-dependent rounding; the pure-torch path is the same maths
+        logei._load_attempted = True
+
+        acq = qLogNoisyExpectedHypervolumeImprovement(
+            model=model, ref_point=self._ref(), X_baseline=torch.as_tensor(self.X, dtype=torch.double),
+            sampler=self._sampler(), prune_baseline=True, X_pending=X_pending,
+        )
+        return self._optimize(acq, bounds, q)
+
+    def _parego(self, model, bounds, q: int, X_pending):
+        import torch
+        from botorch.acquisition.multi_objective.parego import qLogNParEGO
+
+        chosen = []
+        for _ in range(q):  # one random scalarisation per candidate; earlier ones are pending
+            pending = torch.cat([t for t in (X_pending, *chosen) if t is not None]) if (X_pending is not None or chosen) else None
+            acq = qLogNParEGO(model=model, X_baseline=torch.as_tensor(self.X, dtype=torch.double), sampler=self._sampler(), X_pending=pending)
+            chosen.append(self._optimize(acq, bounds, 1))
+        return torch.cat(chosen)
+
+
+class _one_thread:
+    """Small GPs gain nothing from intra-op threads and lose a lot on a busy machine."""
+
+    def __enter__(self):
+        import torch
+
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.threads)
+        return False
+
+
+class _torch_seed:
+    """Seed torch's global RNG for one proposal and restore it after (the acquisition's
+    random restarts, the MC sampler's scrambling): the same data give the same batch."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        import torch
+
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.random.set_rng_state(self.state)
+        return False
+
+
+def bo(space=None, pop_size: int = 8, n_init: int = 8, acquisition: str = "qlognehvi", ref_point=None,
+       num_restarts: int = 2, raw_samples: int = 128, mc_samples: int = 32, maxiter: int = 50) -> Strategy:
+    """Hydra target of ``configs/algorithm/bo.yaml``."""
+    return BayesStrategy(space, pop_size, n_init, acquisition, ref_point, num_restarts, raw_samples, mc_samples, maxiter)

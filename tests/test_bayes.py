@@ -1,0 +1,191 @@
+"""Model-based searches (algorithm=bo, algorithm=map) and adaptive layer blocks."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.search.bayes import BayesStrategy, noise_variances
+from evomerge.search.blocks import adaptive_blocks, brute_force_segments, layer_features, segment_layers, total_cost
+from evomerge.search.genome import GenomeSpace
+from evomerge.search.surrogate import QuadraticSurrogateStrategy, fit_ridge, quadratic_features
+
+
+def two_bowls(X: np.ndarray) -> np.ndarray:
+    """A 2-objective problem whose Pareto set is x0 in [0.2, 0.8] with the rest at 0.5."""
+    rest = ((X[:, 1:] - 0.5) ** 2).sum(axis=1)
+    return np.stack([(X[:, 0] - 0.2) ** 2 + rest, (X[:, 0] - 0.8) ** 2 + rest], axis=1)
+
+
+# ---------------------------------------------------------------- adaptive blocks
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_blocks", [1, 2, 3, 4])
+def test_segmentation_dp_equals_brute_force(seed, n_blocks):
+    rng = np.random.default_rng(seed)
+    norms = rng.gamma(2.0, 1.0, size=(8, 2))
+    features, mass = layer_features(norms), norms.sum(axis=1)
+    blocks = segment_layers(features, mass, n_blocks)
+    best_blocks, best_cost = brute_force_segments(features, mass, n_blocks)
+    assert total_cost(blocks, features, mass, n_blocks) == pytest.approx(best_cost, abs=1e-9)
+    assert blocks == best_blocks
+    assert blocks[0][0] == 0 and blocks[-1][1] == 7 and all(blocks[i][1] + 1 == blocks[i + 1][0] for i in range(n_blocks - 1))
+
+
+def test_blocks_follow_where_the_experts_change():
+    # expert 0 lives in layers 0-3, expert 1 in layers 4-7: one border, right between them
+    norms = np.array([[1.0, 0.01]] * 4 + [[0.01, 1.0]] * 4)
+    assert adaptive_blocks(norms, 2) == [(0, 3), (4, 7)]
+
+
+def test_genome_with_explicit_layer_ranges():
+    space = GenomeSpace(n_experts=2, n_layers=6, methods=("task_arithmetic",), layer_ranges=[(0, 0), (1, 4), (5, 5)], separate_embed_head=False)
+    assert [s.layers for s in space.slots] == [(0, 0), (1, 4), (5, 5)] and space.n_var == 6
+    with pytest.raises(ConfigError, match="contiguous"):
+        GenomeSpace(n_experts=2, n_layers=6, methods=("task_arithmetic",), layer_ranges=[(0, 2), (4, 5)])
+
+
+# ---------------------------------------------------------------- BO
+
+
+def test_noise_variances_fill_unknown_and_floor():
+    var = noise_variances(np.array([0.1, np.nan, 0.0]))
+    assert var[0] == pytest.approx(0.01) and var[1] == pytest.approx(0.05**2) and var[2] > 0
+    assert noise_variances(np.array([np.nan, np.nan])) is None
+
+
+def test_bo_refuses_method_genes_with_one_line():
+    space = GenomeSpace(n_experts=2, n_layers=4, methods=("ties", "task_arithmetic"))
+    with pytest.raises(ConfigError, match="genome=blocks_ta"):
+        BayesStrategy(space)
+    with pytest.raises(ConfigError, match="genome=blocks_ta"):
+        QuadraticSurrogateStrategy(space)
+
+
+def test_bo_uses_the_standard_errors_as_noise():
+    from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
+
+    s = BayesStrategy(pop_size=2, n_init=0)
+    s.setup(2, 2, 20, seed=0)
+    X = np.random.default_rng(0).random((10, 2))
+    s.tell(X, two_bowls(X), np.full((10, 2), 0.05))
+    model = s._fit()
+    assert all(isinstance(m.likelihood, FixedNoiseGaussianLikelihood) for m in model.models)
+    s2 = BayesStrategy(pop_size=2, n_init=0)
+    s2.setup(2, 2, 20, seed=0)
+    s2.tell(X, two_bowls(X))  # no standard errors: the noise is inferred
+    assert not any(isinstance(m.likelihood, FixedNoiseGaussianLikelihood) for m in s2._fit().models)
+
+
+def test_bo_design_first_then_model_proposals_are_exact_after_pickling():
+    s = BayesStrategy(pop_size=4, n_init=4)
+    warm = np.array([[0.5, 0.5, 0.5]])
+    s.setup(3, 2, 40, seed=1, initial=warm)
+    first = s.ask()
+    assert np.array_equal(first[0], warm[0]) and first.shape == (4, 3)  # warm start, then Sobol
+    s.tell(first, two_bowls(first), np.full((4, 2), 0.01))
+    second = s.ask()  # the last design point, alone (the design held 5)
+    s.tell(second, two_bowls(second))
+    clone = pickle.loads(pickle.dumps(s))
+    a, b = s.ask(), clone.ask()
+    assert a.shape == (4, 3) and np.all((a >= 0) & (a <= 1))
+    assert np.array_equal(a, b)  # a resumed run proposes exactly the same batch
+
+
+def test_bo_finds_the_front_of_a_smooth_problem():
+    s = BayesStrategy(pop_size=4, n_init=6, raw_samples=64, num_restarts=2)
+    s.setup(2, 2, 30, seed=0)
+    for _ in range(5):
+        X = s.ask()
+        s.tell(X, two_bowls(X), np.full((len(X), 2), 0.001))
+    model_points = s.X[6:]
+    # the proposals concentrate near the Pareto set (x1 = 0.5, x0 in [0.2, 0.8])
+    assert np.median(np.abs(model_points[:, 1] - 0.5)) < 0.2
+
+
+def test_bo_steady_state_keeps_running_candidates_pending():
+    s = BayesStrategy(pop_size=2, n_init=2, raw_samples=32, num_restarts=1)
+    s.setup(2, 2, 10, seed=0)
+    xs = [s.ask_one() for _ in range(2)]  # the design
+    for x in xs:
+        s.tell_one(x, two_bowls(x[None])[0], np.array([0.01, 0.01]))
+    a = s.ask_one()
+    assert len(s.pending) == 1 and np.array_equal(s.pending[0], a)
+    b = s.ask_one()  # proposed with a pending: not the same point
+    assert not np.allclose(a, b)
+    s.tell_one(a, two_bowls(a[None])[0])
+    assert len(s.pending) == 1 and len(s.X) == 3
+
+
+# ---------------------------------------------------------------- MAP
+
+
+def test_ridge_recovers_a_quadratic():
+    rng = np.random.default_rng(0)
+    X = rng.random((40, 3))
+    true = np.arange(1, 11, dtype=float) / 10
+    y = quadratic_features(X) @ true
+    coef = fit_ridge(quadratic_features(X), y, np.ones(40))
+    assert np.allclose(quadratic_features(X) @ coef, y, atol=1e-3)
+
+
+def test_map_proposes_points_on_the_surrogate_front():
+    s = QuadraticSurrogateStrategy(pop_size=4, nsga_pop=40, nsga_gen=40)
+    s.setup(2, 2, 40, seed=0)
+    X = s.ask()
+    while len(s.design):
+        s.tell(X, two_bowls(X), np.full((len(X), 2), 0.01))
+        X = s.ask()
+    s.tell(X, two_bowls(X), np.full((len(X), 2), 0.01))
+    proposal = s.ask()  # the quadratic fits two_bowls exactly: proposals lie on its Pareto set
+    assert proposal.shape == (4, 2)
+    assert np.all(np.abs(proposal[:, 1] - 0.5) < 0.05) and np.all((proposal[:, 0] > 0.15) & (proposal[:, 0] < 0.85))
+    clone = pickle.loads(pickle.dumps(s))
+    assert np.array_equal(s.ask(), clone.ask())
+
+
+# ---------------------------------------------------------------- end to end: kill and resume
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["bo", "map"])
+def test_model_based_search_resumes_exactly_after_a_kill(test_zoo, tmp_path, algorithm):
+    from tests.test_cli import _search_keys, cli, pool_args
+
+    args = [
+        *pool_args(test_zoo), f"algorithm={algorithm}", "genome=blocks_ta", "genome.n_blocks=2", "algorithm.pop_size=4",
+        "search.max_evals=16", "fitness.test_rescore=false", "report.plots=false", "report.html=false",
+    ]
+    args += ["algorithm.n_init=4", "algorithm.raw_samples=32", "algorithm.num_restarts=1"] if algorithm == "bo" else ["algorithm.nsga_pop=20", "algorithm.nsga_gen=20"]
+    reference = tmp_path / "uninterrupted"
+    proc = cli(*args, f"hydra.run.dir={reference}", cwd=tmp_path)
+    assert "adaptive blocks (2)" in proc.stderr and "served from the references" in proc.stderr
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["budget"]["evaluated"] == 16 and summary["n_evaluated"] == 16
+    records = [json.loads(line) for line in (reference / "archive.jsonl").read_text().splitlines()]
+    model_rounds = [r for r in records if r["kind"] == "search" and "propose_s" in r.get("extra", {})]
+    assert model_rounds and all(r["extra"]["propose_s"] < 60 for r in model_rounds)
+
+    run = tmp_path / "killed"
+    proc = cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        archive = run / "archive.jsonl"
+        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= 9:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _search_keys(run)
+    assert 9 <= len(before) < 16, "the kill should land mid-run"
+    cli(f"resume={run}", cwd=tmp_path)
+    after = _search_keys(run)
+    assert after[: len(before)] == before and after == _search_keys(reference)
