@@ -134,3 +134,24 @@ def test_verify_layerwise_ties_export(bf16_models, theirs, tmp_path):
     merger.save(tmp_path / "sampled")
     sampled = verify_export(tmp_path / "sampled", LAYERWISE_TIES, str(bf16_models["base"]), experts)
     assert not sampled.same and "DIFFERS" in sampled.line() and sampled.max_abs_diff > 0
+
+
+def test_test_rescore_scores_the_exact_merge_and_records_the_searched_one_where_they_differ(bf16_models, theirs):
+    from types import SimpleNamespace
+
+    from evomerge.run import exact_rescore
+
+    merger = merger_for(bf16_models, 4096)
+    embed = "model.embed_tokens.weight"
+
+    def test():  # a "score" that tells the merges apart: one merged weight's sum
+        return {"s": float(merger.model.state_dict()[embed].double().sum())}
+
+    targets = {
+        "knee": SimpleNamespace(id=7, recipe=CASES["ties"].to_dict()),
+        "base": SimpleNamespace(id=0, recipe=uniform("task_arithmetic", {"weight": [0.0, 0.0]}).to_dict()),
+    }
+    out = exact_rescore(merger, targets, test)
+    assert out["knee"]["scores"]["s"] == pytest.approx(float(theirs["ties"][embed].double().sum()), rel=1e-6)  # mergekit's merge
+    assert out["knee"]["exact_differs"] is True and out["knee"]["searched_scores"] != out["knee"]["scores"]
+    assert "exact_differs" not in out["base"] and out["base"]["id"] == 0  # no magnitude trim: the same merge
