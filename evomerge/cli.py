@@ -35,10 +35,11 @@ def search_main(cfg: DictConfig) -> None:
 @raise_user_errors
 def export_main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
-    bad = [a for a in argv if "=" not in a] + sorted(set(args) - {"run", "point", "out", "force"})
-    if bad or "run" not in args or args.get("force", "false").lower() not in ("true", "false"):
-        raise ConfigError("usage: evomerge export run=<run dir> [point=<id|knee|best_<objective>>] [out=<folder>] [force=true]")
-    target = export_point(args["run"], args.get("point", "knee"), args.get("out"), force=args.get("force", "false").lower() == "true")
+    bad = [a for a in argv if "=" not in a] + sorted(set(args) - {"run", "point", "out", "force", "verify"})
+    flags = [args.get(f, "false").lower() for f in ("force", "verify")]
+    if bad or "run" not in args or any(f not in ("true", "false") for f in flags):
+        raise ConfigError("usage: evomerge export run=<run dir> [point=<id|knee|best_<objective>>] [out=<folder>] [force=true] [verify=true]")
+    target = export_point(args["run"], args.get("point", "knee"), args.get("out"), force=flags[0] == "true", verify=flags[1] == "true")
     print(f"exported to {target}")
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -106,20 +107,44 @@ def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen:
     targets = {r.label: r for r in archive.records if r.kind == "reference"}
     targets.update({name: by_id[i] for name, i in chosen.items()})
     settings = {"split": "test", "tasks": [vars(t) for t in tasks], "batch_size": OmegaConf.select(cfg, "fitness.batch_size"), "max_length": OmegaConf.select(cfg, "fitness.max_length")}
+    settings["thresholds"] = "exact"  # scores of exact merges (earlier caches held sampled-table merges)
     cache = ScoreCache.from_env(run_dir, settings) if run_dir is not None else None  # shared by runs when $EVOMERGE_SCORE_CACHE is set
-    out = {}
+    return exact_rescore(session.merger, targets, test, cache)
+
+
+def exact_rescore(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreCache | None = None) -> dict[str, Any]:
+    """Test scores of the exact merges (``Merger.exact_thresholds``: the weights the export
+    writes and mergekit computes). Where a point's exact merge differs from the one the
+    search scored (sampled magnitude table), that merge is scored too: ``searched_scores``."""
+    exact = getattr(merger, "exact_thresholds", None)
+    searched: dict[str, tuple] = {}
+    if exact is not None:
+        for name, rec in targets.items():
+            merger.apply(candidate_from_dict(rec.recipe))
+            searched[name] = merger.fingerprint()
+    out: dict[str, Any] = {}
+    differs: list[str] = []
     started = time.time()
-    for i, (name, rec) in enumerate(targets.items(), start=1):
-        scores = cache.get(rec.recipe) if cache else None
-        source = "score cache"
-        if scores is None:
-            session.merger.apply(candidate_from_dict(rec.recipe))
-            scores = dict(test())
-            source = f"{time.time() - started:.0f}s elapsed"
-            if cache:
-                cache.put(rec.recipe, scores)
-        out[name] = {"id": rec.id, "scores": scores}
-        print(f"test re-score {i}/{len(targets)}: {name} ({source})", file=sys.stderr, flush=True)
+    with exact() if exact is not None else nullcontext():
+        for i, (name, rec) in enumerate(targets.items(), start=1):
+            scores = cache.get(rec.recipe) if cache else None
+            print(f"test re-score {i}/{len(targets)}: {name} ({'score cache' if scores is not None else f'{time.time() - started:.0f}s elapsed'})", file=sys.stderr, flush=True)
+            merged = False
+            if scores is None or name in searched:
+                merger.apply(candidate_from_dict(rec.recipe))
+                merged = True
+            if scores is None:
+                scores = dict(test())
+                if cache:
+                    cache.put(rec.recipe, scores)
+            out[name] = {"id": rec.id, "scores": scores}
+            if merged and name in searched and merger.fingerprint() != searched[name]:
+                differs.append(name)
+    for name in differs:  # the searched (sampled-table) merge of the same recipe
+        merger.apply(candidate_from_dict(targets[name].recipe))
+        out[name].update(exact_differs=True, searched_scores=dict(test()))
+    if differs:
+        log.warning("test re-score: the exact merge of %s differs from the merge the search scored; both scores are in summary.json", ", ".join(differs))
     return out
 
 
@@ -140,9 +165,12 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 # ---------------------------------------------------------------- export
 
 
-def export_point(run_dir: str | Path, point: str, out: str | Path | None = None, force: bool = False) -> Path:
+def export_point(run_dir: str | Path, point: str, out: str | Path | None = None, force: bool = False, verify: bool = False) -> Path:
     """Write archive point ``point`` (an id, ``knee`` or ``best_<objective>``) of a run as an HF folder.
-    Refuses a non-empty target (unless ``force``), a pool model's folder, and changed models."""
+    Refuses a non-empty target (unless ``force``), a pool model's folder, and changed models.
+    The merge is exact (mergekit's choice among tied magnitudes, no sampled table). With
+    ``verify``: mergekit runs on the recipe's YAML (written as ``mergekit.yaml``, its header
+    saying what was verified) and one line compares it with the folder (evomerge/verify.py)."""
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file() or not (run / "archive.jsonl").is_file():
         raise ConfigError(f"{run} is not an evomerge run directory (no {CONFIG_FILE} / archive.jsonl)")
@@ -170,14 +198,24 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
     rundir.check_export_target(target, [base, *experts.values()], force)
     models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
     rundir.check_fingerprints(run, rundir.fingerprints(models), force, "export")
-    merger = Merger(pool, device=OmegaConf.select(cfg, "device") or "auto", offload=bool(OmegaConf.select(cfg, "offload")))
+    # exact "top d" masks (mergekit's choice among ties), whatever table the search used
+    merger = Merger(pool, device=OmegaConf.select(cfg, "device") or "auto", offload=bool(OmegaConf.select(cfg, "offload")), table_size=None)
     recipe = candidate_from_dict(record.recipe)
     if isinstance(recipe, LayerPath):  # a data-flow point: its layers materialised (evomerge/dfs/export.py)
+        if verify:
+            raise ConfigError("verify=true checks recipe exports; this point is a data-flow (layer path) merge")
         recipe.base, recipe.experts = base, list(experts)
         return dfs.export_path(recipe, merger, list(experts), target, pool_paths(base, experts))
     merger.apply(recipe)
     recipe.base, recipe.experts = base, list(experts)
     merger.save(target, recipe)
+    if verify:
+        from evomerge.verify import mergekit_yaml_text, verify_export
+
+        result = verify_export(target, recipe, base, list(experts.values()))
+        text = mergekit_yaml_text(recipe, base, list(experts.values()))
+        (target / "mergekit.yaml").write_text(f"# {result.line()}\n" + text)
+        print(result.line())
     return target
 
 

@@ -41,6 +41,19 @@ def config_value(cfg: DictConfig, key: str, kind: type, positive: bool = False) 
     return converted
 
 
+def table_size(cfg: DictConfig) -> int | None:
+    """``merger.table_size``: slots of the sampled magnitude table the search uses (default
+    4096; null = exact, as exports and the test re-score always are)."""
+    from evomerge.merge.groups import DEFAULT_TABLE_SIZE
+
+    value = OmegaConf.select(cfg, "merger.table_size", default=DEFAULT_TABLE_SIZE)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config value 'merger.table_size' must be a positive integer or null, got {value!r}")
+    return value
+
+
 def fitness_tasks(items: Any, where: str) -> list[FitnessTask]:
     """The ``{name, task, metric}`` entries of a ``fitness.objectives``/``fitness.extra`` list."""
     out = []
@@ -186,7 +199,7 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
     rundir.verify_inputs(run_dir, models, task_files, force=bool(OmegaConf.select(cfg, "force")))
     device = OmegaConf.select(cfg, "device") or "auto"
-    merger = Merger(pool, device=device, offload=bool(OmegaConf.select(cfg, "offload")))
+    merger = Merger(pool, device=device, offload=bool(OmegaConf.select(cfg, "offload")), table_size=table_size(cfg))
     check_weights_finite(merger)
     genome = OmegaConf.to_container(cfg.genome, resolve=True) if OmegaConf.select(cfg, "genome") is not None else None
     if dfs.is_dfs(genome):  # candidates are layer paths over resident layers of the genome's models

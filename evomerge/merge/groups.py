@@ -7,6 +7,18 @@ angles) compute them per segment, so merging a group of many tensors gives exact
 what merging each tensor on its own would give (up to the quantile-table
 approximation for segments larger than ``table_size``, see ``MagnitudeTable``; keeping
 everything or nothing is always exact).
+
+"Keep the top c entries" always keeps exactly c entries (up to the table's sampling):
+entries tied in magnitude are ordered by a deterministic tie-break, so bfloat16 task
+vectors, with few distinct magnitudes, keep ``floor(d * n)`` like float32 ones. Two orders:
+
+- sampled table (``table_size`` an int, the search's default): ties in index order (lower
+  index first), as a stable sort would; a threshold is a pair (magnitude, index cut).
+- exact (``table_size=None``): each entry's rank in the very permutation mergekit 0.1.5
+  computes (``torch.argsort(|tv|, descending=True)`` for TIES, the ascending
+  ``torch.sort`` for breadcrumbs), so exports reproduce mergekit's choice among ties
+  bit for bit (on the CPU, same torch build). Costs one int32 rank per task-vector entry
+  and order while a group is exact.
 """
 
 from __future__ import annotations
@@ -34,15 +46,16 @@ def keep_counts(density: Tensor, sizes: Tensor) -> Tensor:
 
 
 class MagnitudeTable:
-    """Per-segment, per-expert table of |delta| sorted in descending order.
+    """Per-segment, per-expert table of |delta| sorted in descending order (ties by
+    index, lower first), with the index of the entry at each slot.
 
-    Built once per group and kept resident, it answers "what magnitude keeps the
-    top ``c`` entries of this tensor?" with one gather instead of a sort or kthvalue per
+    Built once per group and kept resident, it answers "which (magnitude, index) pair
+    keeps the top ``c`` entries of this tensor?" with one gather instead of a sort per
     candidate. Segments with at most ``table_size`` elements are stored exactly; larger
     ones are sampled at ``table_size`` evenly spaced ranks, so for 0 < c < n the number of
-    kept elements is off by at most ``n / table_size``. Keeping all (``c >= n``) or none
-    (``c <= 0``) is always exact. ``table_size=None`` stores every segment exactly
-    (one float32 copy of the task vectors; bit-for-bit parity with mergekit on any size).
+    kept elements is off by at most ``n / table_size`` (ties included). Keeping all
+    (``c >= n``) or none (``c <= 0``) is always exact. ``table_size=None`` stores every
+    segment (exact groups use ``DeltaGroup.order_ranks`` instead).
     """
 
     def __init__(self, deltas: Tensor, segments: tuple[int, ...], table_size: int | None = DEFAULT_TABLE_SIZE):
@@ -55,18 +68,24 @@ class MagnitudeTable:
         self.offsets = [0]
         for n in lengths[:-1]:
             self.offsets.append(self.offsets[-1] + n)
-        self.table = torch.empty(k, sum(lengths), dtype=torch.float32, device=deltas.device)
+        # float64 task vectors keep float64 magnitudes (ties are compared exactly)
+        value_dtype = torch.float64 if deltas.dtype == torch.float64 else torch.float32
+        self.table = torch.empty(k, sum(lengths), dtype=value_dtype, device=deltas.device)
+        self.index = torch.empty(k, sum(lengths), dtype=torch.int64, device=deltas.device)  # unit-wide index
         self.scale: list[float] = []
         start = 0
         for s, n in enumerate(segments):
-            sorted_desc = deltas[:, start : start + n].abs().float().sort(dim=1, descending=True).values
+            ordered = deltas[:, start : start + n].abs().to(value_dtype).sort(dim=1, descending=True, stable=True)
             length = lengths[s]
             scale = n / length if length else 1.0
+            cols = slice(self.offsets[s], self.offsets[s] + length)
             if length == n:
-                self.table[:, self.offsets[s] : self.offsets[s] + n] = sorted_desc
+                self.table[:, cols] = ordered.values
+                self.index[:, cols] = ordered.indices + start
             else:
-                idx = (torch.arange(length, device=deltas.device, dtype=torch.float64) * scale).floor().long()
-                self.table[:, self.offsets[s] : self.offsets[s] + length] = sorted_desc[:, idx.clamp(max=n - 1)]
+                idx = (torch.arange(length, device=deltas.device, dtype=torch.float64) * scale).floor().long().clamp(max=n - 1)
+                self.table[:, cols] = ordered.values[:, idx]
+                self.index[:, cols] = ordered.indices[:, idx] + start
             self.scale.append(scale)
             start += n
         dev = deltas.device
@@ -83,14 +102,23 @@ class MagnitudeTable:
         """``[K, S]`` number of entries ``density`` keeps per segment (see ``keep_counts``)."""
         return keep_counts(density, self._n_t)
 
-    def threshold_for(self, counts: Tensor) -> Tensor:
-        """Magnitude thresholds ``[K, S]``: ``|delta| >= threshold`` keeps the ``counts``
-        largest entries (``-inf`` keeps all, ``+inf`` none)."""
+    def cutoff_for(self, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """``(threshold, cut)`` ``[K, S]``: an entry at unit index ``i`` is among the
+        ``counts`` largest of its tensor iff ``|delta| > threshold`` or ``|delta| ==
+        threshold and i < cut`` (``-inf`` keeps all, ``+inf`` none)."""
         pos = ((counts - 1).clamp(min=0) / self._scale_t[None, :]).round().long()
         pos = torch.minimum(pos, (self._len_t - 1).clamp(min=0)[None, :]) + self._off_t[None, :]
         thr = self.table.gather(1, pos)
-        thr = torch.where(counts >= 1, thr, torch.full_like(thr, float("inf")))
-        return torch.where(counts >= self._n_t[None, :], torch.full_like(thr, float("-inf")), thr)
+        cut = self.index.gather(1, pos) + 1
+        none, every = counts < 1, counts >= self._n_t[None, :]
+        thr = torch.where(none, torch.full_like(thr, float("inf")), thr)
+        thr = torch.where(every, torch.full_like(thr, float("-inf")), thr)
+        return thr, torch.where(none | every, torch.zeros_like(cut), cut)
+
+    def threshold_for(self, counts: Tensor) -> Tensor:
+        """Magnitude thresholds ``[K, S]`` of ``cutoff_for`` (without the tie cut,
+        ``|delta| >= threshold`` keeps every entry tied with the last one)."""
+        return self.cutoff_for(counts)[0]
 
     def threshold(self, density: Tensor) -> Tensor:
         """Thresholds keeping the top ``density[k]`` fraction of each segment."""
@@ -149,6 +177,8 @@ class DeltaGroup:
 
     @property
     def magnitudes(self) -> MagnitudeTable:
+        if self._parent is not None:
+            return self._parent.magnitudes  # chunks: the whole tensors' table
         if self._table is None:
             self._table = MagnitudeTable(self.deltas, self.segments, self.table_size)
         return self._table
@@ -163,21 +193,105 @@ class DeltaGroup:
 
     def counts(self, density: Tensor) -> Tensor:
         """``[K, S]`` kept-entry counts per whole tensor (for chunks: of the parent tensor)."""
-        return self._local(self.magnitudes.counts(density), cast=False)
+        return keep_counts(density, self.sizes())
 
     def sizes(self) -> Tensor:
-        """``[S]`` element counts of the whole tensors our segments belong to."""
-        return self._local(self.magnitudes.sizes[None, :], cast=False)[0]
+        """``[S]`` element counts (float64) of the whole tensors our segments belong to."""
+        root = self._parent if self._parent is not None else self
+        whole = torch.tensor(root.segments, dtype=torch.float64, device=self.deltas.device)
+        return whole if self._parent is None else whole[list(self._index())]
 
     def thresholds_for(self, counts: Tensor) -> Tensor:
         """``[K, S]`` thresholds keeping the ``counts`` largest entries of each whole tensor;
         ``counts`` is indexed like ``counts()`` (by our segments)."""
+        return self.cutoffs_for(counts)[0]
+
+    def cutoffs_for(self, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """``(threshold [K, S] in the deltas' dtype, cut [K, S] int64)`` keeping exactly the
+        ``counts`` largest entries of each whole tensor (``MagnitudeTable.cutoff_for``)."""
         table = self.magnitudes
         if self._table_index is None:
-            return table.threshold_for(counts).to(self.deltas.dtype)
+            thr, cut = table.cutoff_for(counts)
+            return thr.to(self.deltas.dtype), cut
         full = torch.zeros((counts.shape[0], len(table.segments)), dtype=counts.dtype, device=counts.device)
         full[:, list(self._table_index)] = counts
-        return self._local(table.threshold_for(full))
+        thr, cut = table.cutoff_for(full)
+        return self._local(thr), self._local(cut, cast=False)
+
+    # ---- exact "top c" masks (both orders), see the module docstring
+
+    @property
+    def exact(self) -> bool:
+        """True when "top c" masks follow mergekit's own sort (``table_size=None``)."""
+        root = self._parent if self._parent is not None else self
+        return root.table_size is None
+
+    def order_ranks(self, order: str) -> Tensor:
+        """``[K, N]`` int32 position of every entry in mergekit's sort of its tensor's
+        magnitudes: ``"desc"`` = ``argsort(|tv|, descending=True)`` (TIES' top k),
+        ``"asc"`` = ``sort(|tv|).indices`` (breadcrumbs). Computed once per unit and kept
+        while the group is exact; chunks slice the unit's ranks."""
+        if self._parent is not None:
+            a, b = self._span
+            return self._parent.order_ranks(order)[:, a:b]
+        cache = self.__dict__.setdefault("_order_ranks", {})
+        if order not in cache:
+            ranks = torch.empty(self.deltas.shape, dtype=torch.int32, device=self.deltas.device)
+            start = 0
+            for n in self.segments:
+                positions = torch.arange(n, dtype=torch.int32, device=ranks.device)
+                for k in range(self.n_models):
+                    w = self.deltas[k, start : start + n].abs()
+                    w = w.float() if w.device.type == "cpu" else w  # as mergekit does
+                    perm = torch.argsort(w, descending=True) if order == "desc" else torch.sort(w, descending=False).indices
+                    ranks[k, start : start + n][perm] = positions
+                start += n
+            cache[order] = ranks
+        return cache[order]
+
+    def drop_exact_ranks(self) -> None:
+        """Free the rank arrays of ``order_ranks`` (they are rebuilt on demand)."""
+        self.__dict__.pop("_order_ranks", None)
+
+    def top_mask(self, counts: Tensor) -> Tensor:
+        """``[K, N]`` bool: the ``counts[k, s]`` largest-magnitude entries of each tensor,
+        exactly that many (ties broken as described in the module docstring)."""
+        if self.exact:
+            return self.rank_between(self.order_ranks("desc"), torch.zeros_like(counts), counts)
+        return self.above_cutoff(*self.cutoffs_for(counts))
+
+    def band_mask(self, top: Tensor, target: Tensor) -> Tensor:
+        """``[K, N]`` bool: drop the ``top`` largest entries, keep the next ``target``
+        (breadcrumbs); mergekit's ascending order when exact."""
+        if self.exact:
+            n = self.sizes()[None, :]
+            return self.rank_between(self.order_ranks("asc"), n - top - target, n - top)
+        return self.above_cutoff(*self.cutoffs_for(top + target)) & ~self.above_cutoff(*self.cutoffs_for(top))
+
+    def above_cutoff(self, thr: Tensor, cut: Tensor) -> Tensor:
+        """``|delta| > thr or (|delta| == thr and unit index < cut)`` per segment."""
+        out = torch.empty(self.deltas.shape, dtype=torch.bool, device=self.deltas.device)
+        start = 0
+        for s, n in enumerate(self.segments):
+            mags = self.deltas[:, start : start + n].abs()
+            t = thr[:, s : s + 1]
+            first = self._span[0] + start
+            index = torch.arange(first, first + n, device=mags.device)
+            torch.gt(mags, t, out=out[:, start : start + n])
+            out[:, start : start + n] |= (mags == t) & (index[None, :] < cut[:, s : s + 1])
+            start += n
+        return out
+
+    def rank_between(self, ranks: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """``lo[k, s] <= ranks < hi[k, s]`` per segment (``[K, S]`` bounds, any numeric dtype)."""
+        out = torch.empty(ranks.shape, dtype=torch.bool, device=ranks.device)
+        lo, hi = lo.to(torch.int64), hi.to(torch.int64)
+        start = 0
+        for s, n in enumerate(self.segments):
+            r = ranks[:, start : start + n]
+            out[:, start : start + n] = (r >= lo[:, s : s + 1]) & (r < hi[:, s : s + 1])
+            start += n
+        return out
 
     def _local(self, per_parent: Tensor, cast: bool = True) -> Tensor:
         out = per_parent if self._table_index is None else per_parent[:, list(self._table_index)]

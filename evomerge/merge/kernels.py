@@ -3,8 +3,8 @@
 The torch implementations in ``methods.py`` make 8-12 passes over ``[K, N]`` temporaries;
 on a CPU each pass runs far below copy bandwidth. These kernels read every input once and
 write the output once, element by element, with the same semantics: per element, the K
-task-vector entries are masked (by magnitude thresholds, a magnitude band, or the unit's
-resident noise), weighted, then summed or combined by TIES sign election. They are used for
+task-vector entries are masked (by magnitude thresholds with an index tie cut, a magnitude
+band, exact ranks, or the unit's resident noise), weighted, then summed or combined by TIES sign election. They are used for
 float32/float64 tensors on the CPU when numba imports; everything else (GPU, bfloat16)
 takes the torch path. ``tests/test_merge_methods.py`` checks both paths agree.
 """
@@ -23,7 +23,7 @@ try:  # numba is a dependency (pymoo's AGE-MOEA), but keep the torch path if it 
 except Exception:  # pragma: no cover - exercised only without numba
     numba = None
 
-MAG, BAND, NOISE, DELLA = 0, 1, 2, 3
+MAG, BAND, NOISE, DELLA, RANK = 0, 1, 2, 3, 4
 # int16 levels -32768..32767 stand for u = (level + 32768) * LEVEL_SCALE in [0, 1) (noise)
 # and rank = (level + 32768) * RANK_SCALE in [0, 1] (DELLA's magnitude ranks)
 LEVEL_SCALE = 1.0 / 65536.0
@@ -32,26 +32,37 @@ RANK_SCALE = 1.0 / 65535.0
 if numba is not None:
 
     @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-    def _accumulate(mode, d, lv, rk, wk, lk, uk, sk, total, acc, div, phase):  # pragma: no cover - compiled
-        """One task vector over one block. ``phase`` 0: ``total += x``; phase 1: add the
-        entries agreeing with the elected sign (+ when ``total >= 0``) to ``acc``/``div``,
-        where ``x`` = w_k * kept, rescaled entry, else 0. The mode and phase tests sit
-        outside the loops so every loop is branch-free and vectorises."""
+    def _kept(mode, v, gi, r, lk, uk, clo, chi):  # pragma: no cover - compiled
+        """Is task-vector entry ``v`` (unit index ``gi``, exact rank ``r``) in the mask?
+        MAG: among the top c (``|v| > lk``, or tied with it and ``gi < clo``); BAND: that,
+        and not among the top cut (``|v| < uk``, or tied with it and ``gi >= chi``);
+        RANK: ``clo <= r < chi``. Comparisons of ``v`` and ``-lk`` avoid an abs (vectorises)."""
+        if mode == 4:
+            return (r >= clo) & (r < chi)
+        above = (v > lk) | (v < -lk) | (((v == lk) | (v == -lk)) & (gi < clo))
+        if mode == 0:
+            return above
+        return above & ((v < uk) & (v > -uk) | (((v == uk) | (v == -uk)) & (gi >= chi)))
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _accumulate(mode, d, lv, rk, order, first, wk, lk, uk, sk, clo, chi, total, acc, div, phase):  # pragma: no cover - compiled
+        """One task vector over one block starting at unit index ``first``. ``phase`` 0:
+        ``total += x``; phase 1: add the entries agreeing with the elected sign (+ when
+        ``total >= 0``) to ``acc``/``div``, where ``x`` = w_k * kept, rescaled entry, else
+        0. The mode and phase tests sit outside the loops so every loop is branch-free."""
         n = d.shape[0]
         zero = total[0] * 0
         # float32 constants (a bare 32768.0 would make numba compute in float64)
         off = np.float32(32768.0)
         rank_scale = np.float32(RANK_SCALE)
         level_scale = np.float32(LEVEL_SCALE)
+        exact = mode == 4
         if phase == 0:
-            if mode == 0:  # magnitude threshold (TIES); |v| >= lk as two comparisons (vectorises)
+            if mode == 0 or mode == 1 or exact:  # top c, band or exact ranks
                 for i in range(n):
                     v = d[i]
-                    total[i] += wk * v if (v >= lk) | (v <= -lk) else zero
-            elif mode == 1:  # magnitude band (breadcrumbs)
-                for i in range(n):
-                    v = d[i]
-                    total[i] += wk * v if ((v >= lk) | (v <= -lk)) & (v < uk) & (v > -uk) else zero
+                    r = order[i] if exact else 0
+                    total[i] += wk * v if _kept(mode, v, first + i, r, lk, uk, clo, chi) else zero
             elif mode == 2:  # noise level below the density's level (DARE)
                 for i in range(n):
                     total[i] += wk * (d[i] * sk) if lv[i] < lk else zero
@@ -60,17 +71,11 @@ if numba is not None:
                     p = lk + uk * ((np.float32(rk[i]) + off) * rank_scale)
                     total[i] += wk * (d[i] / p) if (np.float32(lv[i]) + off) * level_scale < p else zero
             return
-        if mode == 0:
+        if mode == 0 or mode == 1 or exact:
             for i in range(n):
                 v = d[i]
-                x = wk * v if (v >= lk) | (v <= -lk) else zero
-                agree = ((x > 0) & (total[i] >= 0)) | ((x < 0) & (total[i] < 0))
-                acc[i] += x if agree else zero
-                div[i] += wk if agree else zero
-        elif mode == 1:
-            for i in range(n):
-                v = d[i]
-                x = wk * v if ((v >= lk) | (v <= -lk)) & (v < uk) & (v > -uk) else zero
+                r = order[i] if exact else 0
+                x = wk * v if _kept(mode, v, first + i, r, lk, uk, clo, chi) else zero
                 agree = ((x > 0) & (total[i] >= 0)) | ((x < 0) & (total[i] < 0))
                 acc[i] += x if agree else zero
                 div[i] += wk if agree else zero
@@ -89,13 +94,14 @@ if numba is not None:
                 div[i] += wk if agree else zero
 
     @_njit
-    def _fused(base, deltas, bounds, lower, upper, weight, scale, levels, ranks, mode, consensus, normalize, lam, out):  # pragma: no cover - compiled
+    def _fused(base, deltas, bounds, lower, upper, weight, scale, cut_lo, cut_hi, levels, ranks, order, mode, consensus, normalize, lam, out):  # pragma: no cover - compiled
         # blocks of 2048 entries with their sums kept in L1
         k_models = deltas.shape[0]
         n_seg = bounds.shape[0] - 1
         block = 2048
-        noise = mode >= 2  # otherwise levels / ranks are 1 x 1 placeholders
+        noise = mode == 2 or mode == 3  # otherwise levels / ranks are 1 x 1 placeholders
         ranked = mode == 3
+        exact = mode == 4
         for s in range(n_seg):
             a, b = bounds[s], bounds[s + 1]
             n_blocks = (b - a + block - 1) // block
@@ -109,7 +115,11 @@ if numba is not None:
                     for k in range(k_models):
                         lv = levels[k, lo:hi] if noise else levels[0, 0:1]
                         rk = ranks[k, lo:hi] if ranked else ranks[0, 0:1]
-                        _accumulate(mode, deltas[k, lo:hi], lv, rk, weight[k], lower[k, s], upper[k, s], scale[k, s], total, acc, div, phase)
+                        od = order[k, lo:hi] if exact else order[0, 0:1]
+                        _accumulate(
+                            mode, deltas[k, lo:hi], lv, rk, od, lo, weight[k], lower[k, s], upper[k, s], scale[k, s],
+                            cut_lo[k, s], cut_hi[k, s], total, acc, div, phase,
+                        )
                 ob = out[lo:hi]
                 bb = base[lo:hi]
                 if not consensus:
@@ -129,6 +139,7 @@ def available(*tensors: Tensor) -> bool:
 
 
 _DUMMY_I16 = np.zeros((1, 1), dtype=np.int16)
+_DUMMY_I32 = np.zeros((1, 1), dtype=np.int32)
 
 
 def fused_merge(
@@ -137,7 +148,7 @@ def fused_merge(
     segments: tuple[int, ...],
     mode: int,
     weight: Tensor,
-    lower: Tensor,
+    lower: Tensor | None = None,
     upper: Tensor | None = None,
     scale: Tensor | None = None,
     levels: Tensor | None = None,
@@ -146,9 +157,14 @@ def fused_merge(
     normalize: bool = False,
     lam: float = 1.0,
     out: Tensor | None = None,
+    cut_lo: Tensor | None = None,
+    cut_hi: Tensor | None = None,
+    order: Tensor | None = None,
 ) -> Tensor:
     """``out = base + lam * merge(mask(deltas))`` in one pass; per-segment ``[K, S]``
-    ``lower``/``upper``/``scale`` (thresholds, noise levels or DELLA's ``d - e`` / ``2e``)."""
+    ``lower``/``upper``/``scale`` (thresholds, noise levels or DELLA's ``d - e`` / ``2e``),
+    ``cut_lo``/``cut_hi`` (the tie cuts of MAG/BAND, unit indices; the rank bounds of RANK)
+    and, for RANK, ``order`` (``[K, N]`` int32 exact ranks, ``DeltaGroup.order_ranks``)."""
     dtype = base.dtype
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
     target = out if out is not None else torch.empty_like(base)
@@ -158,6 +174,11 @@ def fused_merge(
         if t is None:
             return np.full((k, s), fill, dtype=np_dtype)
         return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy().astype(np_dtype).reshape(k, s))
+
+    def per_seg_int(t: Tensor | None) -> np.ndarray:
+        if t is None:
+            return np.zeros((k, s), dtype=np.int64)
+        return np.ascontiguousarray(t.detach().to("cpu", torch.int64).numpy().reshape(k, s))
 
     bounds = np.zeros(s + 1, dtype=np.int64)
     bounds[1:] = np.cumsum(segments)
@@ -169,8 +190,11 @@ def fused_merge(
         per_seg(upper, 0.0),
         weight.detach().to("cpu", torch.float64).numpy().astype(np_dtype),
         per_seg(scale, 1.0),
+        per_seg_int(cut_lo),
+        per_seg_int(cut_hi),
         levels.numpy() if levels is not None else _DUMMY_I16,
         ranks.numpy() if ranks is not None else _DUMMY_I16,
+        order.numpy() if order is not None else _DUMMY_I32,
         mode,
         consensus,
         normalize,

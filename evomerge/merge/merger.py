@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -103,7 +105,7 @@ class Merger:
         self,
         pool: ModelPool | InMemoryPool,
         device: str | torch.device | None = "auto",
-        table_size: int = DEFAULT_TABLE_SIZE,
+        table_size: int | None = DEFAULT_TABLE_SIZE,
         check_finite: bool = True,
         chunk_size: int | None | str = "auto",
         offload: bool = False,
@@ -162,6 +164,34 @@ class Merger:
                 target = buf.host_deltas if buf.host_deltas is not None else buf.group.deltas
                 target[i, start : start + size] = delta
         log.info("merger ready: %d units, %d experts, %s", len(self._units), k, self.device)
+
+    @contextmanager
+    def exact_thresholds(self) -> Iterator["Merger"]:
+        """Within the block every "top d" mask is exact and chooses among tied magnitudes
+        as mergekit does (``table_size=None``, see ``groups.py``): for the test re-score
+        and exports of points the search found with the sampled table. The exact rank
+        arrays (int32, per task-vector entry and order used) are freed on exit."""
+        saved = [u.group.table_size for u in self._units]
+        for u in self._units:
+            u.group.table_size = None
+        try:
+            yield self
+        finally:
+            for u, size in zip(self._units, saved):
+                u.group.table_size = size
+                if size is not None:
+                    u.group.drop_exact_ranks()
+
+    def fingerprint(self) -> tuple[int, ...]:
+        """Per-unit integer checksums of the merged weights' bits (equal weights, equal
+        fingerprints): tells whether two merges of one recipe gave the same model."""
+        sums = []
+        for u in self._units:
+            bits = u.out.view(torch.int16 if u.out.element_size() == 2 else torch.int32 if u.out.element_size() == 4 else torch.int64)
+            wide = bits.to(torch.int64)
+            mixed = wide * (torch.arange(wide.numel(), device=wide.device, dtype=torch.int64) % 65521 + 1)
+            sums.append(int(wide.sum()) ^ (int(mixed.sum()) << 1))
+        return tuple(sums)
 
     @property
     def units(self) -> list[Unit]:

@@ -163,8 +163,27 @@ def _weighted(g: DeltaGroup, weight: Tensor, deltas: Tensor | None = None) -> Te
 
 def magnitude_mask(g: DeltaGroup, density: Tensor) -> Tensor:
     """Keep the top ``density`` fraction of each task vector by magnitude, per tensor:
-    ``floor(d * n)`` entries (at least one when d > 0, see ``keep_counts``); d >= 1 keeps all."""
-    return g.compare(g.deltas.abs(), g.thresholds(density))
+    exactly ``floor(d * n)`` entries (at least one when d > 0, see ``keep_counts``; ties
+    broken as in ``groups.py``); d >= 1 keeps all."""
+    return g.top_mask(g.counts(density))
+
+
+def top_kernel_args(g: DeltaGroup, counts: Tensor) -> dict[str, Any]:
+    """Arguments of ``kernels.fused_merge`` keeping the ``counts`` largest entries."""
+    if g.exact:
+        return {"mode": kernels.RANK, "order": g.order_ranks("desc"), "cut_lo": torch.zeros_like(counts), "cut_hi": counts}
+    thr, cut = g.cutoffs_for(counts)
+    return {"mode": kernels.MAG, "lower": thr, "cut_lo": cut}
+
+
+def band_kernel_args(g: DeltaGroup, top: Tensor, target: Tensor) -> dict[str, Any]:
+    """Arguments of ``kernels.fused_merge`` for the breadcrumbs band (``DeltaGroup.band_mask``)."""
+    if g.exact:
+        n = g.sizes()[None, :]
+        return {"mode": kernels.RANK, "order": g.order_ranks("asc"), "cut_lo": n - top - target, "cut_hi": n - top}
+    lower, cut_lo = g.cutoffs_for(top + target)
+    upper, cut_hi = g.cutoffs_for(top)
+    return {"mode": kernels.BAND, "lower": lower, "upper": upper, "cut_lo": cut_lo, "cut_hi": cut_hi}
 
 
 def trim_by_magnitude(g: DeltaGroup, density: Tensor, weight: Tensor) -> Tensor:
@@ -255,8 +274,8 @@ def ties(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     w = p["weight"]
     if kernels.available(g.base, g.deltas):
         return kernels.fused_merge(
-            g.base, g.deltas, g.segments, kernels.MAG, w, g.thresholds(p["density"]),
-            consensus=True, normalize=bool(p["normalize"]), lam=_lambda(p), out=out,
+            g.base, g.deltas, g.segments, weight=w, consensus=True, normalize=bool(p["normalize"]), lam=_lambda(p), out=out,
+            **top_kernel_args(g, g.counts(p["density"])),
         )
     trimmed = trim_by_magnitude(g, p["density"], w)
     return _finish(g, sign_consensus(trimmed, w, bool(p["normalize"])), p, out)
@@ -294,8 +313,8 @@ for _fn in (ties, dare_linear, dare_ties):
 
 
 def breadcrumbs_band(g: DeltaGroup, density: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """``(lower, upper)`` ``[K, S]`` magnitude thresholds of the breadcrumbs mask: an entry is
-    kept when ``lower <= |delta| < upper``.
+    """``(top, target)`` ``[K, S]`` counts of the breadcrumbs mask: the ``top`` largest
+    entries are cut, the next ``target`` kept (``DeltaGroup.band_mask``).
 
     Counts follow mergekit: keep ``t = floor(d * n)`` entries, cut the ``min(floor(gamma * n),
     n - t)`` largest (the outlier cut shrinks when ``density + gamma > 1``, so the kept
@@ -305,23 +324,21 @@ def breadcrumbs_band(g: DeltaGroup, density: Tensor, gamma: float) -> tuple[Tens
     n = g.sizes()[None, :].double()  # of the whole tensors (chunks share them)
     target = torch.where(d >= 1, n, (d.clamp(min=0) * n).floor())  # no "at least one" here, as mergekit
     top = torch.minimum((float(gamma) * n).floor(), n - target)
-    upper = g.thresholds_for(top)  # in the top `top` -> cut
-    lower = g.thresholds_for(top + target)  # in the top `top + target` -> candidate
-    return lower, upper
+    return top, target
 
 
 def banded_merge(g: DeltaGroup, p: Params, out: Tensor | None, consensus: bool) -> Tensor:
     """Breadcrumbs mask (``p["gamma"]``, default 0 = plain magnitude trim), weights, then a
     sum or TIES sign election (normalised when ``p["normalize"]``), times ``lambda``."""
     w = p["weight"]
-    lower, upper = breadcrumbs_band(g, p["density"], float(p.get("gamma", 0.0)))
+    top, target = breadcrumbs_band(g, p["density"], float(p.get("gamma", 0.0)))
     normalize = consensus and bool(p.get("normalize", 0))
     if kernels.available(g.base, g.deltas):
         return kernels.fused_merge(
-            g.base, g.deltas, g.segments, kernels.BAND, w, lower, upper, consensus=consensus, normalize=normalize, lam=_lambda(p), out=out
+            g.base, g.deltas, g.segments, weight=w, consensus=consensus, normalize=normalize, lam=_lambda(p), out=out,
+            **band_kernel_args(g, top, target),
         )
-    mags = g.deltas.abs()
-    kept = g.deltas * (g.compare(mags, upper, torch.lt) & g.compare(mags, lower, torch.ge))
+    kept = g.deltas * g.band_mask(top, target)
     if not consensus:
         return _finish(g, w.to(kept.dtype) @ kept, p, out)
     return _finish(g, sign_consensus(kept.mul_(w.to(kept.dtype)[:, None]), w, normalize), p, out)

@@ -180,35 +180,55 @@ def della_linear(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
 # ---------------------------------------------------------------- SCE
 
 
-def _variance_table(g: DeltaGroup, start: int, n: int) -> tuple[Tensor, Tensor, int]:
-    """Per-element variance across experts, its descending sort and non-zero count (cached)."""
+def _variance_table(g: DeltaGroup, start: int, n: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Per-element variance across experts (in the task vectors' dtype, as mergekit), its
+    descending stable sort (values, indices) and non-zero count (cached)."""
     cache = cache_of(g)
     key = ("sce_var", start)
     if key not in cache:
-        var = torch.cat([g.deltas[:, start + a : start + b].float().var(0, unbiased=False) for a, b in chunk_spans(n)])
-        cache[key] = (var, var.sort(descending=True).values, int(torch.count_nonzero(var)))
+        var = torch.cat([g.deltas[:, start + a : start + b].var(0, unbiased=False) for a, b in chunk_spans(n)])
+        ordered = var.float().sort(descending=True, stable=True)
+        cache[key] = (var, ordered.values, ordered.indices, int(torch.count_nonzero(var)))
     return cache[key]
+
+
+def sce_selection(g: DeltaGroup, start: int, n: int, topk: float) -> "Tensor | tuple[float, int]":
+    """The ``select_topk`` fraction of the segment's elements with the highest variance:
+    exactly ``k = int(nonzero * topk)`` of them. Exact groups: mergekit's own choice
+    (``torch.topk``), as a bool mask; otherwise ``(threshold, cut)``: ``var > threshold``
+    or tied with it at a segment index ``< cut`` (ties in index order), an O(1) lookup."""
+    var, values, indices, nonzero = _variance_table(g, start, n)
+    k = int(nonzero * topk)
+    if k <= 0:
+        return math.inf, 0
+    if g.exact:
+        mask = torch.zeros(n, dtype=torch.bool, device=var.device)
+        mask[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = True
+        return mask
+    return float(values[k - 1]), int(indices[k - 1]) + 1
 
 
 def sce(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     """SCE: keep the ``select_topk`` fraction of elements with the highest variance across
-    experts, weight each task vector by its mean square, TIES sign election, weighted mean.
-    (Elements tied with the k-th variance are all kept; mergekit's topk keeps exactly k.)
-    The variance selection is per element, so it runs chunk by chunk like the mixing."""
+    experts (exactly ``int(nonzero * topk)``, see ``sce_selection``), weight each task
+    vector by its mean square, TIES sign election, weighted mean. The variance selection
+    is per element, so it runs chunk by chunk like the mixing."""
     topk = float(p["select_topk"])
     result = out if out is not None else torch.empty_like(g.base)
     for start, n, _ in segment_layout(g):
-        threshold: float | None = None
-        if topk < 1:
-            var, ordered, nonzero = _variance_table(g, start, n)
-            k = int(nonzero * topk)
-            threshold = float(ordered[k - 1]) if k > 0 else math.inf
+        selection = sce_selection(g, start, n, topk) if topk < 1 else None
+        var = _variance_table(g, start, n)[0] if isinstance(selection, tuple) else None
 
         def selected(a: int, b: int) -> Tensor:
             tv = g.deltas[:, a:b]
-            if threshold is None:
+            if selection is None:
                 return tv
-            return tv * (var[a - start : b - start] >= threshold).to(tv.dtype)
+            if isinstance(selection, Tensor):
+                return tv * selection[a - start : b - start].to(tv.dtype)
+            threshold, cut = selection
+            v = var[a - start : b - start].float()
+            index = torch.arange(a - start, b - start, device=v.device)
+            return tv * ((v > threshold) | ((v == threshold) & (index < cut))).to(tv.dtype)
 
         spans = [(start + a, start + b) for a, b in chunk_spans(n)]
         first = selected(*spans[0]) if len(spans) == 1 else None

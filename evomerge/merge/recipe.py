@@ -230,7 +230,10 @@ class Recipe:
         """``to_mergekit`` as YAML text, with a header saying what it reproduces."""
         cfg = self.to_mergekit(base, experts)
         spec = get_method(self.groups[0].method).mergekit
-        note = "# exported by evomerge for mergekit 0.1.5: same weights up to float rounding\n"
+        note = (
+            "# exported by evomerge for mergekit 0.1.5: deterministic method, meant to give evomerge's exact merge\n"
+            "# (not verified here; `evomerge export run=... point=... verify=true` runs mergekit and compares)\n"
+        )
         if spec is not None and spec.random:
             note = (
                 "# exported by evomerge for mergekit 0.1.5: random method -- drop masks differ between the tools\n"
