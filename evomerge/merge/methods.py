@@ -7,7 +7,7 @@ them with weights), shared parameters as Python numbers. Per-tensor semantics (m
 segment of the group; see ``groups.py``.
 
 To add a method: write ``def my_method(g: DeltaGroup, p: Params, out=None) -> Tensor`` and call
-``register(MergeMethod(name=..., fn=my_method, params=(...)))`` (see README). To make it
+``register(MergeMethod(name=..., fn=my_method, params=(...)))`` (see docs/extending.md). To make it
 exportable to mergekit, pass ``mergekit=MergekitSpec(...)``; without one the export
 refuses the method with ``mergekit_reason``.
 """

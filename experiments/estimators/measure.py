@@ -58,7 +58,7 @@ def mae(est: list[dict[str, float]], exact: list[dict[str, float]], objectives: 
 
 
 def table(data: dict) -> str:
-    """results.json as a markdown table (the README's)."""
+    """results.json as a markdown table (as in docs/estimators.md)."""
     lines = ["| setting | estimator | items per task | MAE vs full split | s per candidate | cost vs full split | notes |", "|---|---|---|---|---|---|---|"]
     for setting, rows in data.items():
         if setting == "search_stream":  # search_stream.py's results, another shape

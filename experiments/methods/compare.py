@@ -143,7 +143,7 @@ def write_markdown(results: dict) -> None:
         "genome offering one method; best = highest mean of the objectives on the validation subset, re-scored",
         "on the full test split. One seed: read differences of a few points as noise. Merge time is the mean",
         "per candidate in the search on a shared 2-core CPU whose load varied between runs (some ran beside other",
-        "experiments): an order of magnitude, not a benchmark (that is `experiments/bench_merge.py`). Reading: README.md, *Results -> Merge methods*.",
+        "experiments): an order of magnitude, not a benchmark (that is `experiments/bench_merge.py`). Reading: docs/results.md, *Merge methods compared*.",
     ]
     for setting, res in results.items():
         objectives = res["objectives"]
