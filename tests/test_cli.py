@@ -42,8 +42,10 @@ def pool_args(zoo) -> list[str]:
 def test_search_end_to_end_and_export(test_zoo, tmp_path):
     run = tmp_path / "run"
     proc = cli(*pool_args(test_zoo), "search.max_evals=24", "algorithm.pop_size=8", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert "done: 24 candidates" in proc.stdout
-    assert "gen   3 | evals   24/24" in proc.stderr  # progress display
+    assert "done: 24 candidates" in proc.stdout  # the budget counts evaluations: exactly 24 new ones
+    assert "| evals   24/24" in proc.stderr  # progress display
+    assert "warm start: base, expert:math, expert:lang" in proc.stderr and "served from the references" in proc.stderr
+    assert "test re-score 1/" in proc.stderr and "references: scoring base" in proc.stderr
     for name in ("config.yaml", "archive.jsonl", "checkpoint.pkl", "subset.json", "pareto_front.csv", "pareto_front.json", "summary.json", "front.png", "progress.png"):
         assert (run / name).is_file(), name
     for name in ("best_math.yaml", "best_lang.yaml", "knee.yaml"):
@@ -52,7 +54,9 @@ def test_search_end_to_end_and_export(test_zoo, tmp_path):
     assert set(summary["references"]) == {"base", "expert:math", "expert:lang"}
     assert summary["references"]["expert:lang"]["lang"] > summary["references"]["expert:math"]["lang"]
     assert set(summary["test"]) >= {"base", "knee", "best_math"}
-    assert len(summary["hypervolume_history"]) == 3
+    assert summary["budget"]["evaluated"] == 24 and summary["budget"]["ended_early"] is None
+    assert summary["budget"]["served_from_archive"] >= 3  # at least the warm start's base and experts
+    assert len(summary["hypervolume_history"]) >= 3
     hv = [h["hypervolume"] for h in summary["hypervolume_history"]]
     assert hv == sorted(hv)  # the archive front never loses volume
 
@@ -87,11 +91,12 @@ def test_killed_run_resumes_without_reevaluating(test_zoo, tmp_path):
     assert 13 <= len(before) < 40, "the kill should land mid-run"
 
     resumed = cli(f"resume={run}", cwd=tmp_path)
-    assert "done: 40 candidates" in resumed.stdout
+    expected = len(_search_keys(reference))  # 40 unless the search ran out of new candidates (then it says so)
+    assert f"done: {expected} candidates" in resumed.stdout
     after = _search_keys(run)
     assert after[: len(before)] == before  # nothing lost
     keys = [k for k, _ in after]
-    assert len(keys) == len(set(keys)) == 40  # nothing evaluated twice
+    assert len(keys) == len(set(keys)) == expected  # nothing evaluated twice
     assert after == _search_keys(reference)  # same result as the uninterrupted run
     assert json.loads((run / "pareto_front.json").read_text())["front"] == json.loads((reference / "pareto_front.json").read_text())["front"]
 
