@@ -292,7 +292,7 @@ def test_registry_names_resolve_and_an_offline_hub_dataset_is_one_line(math_mode
     line = str(err.value)
     assert "\n" not in line
     assert line.startswith("fitness task 'arc_easy': its dataset 'allenai/ai2_arc' could not be loaded")
-    assert "HF_DATASETS_OFFLINE and HF_HUB_OFFLINE is set" in line and "unset it" in line
+    assert "HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set" in line and "unset them" in line
 
 
 def test_offline_mode_is_left_to_the_user(monkeypatch):
@@ -304,3 +304,19 @@ def test_offline_mode_is_left_to_the_user(monkeypatch):
     import os
 
     assert "HF_DATASETS_OFFLINE" not in os.environ and "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_own_models_get_no_toy_fitness():
+    """modelpool=paths selects fitness/paths.yaml: no objectives, no extras, the model's
+    max_length; a run without objectives is one line saying what to write."""
+    from test_configs_algorithms import composed
+
+    from evomerge.session import check_objectives
+
+    toy = composed([])
+    assert [o.task for o in toy.fitness.objectives] == ["toy_math", "toy_lang"] and toy.fitness.max_length == 64
+    own = composed(["modelpool=paths"])
+    assert list(own.fitness.objectives) == [] and list(own.fitness.extra) == [] and own.fitness.max_length is None
+    with pytest.raises(ConfigError, match=r"fitness.objectives must list at least one task -- your models need your tasks, e.g. fitness.objectives="):
+        check_objectives(own)
+    assert [o.task for o in composed(["modelpool=paths", "fitness=toy"]).fitness.objectives] == ["toy_math", "toy_lang"]

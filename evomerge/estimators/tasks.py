@@ -354,9 +354,11 @@ def load_error_line(name: str, d: TaskDefinition, exc: BaseException) -> str:
     if _is_dataset_error(exc):
         offline = offline_mode()
         if offline:
+            many = len(offline) > 1
             fix = (
-                f"{' and '.join(offline)} is set, so only datasets already in the local Hugging Face cache load: "
-                "unset it for one run with network (the download is cached), or point dataset_path/data_files at local files"
+                f"{' and '.join(offline)} {'are' if many else 'is'} set, so only datasets already in the local Hugging Face "
+                f"cache load: unset {'them' if many else 'it'} for one run with network (the download is cached), "
+                "or point dataset_path/data_files at local files"
             )
         else:
             fix = "check the network and the task's dataset_path/dataset_name, or point data_files at local files"
