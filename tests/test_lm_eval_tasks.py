@@ -320,3 +320,25 @@ def test_own_models_get_no_toy_fitness():
     with pytest.raises(ConfigError, match=r"fitness.objectives must list at least one task -- your models need your tasks, e.g. fitness.objectives="):
         check_objectives(own)
     assert [o.task for o in composed(["modelpool=paths", "fitness=toy"]).fitness.objectives] == ["toy_math", "toy_lang"]
+
+
+def test_item_model_estimators_refuse_group_objectives(family, math_model):
+    from evomerge.estimators.lm_eval_fitness import require_single_tasks
+
+    model, tok = math_model
+    fitness = LmEvalFitness(model, tok, [FitnessTask("fam", "fam", "acc,none")], include_paths=[family])
+    with pytest.raises(ConfigError, match="the IRT estimator needs one task per objective; 'fam' is a group"):
+        require_single_tasks(fitness, "IRT")
+    require_single_tasks(LmEvalFitness(model, tok, [FitnessTask("a", "fam_a", "acc,none")], include_paths=[family]), "IRT")
+
+
+def test_a_one_member_group_overrides_num_fewshot(family, math_model, tmp_path):
+    """The docs' recipe for another shot count of a task one cannot edit (e.g. a registry task)."""
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "ll_1shot.yaml").write_text("group: ll_1shot\ntask:\n  - {task: fs_ll, num_fewshot: 1}\naggregate_metric_list:\n  - {metric: acc}\n")
+    model, tok = math_model
+    fitness = LmEvalFitness(model, tok, [FitnessTask("ll", "ll_1shot", "acc,none")], include_paths=[family, wrapper])
+    assert fitness.task_objects["fs_ll"].get_config("num_fewshot") == 1
+    first = fitness.scorer._instances_for("fs_ll", [3])[3][0].args[0]
+    assert first.count("\n\n") == 1  # one example, then the question

@@ -79,7 +79,7 @@ class ItemScorer:
     ``evaluator.evaluate`` on the same task objects does not disturb them.
     """
 
-    SETS_KEPT = 4  # few-shot tasks: instance sets kept per task (estimators use a few)
+    SETS_KEPT = 8  # few-shot tasks: doc sets kept per task (estimators score a few: subset, fidelity levels, anchors)
 
     def __init__(self, lm: Any, tasks: Mapping[str, Any], quiet: bool = True, fewshot_seed: int | None = 1234):
         self.lm = lm

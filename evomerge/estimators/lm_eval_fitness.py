@@ -99,6 +99,17 @@ def _quiet_hflm_class():
     return QuietHFLM
 
 
+def require_single_tasks(fitness: Any, estimator: str) -> None:
+    """Estimators that model items per objective need one task per objective, not a group."""
+    groups = getattr(fitness, "groups", None) or {}
+    grouped = [t.task for t in getattr(fitness, "tasks", []) if t.task in groups]
+    if grouped:
+        raise ConfigError(
+            f"the {estimator} estimator needs one task per objective; '{grouped[0]}' is a group: "
+            "use fitness/estimator=subset, or one objective per member task"
+        )
+
+
 def choose_subset(n_docs: int, size: int | None, seed: int) -> list[int]:
     """A fixed, sorted subset of doc ids (sorted: lm-eval mislabels unsorted ``samples``)."""
     if size is None or size >= n_docs:
