@@ -148,7 +148,8 @@ class ItemScorer:
             self._warned.add(task_name)
             log.warning(
                 "task %s: %d of %d requests are longer than max_length=%d tokens and are cut on the left "
-                "(scores differ from an untruncated run); raise fitness.max_length (null = the model's own)",
+                "(as lm-eval does; scores differ from an untruncated run): raise fitness.max_length if the model "
+                "allows more (null = the model's own), or use fewer few-shot examples",
                 task_name, cut, total, int(self.lm.max_length),
             )
 
