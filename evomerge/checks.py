@@ -71,9 +71,10 @@ def _task_entries(cfg: DictConfig) -> list[tuple[str, dict[str, Any]]]:
 
 
 def check_tasks(cfg: DictConfig) -> dict[str, list[Path]]:
-    """Find every fitness task, check its YAML (output type, metric) and return its files
-    (YAML and data) for fingerprinting."""
-    from evomerge.estimators.tasks import find_tasks, packaged_task_dir
+    """Find every fitness task (the user's folders, the packaged tasks, lm-eval's registry),
+    check it (kind, output type, metric, splits) and return its files (YAMLs, ``!function``
+    modules, local data) for fingerprinting."""
+    from evomerge.estimators.tasks import GROUP, TAG, TASK, TaskCatalog, packaged_task_dir
 
     entries = _task_entries(cfg)
     names = {str(e["task"]) for _, e in entries if "task" in e}
@@ -81,7 +82,8 @@ def check_tasks(cfg: DictConfig) -> dict[str, list[Path]]:
         return {}
     include = [str(p) for p in (OmegaConf.select(cfg, "fitness.include_paths") or [])]
     try:
-        found = find_tasks(names, include)
+        catalog = TaskCatalog(include)
+        found = catalog.find(sorted(names))
     except ConfigError as exc:
         broken = _broken_yamls([Path(p).expanduser() for p in include] + [packaged_task_dir()])
         if broken:
@@ -89,20 +91,39 @@ def check_tasks(cfg: DictConfig) -> dict[str, list[Path]]:
             missing = str(exc).split("'")[1] if str(exc).count("'") >= 2 else "?"
             raise ConfigError(f"fitness task '{missing}' not found: {path} has a YAML syntax error ({err}) -- is that the task's file?") from None
         raise
+    splits = [str(OmegaConf.select(cfg, "fitness.split") or "validation")]
+    if OmegaConf.select(cfg, "fitness.test_rescore") not in (None, False):
+        splits.append("test")
     files: dict[str, list[Path]] = {}
     for where, entry in entries:
         d = found.get(str(entry.get("task")))
         if d is None:
             continue
-        output_type = d.config.get("output_type")
-        if output_type is not None and output_type not in OUTPUT_TYPES:
-            raise ConfigError(f"fitness task '{d.name}' ({d.path}): output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-        _check_metric(where, entry, d)
-        data = (d.config.get("dataset_kwargs") or {}).get("data_files")
-        paths = [d.path]
-        if isinstance(data, dict):
-            paths += [p if p.is_absolute() else (d.path.parent / p).resolve() for p in (Path(str(v)) for v in data.values())]
-        files[d.name] = paths
+        if d.kind == TAG:
+            raise ConfigError(f"{where}: '{d.name}' is a tag (a list of tasks, no aggregate score): name one of its tasks ({', '.join(d.members[:5])}, ...)")
+        if d.kind == GROUP:
+            if not d.config.get("aggregate_metric_list"):
+                raise ConfigError(
+                    f"{where}: '{d.name}' is a group without aggregate_metric_list, so it has no score: "
+                    f"name one of its tasks ({', '.join(d.members[:5])}, ...) or add aggregate_metric_list to its YAML"
+                )
+            leaves = [catalog.definition(m) for m in d.members if m in catalog.index]
+        else:
+            leaves = [d]
+            output_type = d.config.get("output_type")
+            if output_type is not None and output_type not in OUTPUT_TYPES:
+                raise ConfigError(f"fitness task '{d.name}' ({d.path}): output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+            _check_metric(where, entry, d)
+        for leaf in leaves:
+            for split in splits:
+                if leaf.kind == TASK and split not in leaf.splits():
+                    why = "fitness.split" if split == splits[0] else "the final re-score on the test split (fitness.test_rescore)"
+                    fix = "set fitness.split" if split == splits[0] else "set fitness.test_rescore=false"
+                    raise ConfigError(
+                        f"fitness task '{leaf.name}' has no split named '{split}', needed by {why} "
+                        f"(it has: {', '.join(leaf.splits()) or 'none'}); {fix} or add the split to the task's YAML"
+                    )
+        files[d.name] = list(d.files)
     return files
 
 

@@ -193,9 +193,24 @@ class Session:
         return scores, timing.seconds, time.perf_counter() - started
 
 
+def check_objectives(cfg: DictConfig) -> list[FitnessTask]:
+    """The objectives, before any model loads; none is a one-line hint at what to write."""
+    objectives = fitness_tasks(OmegaConf.select(cfg, "fitness.objectives"), "fitness.objectives")
+    if not objectives:
+        hint = ""
+        if OmegaConf.select(cfg, "modelpool.kind") != "toy_zoo":
+            hint = (
+                " -- your models need your tasks, e.g. fitness.objectives='[{name: arc, task: arc_easy, metric: \"acc,none\"}]' "
+                "(lm-eval task names; your YAMLs via fitness.include_paths; see docs/own-models.md)"
+            )
+        raise ConfigError("fitness.objectives must list at least one task" + hint)
+    return objectives
+
+
 def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     task_files = check_tasks(cfg)
-    pool, experts, base = build_pool(cfg)
+    pool, experts, base = build_pool(cfg)  # cheap for paths (no weights loaded): its mistakes come first
+    check_objectives(cfg)
     models = {"base": base, **{f"expert:{k}": v for k, v in experts.items()}}
     rundir.verify_inputs(run_dir, models, task_files, force=bool(OmegaConf.select(cfg, "force")))
     device = OmegaConf.select(cfg, "device") or "auto"
@@ -208,8 +223,6 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     extra = fitness_tasks(OmegaConf.select(cfg, "fitness.extra"), "fitness.extra")
     if OmegaConf.select(cfg, "fitness.extra_in_search") is False:
         extra = []  # recorded only by the test re-score (rescore_on_test reads fitness.extra itself)
-    if not objectives:
-        raise ConfigError("fitness.objectives must list at least one task")
     subset_size = OmegaConf.select(cfg, "fitness.subset_size")
     ctx = FitnessContext(
         merger.model,

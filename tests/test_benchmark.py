@@ -23,6 +23,7 @@ def load_script():
 def tiny_run_overrides(test_zoo) -> list[str]:
     return [
         "modelpool=paths",
+        "fitness=toy",
         f"modelpool.base={test_zoo.base}",
         *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items()),
         "device=cpu",

@@ -31,6 +31,7 @@ def cli(*args: str, cwd: Path, check: bool = True, wait: bool = True, timeout: i
 def pool_args(zoo) -> list[str]:
     return [
         "modelpool=paths",
+        "fitness=toy",  # the zoo as plain folders: still scored on the toy tasks
         f"modelpool.base={zoo.base}",
         *(f"+modelpool.experts.{k}={v}" for k, v in zoo.experts.items()),
         "device=cpu",

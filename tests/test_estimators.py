@@ -26,6 +26,7 @@ class FakeFitness:
     def __init__(self, correct: dict[str, np.ndarray]):
         self.correct = correct
         self.tasks = [FitnessTask("a", "task_a", "acc,none"), FitnessTask("b", "task_b", "acc,none")]
+        self.groups = {}  # no lm-eval group objectives
         self.scorer = SimpleNamespace(n_docs={t: c.shape[1] for t, c in correct.items()}, aggregation_fn=lambda t, m: np.mean)
         self.current = 0
         self.items_scored = 0

@@ -55,7 +55,7 @@ def test_two_runs_share_test_rescores(test_zoo, tmp_path, monkeypatch):
     from evomerge.run import run_search
 
     monkeypatch.setenv("EVOMERGE_SCORE_CACHE", str(tmp_path / "cache"))
-    pool = ["modelpool=paths", f"modelpool.base={test_zoo.base}", *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items())]
+    pool = ["modelpool=paths", "fitness=toy", f"modelpool.base={test_zoo.base}", *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items())]
     overrides = pool + ["device=cpu", "search.max_evals=4", "algorithm.pop_size=4", "fitness.subset_size=8", "report.html=false", "report.plots=false"]
     with initialize_config_module("evomerge.configs", version_base="1.3"):
         cfg = compose("config", overrides=overrides)

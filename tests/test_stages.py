@@ -66,7 +66,7 @@ def test_front_of_a_modelwise_stage_is_re_expressed_layerwise():
 def test_staged_search_end_to_end(test_zoo, tmp_path):
     run = tmp_path / "run"
     args = [
-        "modelpool=paths", f"modelpool.base={test_zoo.base}", *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items()),
+        "modelpool=paths", "fitness=toy", f"modelpool.base={test_zoo.base}", *(f"+modelpool.experts.{k}={v}" for k, v in test_zoo.experts.items()),
         "device=cpu", "fitness.subset_size=8", "fitness.extra=[]", "fitness.test_rescore=false", "algorithm.pop_size=4",
         "search.max_evals=12", "genome=layerwise_ties",
         "search.stages=[{name: modelwise, fraction: 0.34, genome: {layer_groups: 1, split_attn_mlp: false, separate_embed_head: false}}, {name: layerwise}]",

@@ -40,7 +40,7 @@ from scipy.special import expit
 
 from evomerge.errors import ConfigError
 from evomerge.estimators.base import FitnessContext, Scores
-from evomerge.estimators.lm_eval_fitness import LmEvalFitness
+from evomerge.estimators.lm_eval_fitness import LmEvalFitness, require_single_tasks
 from evomerge.merge.recipe import reference_recipes  # noqa: F401 (re-exported for callers)
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,7 @@ class IrtEstimator:
             raise ConfigError(f"fitness.estimator.n_anchors must be positive, got {n_anchors}")
         self.blend = None if blend in (None, "auto") else float(blend)  # type: ignore[arg-type]
         self.fitness = fitness or ctx.full_split_fitness()
+        require_single_tasks(self.fitness, "IRT")
         path = ctx.run_dir / IRT_FILE if ctx.run_dir is not None else None
         self.calibration_s = 0.0
         if path is not None and path.exists():

@@ -8,18 +8,27 @@ task's own filter ensembles and ``process_results``. Sending the same docs there
 sends lm-eval's model the same requests in the same order as ``evaluate`` would, and the
 metrics come from the same filters and metric functions, so scores are identical; the
 per-item values are kept (standard errors, IRT).
+
+Few-shot prompts: lm-eval's sampler draws each doc's examples from one seeded generator in
+doc order, so a doc's prompt depends on which docs are built with it. For a task that
+draws examples at random, the instances are therefore built per set of docs (the
+generator re-seeded first), exactly as ``simple_evaluate(samples=...)`` builds that set;
+zero-shot tasks are built once per doc.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,49 +79,92 @@ class ItemScorer:
     ``evaluator.evaluate`` on the same task objects does not disturb them.
     """
 
-    def __init__(self, lm: Any, tasks: Mapping[str, Any], quiet: bool = True):
+    SETS_KEPT = 8  # few-shot tasks: doc sets kept per task (estimators score a few: subset, fidelity levels, anchors)
+
+    def __init__(self, lm: Any, tasks: Mapping[str, Any], quiet: bool = True, fewshot_seed: int | None = 1234):
         self.lm = lm
         self.tasks = dict(tasks)
         self.quiet = quiet
-        self._instances: dict[str, dict[int, list[Any]]] = {t: {} for t in self.tasks}
+        self.fewshot_seed = fewshot_seed
+        self._instances: dict[str, dict[int, list[Any]]] = {t: {} for t in self.tasks}  # order-free tasks, per doc
+        self._sets: dict[str, OrderedDict[tuple[int, ...], dict[int, list[Any]]]] = {t: OrderedDict() for t in self.tasks}
         self._docs: dict[str, dict[int, Any]] = {t: {} for t in self.tasks}
+        self._warned: set[str] = set()
         self.n_docs = {t: len(task.eval_docs) for t, task in self.tasks.items()}
+        self.draws_fewshot = {t: _draws_fewshot(task) for t, task in self.tasks.items()}
 
-    def _build(self, task_name: str, ids: Sequence[int]) -> None:
-        """Build (once) the instances of the docs in ``ids`` not built yet."""
-        have = self._instances[task_name]
-        missing = sorted({int(i) for i in ids} - set(have))
-        if not missing:
-            return
-        bad = [i for i in missing if not 0 <= i < self.n_docs[task_name]]
+    def _check_ids(self, task_name: str, ids: Sequence[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.n_docs[task_name]]
         if bad:
             raise IndexError(f"task {task_name} has {self.n_docs[task_name]} docs; no doc {bad[0]}")
+
+    def _build_docs(self, task_name: str, doc_ids: list[int]) -> dict[int, list[Any]]:
+        """Build the instances of ``doc_ids`` (sorted) in one lm-eval pass."""
         task = self.tasks[task_name]
         saved = getattr(task, "_instances", None)
         with _silent(self.quiet):
-            task.build_all_requests(samples=missing, rank=0, world_size=1)
+            task.build_all_requests(samples=doc_ids, rank=0, world_size=1)
         built = task._instances
         task._instances = saved
         # lm-eval numbers the docs of a ``samples`` run by their position in the (sorted) list
         by_pos: dict[int, list[Any]] = defaultdict(list)
         for inst in built:
             by_pos[inst.doc_id].append(inst)
-        for pos, doc_id in enumerate(missing):
+        out = {}
+        for pos, doc_id in enumerate(doc_ids):
             group = sorted(by_pos[pos], key=lambda x: x.idx)
-            have[doc_id] = group
+            out[doc_id] = group
             self._docs[task_name][doc_id] = group[0].doc
+        self._warn_if_truncated(task_name, [inst for g in out.values() for inst in g])
+        return out
+
+    def _instances_for(self, task_name: str, ids: Sequence[int]) -> dict[int, list[Any]]:
+        """The instances of ``ids``: built once per doc, or per doc set for few-shot tasks."""
+        wanted = sorted({int(i) for i in ids})
+        self._check_ids(task_name, wanted)
+        if not self.draws_fewshot[task_name]:
+            have = self._instances[task_name]
+            missing = [i for i in wanted if i not in have]
+            if missing:
+                have.update(self._build_docs(task_name, missing))
+            return have
+        sets = self._sets[task_name]
+        key = tuple(wanted)
+        if key not in sets:
+            if self.fewshot_seed is not None:
+                self.tasks[task_name].set_fewshot_seed(seed=self.fewshot_seed)
+            sets[key] = self._build_docs(task_name, wanted)
+            while len(sets) > self.SETS_KEPT:
+                sets.popitem(last=False)
+        sets.move_to_end(key)
+        return sets[key]
+
+    def _warn_if_truncated(self, task_name: str, instances: list[Any]) -> None:
+        """Prompts longer than the model's window are cut on the left by lm-eval: say so once."""
+        if task_name in self._warned:
+            return
+        cut, total = count_truncated(self.lm, instances)
+        if cut:
+            self._warned.add(task_name)
+            log.warning(
+                "task %s: %d of %d requests are longer than max_length=%d tokens and are cut on the left "
+                "(as lm-eval does; scores differ from an untruncated run): raise fitness.max_length if the model "
+                "allows more (null = the model's own), or use fewer few-shot examples",
+                task_name, cut, total, int(self.lm.max_length),
+            )
 
     def score(self, ids: Mapping[str, Sequence[int]]) -> ItemScores:
         """Run the model on the docs ``ids[task]`` (in that order) and return per-item metrics."""
         selected: dict[str, list[int]] = {}
+        built: dict[str, dict[int, list[Any]]] = {}
         for t in self.tasks:  # the task dict's order, as evaluate() iterates it
             if t in ids:
-                self._build(t, ids[t])
+                built[t] = self._instances_for(t, ids[t])
                 selected[t] = [int(i) for i in sorted(ids[t])]
         requests: dict[str, list[Any]] = defaultdict(list)
         for t, doc_ids in selected.items():
             for d in doc_ids:
-                for inst in self._instances[t][d]:
+                for inst in built[t][d]:
                     inst.resps = []
                     inst.filtered_resps = {}
                     requests[inst.request_type].append(inst)
@@ -124,13 +176,13 @@ class ItemScorer:
         values: dict[str, dict[str, np.ndarray]] = {}
         for t, doc_ids in selected.items():
             task = self.tasks[t]
-            flat = [inst for d in doc_ids for inst in self._instances[t][d]]
+            flat = [inst for d in doc_ids for inst in built[t][d]]
             for ensemble in getattr(task, "_filters", []):
                 ensemble.apply(flat)
             raw: dict[str, list[float]] = defaultdict(list)
             for filter_key in flat[0].filtered_resps if flat else []:
                 for d in doc_ids:
-                    group = self._instances[t][d]
+                    group = built[t][d]
                     metrics = task.process_results(self._docs[t][d], [r.filtered_resps[filter_key] for r in group])
                     for metric, value in metrics.items():
                         raw[f"{metric},{filter_key}"].append(value)
@@ -153,6 +205,41 @@ class ItemScorer:
             from lm_eval.api.metrics import mean
 
             return mean
+
+
+def _draws_fewshot(task: Any) -> bool:
+    """Whether the task's prompts depend on a random few-shot draw (shared across docs)."""
+    from lm_eval.api.samplers import FirstNSampler
+
+    shots = task.get_config("num_fewshot") if hasattr(task, "get_config") else None
+    return bool(shots) and not isinstance(getattr(task, "sampler", None), FirstNSampler)
+
+
+def count_truncated(lm: Any, instances: Sequence[Any]) -> tuple[int, int]:
+    """How many of ``instances`` lm-eval's HF model truncates (left) to fit ``lm.max_length``:
+    loglikelihood when context + continuation exceed ``max_length + 1`` tokens,
+    generation when the context exceeds ``max_length - max_gen_toks``."""
+    try:
+        max_length = int(lm.max_length)
+    except (AttributeError, TypeError, ValueError):
+        return 0, 0
+    cut = total = 0
+    for inst in instances:
+        try:
+            if inst.request_type == "loglikelihood":
+                ctx, cont = lm._encode_pair(inst.args[0], inst.args[1])
+                over = len(ctx) + len(cont) > max_length + 1
+            elif inst.request_type == "generate_until":
+                kwargs = inst.args[1] if len(inst.args) > 1 and isinstance(inst.args[1], dict) else {}
+                budget = max_length - int(kwargs.get("max_gen_toks", getattr(lm, "max_gen_toks", 256)))
+                over = len(lm.tok_encode(inst.args[0])) > budget
+            else:
+                continue
+        except (AttributeError, TypeError):
+            return 0, 0  # not an HF-style model: nothing to check
+        total += 1
+        cut += int(over)
+    return cut, total
 
 
 def _reorder(sorted_ids: list[int], wanted: Sequence[int]) -> np.ndarray:

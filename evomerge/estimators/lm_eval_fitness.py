@@ -3,8 +3,11 @@
 The model is wrapped in lm-eval's HFLM once, the task dict is built once and each doc's
 requests are built once (``items.ItemScorer``); per candidate only the model runs, then
 lm-eval's own filters and metrics -- the same scores as ``evaluator.evaluate`` on the same
-docs (tested). lm-eval's result cache is never enabled (it is keyed on the request, not
-the weights, and would return the previous genome's answers).
+docs (tested), few-shot prompts included: each task's few-shot sampler is seeded as
+``simple_evaluate`` seeds it (1234) and ``max_length`` is the model's unless set. lm-eval's
+result cache is never enabled (it is keyed on the request, not the weights, and would
+return the previous genome's answers). Offline mode is the user's choice
+(``HF_DATASETS_OFFLINE=1``); evomerge never sets it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.estimators.base import Scores
 from evomerge.estimators.items import ItemScorer, ItemScores, standard_error
-from evomerge.estimators.tasks import find_tasks
+from evomerge.estimators.tasks import TaskCatalog
 
 log = logging.getLogger(__name__)
+
+FEWSHOT_SEED = 1234  # lm_eval.defaults.DEFAULT_OTHER_SEED: simple_evaluate's fewshot_random_seed
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,8 @@ class FitnessTask:
 
 
 def quiet_libraries() -> None:
-    """Silence lm-eval, datasets and transformers progress bars and log noise."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """Silence lm-eval, datasets and transformers progress bars and log noise (offline
+    mode is left to the user: a Hub dataset must be able to download on first use)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("lm-eval", "lm_eval", "datasets", "transformers", "evaluate", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -95,6 +99,17 @@ def _quiet_hflm_class():
     return QuietHFLM
 
 
+def require_single_tasks(fitness: Any, estimator: str) -> None:
+    """Estimators that model items per objective need one task per objective, not a group."""
+    groups = getattr(fitness, "groups", None) or {}
+    grouped = [t.task for t in getattr(fitness, "tasks", []) if t.task in groups]
+    if grouped:
+        raise ConfigError(
+            f"the {estimator} estimator needs one task per objective; '{grouped[0]}' is a group: "
+            "use fitness/estimator=subset, or one objective per member task"
+        )
+
+
 def choose_subset(n_docs: int, size: int | None, seed: int) -> list[int]:
     """A fixed, sorted subset of doc ids (sorted: lm-eval mislabels unsorted ``samples``)."""
     if size is None or size >= n_docs:
@@ -135,25 +150,23 @@ class LmEvalFitness:
             raise ConfigError(f"fitness objective names must be unique, got {names}")
         if quiet:
             quiet_libraries()
-        from lm_eval.tasks import TaskManager
-
         self.tasks = list(tasks)
         self.split = split
-        definitions = find_tasks({t.task for t in tasks}, include_paths)
-        plain = [d.for_split(split) for _, d in sorted(definitions.items()) if not d.custom_tags]
-        custom = [d for _, d in sorted(definitions.items()) if d.custom_tags]
-        manager = TaskManager(include_path=sorted({str(d.path.parent) for d in custom}) or None, include_defaults=False)
-        for d in custom:
-            log.warning("task %s uses YAML tags; loaded by lm-eval as written (its own split, paths as given)", d.name)
+        catalog = TaskCatalog(include_paths)
         with _maybe_silent(quiet):
-            loaded = manager.load(plain + [d.name for d in custom])
+            loaded = catalog.load(sorted({t.task for t in tasks}), split)
         self.task_dict = loaded
         self.task_objects = loaded["tasks"]
-        if max_length is None:
-            max_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.groups = loaded["groups"]
+        self._check_groups(catalog)
+        for task in self.task_objects.values():
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)  # as simple_evaluate does
         hflm_cls = _quiet_hflm_class()
         with _maybe_silent(quiet):
-            self.lm = hflm_cls(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), max_length=int(max_length))
+            # max_length None: HFLM's own choice from the model config / tokenizer, as in lm-eval
+            self.lm = hflm_cls(
+                pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), max_length=None if max_length is None else int(max_length)
+            )
         if subset is not None:
             self.subset = {k: sorted(int(i) for i in v) for k, v in subset.items()}
         else:
@@ -164,7 +177,22 @@ class LmEvalFitness:
         self.quiet = quiet
         self.gc_every = int(gc_every)
         self._calls = 0
-        self.scorer = ItemScorer(self.lm, self.task_objects, quiet=quiet)
+        self.scorer = ItemScorer(self.lm, self.task_objects, quiet=quiet, fewshot_seed=FEWSHOT_SEED)
+
+    def _check_groups(self, catalog: TaskCatalog) -> None:
+        for t in self.tasks:
+            if t.task in self.task_objects:
+                continue
+            group = self.groups.get(t.task)
+            if group is None:  # a tag: a list of tasks without a score of its own
+                members = ", ".join(catalog.definition(t.task).members[:5])
+                raise ConfigError(f"fitness task '{t.task}' is a tag (a list of tasks, no aggregate score): name one of its tasks ({members}, ...)")
+            if not group.has_aggregation:
+                members = ", ".join(x.task_name for x in group.get_all_tasks()[:5])
+                raise ConfigError(
+                    f"fitness task '{t.task}' is a group without aggregate_metric_list, so it has no score: "
+                    f"name one of its tasks ({members}, ...) or add aggregate_metric_list to the group's YAML"
+                )
 
     @property
     def objective_names(self) -> list[str]:
@@ -183,6 +211,9 @@ class LmEvalFitness:
         stderr: dict[str, float] = {}
         fidelity: dict[str, int] = {}
         for t in self.tasks:
+            if t.task in self.groups:
+                scores[t.name], stderr[t.name], fidelity[t.name] = self._group_score(t, items)
+                continue
             per_task = items.values.get(t.task, {})
             if t.metric not in per_task:
                 raise ConfigError(
@@ -194,6 +225,26 @@ class LmEvalFitness:
             stderr[t.name] = standard_error(values, agg)
             fidelity[t.name] = len(values)
         return Scores(scores, stderr, fidelity)
+
+    def _group_score(self, t: FitnessTask, items: ItemScores) -> tuple[float, float, int]:
+        """A group objective: lm-eval's own aggregate of its leaf tasks' scores."""
+        group = self.groups[t.task]
+        metric, _, filter_key = t.metric.partition(",")
+        stderr_key = f"{metric}_stderr,{filter_key}"
+        leaf_metrics: dict[str, dict[str, Any]] = {}
+        for leaf in group.get_all_tasks():
+            name = leaf.task_name
+            per_task = items.values.get(name, {})
+            if t.metric in per_task:
+                values = per_task[t.metric]
+                agg = self.scorer.aggregation_fn(name, t.metric)
+                leaf_metrics[name] = {t.metric: float(agg(list(values))), stderr_key: standard_error(values, agg), "sample_len": len(values)}
+        result = group.aggregate(leaf_metrics)
+        if t.metric not in result:
+            available = sorted(k for k in result if "," in k and "_stderr" not in k)
+            raise ConfigError(f"fitness group '{t.task}' has no aggregate metric '{t.metric}'; available: " + ", ".join(available))
+        se = result.get(stderr_key)
+        return float(result[t.metric]), float(se) if isinstance(se, (int, float)) else float("nan"), int(result.get("sample_len", 0))
 
     def __call__(self) -> Scores:
         return self.scores_from_items(self.score_items())
@@ -213,6 +264,8 @@ class LmEvalFitness:
         ``lm`` e.g. a plain ``HFLM`` on the same model, default ours)."""
         from lm_eval import evaluator
 
+        for task in self.task_objects.values():
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)  # a fresh build, as simple_evaluate's
         with _maybe_silent(self.quiet):
             results = evaluator.evaluate(
                 lm=self.lm if lm is None else lm,

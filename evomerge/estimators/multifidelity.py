@@ -19,7 +19,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.estimators.base import FitnessContext, Scores
-from evomerge.estimators.lm_eval_fitness import choose_subset
+from evomerge.estimators.lm_eval_fitness import choose_subset, require_single_tasks
 from evomerge.search.promotion import Promoter
 
 FIDELITY_FILE = "fidelity.json"
@@ -56,6 +56,7 @@ class MultiFidelityEstimator:
         if ctx.subset_size is None:
             raise ConfigError("the multifidelity estimator needs fitness.subset_size (its first fidelity)")
         self.fitness = fitness or ctx.full_split_fitness()
+        require_single_tasks(self.fitness, "multifidelity")
         self.objectives = list(ctx.objectives)
         n_docs = dict(self.fitness.scorer.n_docs)
         path = ctx.run_dir / FIDELITY_FILE if ctx.run_dir is not None else None
