@@ -39,12 +39,34 @@ CONFIG_FILE = "config.yaml"
 def run_search(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """``overrides``: the command line's (Hydra) overrides; on resume only safe ones may change."""
     quiet_libraries()
+    fresh = not OmegaConf.select(cfg, "resume") and not (Path(run_dir) / CONFIG_FILE).exists()
     # locked for the whole run; a fresh run's config is written exclusively (see evomerge.rundir)
     cfg, run_dir, lock = rundir.open_run_dir(cfg, run_dir, overrides)
     try:
         return _search(cfg, run_dir)
+    except EvomergeError:
+        if fresh:  # a config error before anything was evaluated leaves no run directory behind
+            lock.release()
+            remove_unused_run_dir(run_dir)
+        raise
     finally:
         lock.release()
+
+
+# what a fresh run writes before its first evaluation: a run dir holding only these is unused
+SETUP_FILES = {CONFIG_FILE, "overrides.yaml", "run.lock", "fingerprints.json", "environment.json", "run.log", "subset.json", "checkpoint.pkl"}
+
+
+def remove_unused_run_dir(run_dir: Path) -> None:
+    """Delete a fresh run directory that holds no evaluated candidate (only setup files)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    archive = run_dir / "archive.jsonl"
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if (archive.exists() and archive.stat().st_size > 0) or not names <= SETUP_FILES | {"archive.jsonl"}:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -181,6 +203,8 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
         record = by_id[point]
     elif point in by_label:
         record = by_label[point]
+    elif point in _chosen_points(run) and str(_chosen_points(run)[point]) in by_id:  # knee / best_*: any recipe kind
+        record = by_id[str(_chosen_points(run)[point])]
     elif (run / "recipes" / f"{point}.yaml").is_file():
         rid = Recipe.load(run / "recipes" / f"{point}.yaml").metadata.get("archive_id")
         if str(rid) not in by_id:
@@ -217,6 +241,15 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
         (target / "mergekit.yaml").write_text(f"# {result.line()}\n" + text)
         print(result.line())
     return target
+
+
+def _chosen_points(run: Path) -> dict[str, int]:
+    """``knee`` / ``best_<objective>`` -> archive id, from the run's summary.json (if any)."""
+    try:
+        chosen = json.loads((run / "summary.json").read_text()).get("chosen") or {}
+        return {str(k): int(v) for k, v in chosen.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 def raise_user_errors(fn):
