@@ -149,8 +149,8 @@ def test_score_table_of_the_zoo(tiny_cache):
 # ---------------------------------------------------------------- presets end to end
 
 
-def tiny_args(cache: Path) -> list[str]:
-    return ["+experiment=toy_k3", "modelpool.size=tiny", f"modelpool.cache_dir={cache}", "device=cpu", "fitness.subset_size=6",
+def tiny_args(cache: Path, preset: str = "toy_k3") -> list[str]:
+    return [f"+experiment={preset}", "modelpool.size=tiny", f"modelpool.cache_dir={cache}", "device=cpu", "fitness.subset_size=6",
             "fitness.batch_size=8", "search.progress=false"]
 
 
@@ -198,7 +198,7 @@ def test_toy_k3_runs_resumes_exactly_and_reports_three_objectives(tiny_cache, tm
 @pytest.mark.slow
 def test_toy_k3_grid_preset_is_the_full_3x3x3_grid(tiny_cache, tmp_path):
     run = tmp_path / "grid"
-    cli(*tiny_args(tiny_cache), "+experiment=toy_k3_grid_ta", "search.max_evals=48", "fitness.test_rescore=false", "report.html=false",
+    cli(*tiny_args(tiny_cache, "toy_k3_grid_ta"), "search.max_evals=48", "fitness.test_rescore=false", "report.html=false",
         f"hydra.run.dir={run}", cwd=tmp_path)
     weights = {tuple(r.recipe["groups"][0]["params"]["weight"]) for r in Archive(run / "archive.jsonl").search_records()}
     assert len(weights) == 27 and {w for ws in weights for w in ws} == {0.0, 0.5, 1.0}
