@@ -220,3 +220,27 @@ def test_smollm2_k3_preset_end_to_end(tiny_models, tmp_path):
     assert summary["objectives"] == ["math", "roman", "sort"]
     assert set(summary["references"]) == {"base", "expert:math", "expert:roman", "expert:sort"}
     assert 'data-figure="fig-front3d"' in (run / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- front.png
+
+
+@pytest.mark.parametrize("n_obj, joined", [(2, True), (3, False)])
+def test_front_png_joins_the_front_only_for_two_objectives(tmp_path, monkeypatch, n_obj, joined):
+    """With three objectives a pair shows a projection of the front: points, not a path."""
+    import matplotlib.figure
+
+    from evomerge.search.archive import Record
+    from evomerge.search.report import plot_run
+
+    names = ["a", "b", "c"][:n_obj]
+    archive = Archive(tmp_path / "archive.jsonl")
+    for i, s in enumerate([(0.9, 0.1, 0.5), (0.5, 0.5, 0.1), (0.1, 0.9, 0.2)]):
+        scores = dict(zip(names, s))
+        archive.append(Record(i, "search", f"k{i}", [0.0], {}, scores, [1 - v for v in scores.values()], generation=0))
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    plot_run(tmp_path, names, archive, history=[])
+    front_lines = [ln for ax in drawn[0].axes for ln in ax.get_lines() if ln.get_label() == "Pareto front (all objectives)"]
+    assert len(front_lines) == len(drawn[0].axes) == n_obj * (n_obj - 1) // 2
+    assert all((ln.get_linestyle() == "-") == joined and len(ln.get_xdata()) == 3 for ln in front_lines)
