@@ -264,9 +264,14 @@ def png(groups: list[Group], objectives: list[str], path: Path) -> None:
     a2.set_title("hypervolume vs. evaluations")
     for a in (*fronts, a2):
         a.grid(alpha=0.3)
-    for a in (fronts[0], a2):
-        a.legend(fontsize=7)
-    fig.tight_layout()
+    if len(pairs) == 1:
+        for a in (fronts[0], a2):
+            a.legend(fontsize=7)
+        fig.tight_layout()
+    else:  # one legend under the panels: per-panel legends would cover the small fronts
+        handles, labels = fronts[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.05 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
