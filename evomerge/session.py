@@ -69,14 +69,18 @@ def build_pool(cfg: DictConfig) -> tuple[ModelPool, dict[str, str], str]:
     """The model pool named by ``cfg.modelpool`` (the toy zoo is built on first use)."""
     kind = OmegaConf.select(cfg, "modelpool.kind")
     if kind == "toy_zoo":
-        from evomerge.zoo.build import TINY, ZooConfig, build_zoo, default_cache_dir
+        from evomerge.zoo.build import TINY, ZooConfig, default_cache_dir
+        from evomerge.zoo.k3 import build_zoo_with
 
         size = OmegaConf.select(cfg, "modelpool.size") or "default"
         if size not in ("default", "tiny"):
             raise ConfigError(f"modelpool.size must be default or tiny, got {size!r}")
+        names = OmegaConf.select(cfg, "modelpool.experts")  # null: the zoo's own two experts
+        if names is not None and not OmegaConf.is_list(names):
+            raise ConfigError(f"modelpool.experts of the toy zoo must be a list of expert names, e.g. [math, lang, rev], got {names!r}")
         cache = OmegaConf.select(cfg, "modelpool.cache_dir") or default_cache_dir()
         print(f"toy zoo: building or reusing in {cache} ...", file=sys.stderr, flush=True)
-        zoo = build_zoo(cache, TINY if size == "tiny" else ZooConfig())
+        zoo = build_zoo_with(cache, TINY if size == "tiny" else ZooConfig(), None if names is None else list(names))
         experts = {k: str(v) for k, v in zoo.experts.items()}
         base = str(zoo.base)
     elif kind == "paths":

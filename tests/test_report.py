@@ -183,6 +183,45 @@ def test_three_objectives_get_every_pair_and_parallel_coordinates(tmp_path):
     assert 6 in [p["id"] for p in data["front"]]
 
 
+def _three_objective_run(path: Path, records=FAKE_RECORDS) -> Path:
+    cfg = config()
+    cfg["fitness"]["objectives"].append(cfg["fitness"].pop("extra")[0])
+    recs = [dict(r, losses=[1 - r["scores"][k] for k in "abc"]) if not r["error"] else dict(r, losses=[1.0] * 3) for r in records]
+    return make_run(path, recs, SUMMARY, cfg)
+
+
+def test_three_objectives_get_a_3d_front(tmp_path):
+    html, _ = build_report(load_run(_three_objective_run(tmp_path / "r")))
+    cube = json.loads(re.search(r'data-figure="fig-front3d">(.*?)</script>', html, re.S).group(1))
+    traces = {t["name"].split(" (")[0]: t for t in cube["data"]}
+    assert {t["type"] for t in cube["data"]} == {"scatter3d"}
+    # over (a, b, c): 4 and 8 are dominated by 6 (.5, .6, .2); 9 beats 6 on a, 3 is best on a, 7 on b
+    front = traces["Pareto front"]
+    assert sorted(zip(front["x"], front["y"], front["z"])) == [(0.2, 0.9, 0.0), (0.5, 0.6, 0.2), (0.55, 0.58, 0.1), (0.8, 0.2, 0.1)]
+    assert sorted(zip(traces["dominated"]["x"], traces["dominated"]["y"])) == [(0.3, 0.3), (0.4, 0.5)]
+    assert {"base", "expert:x", "expert:y"} <= set(traces)
+    assert [cube["layout"]["scene"][f"{ax}axis"]["title"]["text"] for ax in "xyz"] == ["a", "b", "c"]
+    two, _ = build_report(load_run(make_run(tmp_path / "two")))
+    assert "fig-front3d" not in two  # two objectives: the pair plot is the whole front
+
+
+def test_compare_three_objectives_every_pair_and_3d(tmp_path):
+    runs = tmp_path / "runs"
+    _three_objective_run(runs / "s0")
+    _three_objective_run(runs / "s1", [r for r in FAKE_RECORDS if r["id"] != 9])
+    data = compare_runs(str(runs / "*"), out=tmp_path / "cmp")
+    assert data["objectives"] == ["a", "b", "c"]
+    html = (tmp_path / "cmp" / "compare.html").read_text()
+    cube = json.loads(re.search(r'data-figure="fig-fronts3d">(.*?)</script>', html, re.S).group(1))
+    fronts = [t for t in cube["data"] if t["name"] not in ("base", "expert:x", "expert:y")]
+    assert sorted(len(t["z"]) for t in fronts) == [3, 4]  # without 9 the front is {3, 6, 7}
+    pairs = json.loads(re.search(r'data-figure="fig-fronts">(.*?)</script>', html, re.S).group(1))
+    assert len({k for k in pairs["layout"] if k.startswith("xaxis")}) == 3  # (a, b), (a, c), (b, c)
+    png = (tmp_path / "cmp" / "compare.png").read_bytes()
+    width = int.from_bytes(png[16:20], "big")
+    assert width == 4 * 6 * 110  # three pair panels and the hypervolume curves
+
+
 def test_report_of_a_running_run_without_summary_or_stderr(tmp_path):
     recs = [{k: v for k, v in r.items() if k != "stderr"} for r in FAKE_RECORDS]
     make_run(tmp_path / "r", recs, summary=None)

@@ -232,39 +232,77 @@ def html_table(groups: list[Group]) -> str:
 
 
 def png(groups: list[Group], objectives: list[str], path: Path) -> None:
-    """Static fronts (first objective pair) + HV curves, for READMEs."""
+    """Static fronts (every objective pair) + HV curves, for READMEs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xo, yo = (objectives + objectives)[:2]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    pairs = list(itertools.combinations(objectives, 2)) or [(objectives[0], objectives[0])]
+    fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(6 * (len(pairs) + 1), 4.8), squeeze=False)
+    fronts, a2 = list(axes[0][:-1]), axes[0][-1]
     for gi, g in enumerate(groups):
         color = GROUP_COLORS[gi % len(GROUP_COLORS)]
         mean, std = g.mean_std()
         for si, run in enumerate(g.runs):
-            pts = sorted((p.scores.get(xo, 0), p.scores.get(yo, 0)) for p in run.front())
             label = f"{g.label}: HV {mean:.3f}" + ("" if std is None else f" ± {std:.3f}") if si == 0 else None
             ls = ["-", ":", "--", "-."][si % 4]
-            if pts:
-                a1.plot(*zip(*pts), "o" + ls, c=color, ms=4, label=label)
+            for a1, (xo, yo) in zip(fronts, pairs):
+                pts = sorted((p.scores.get(xo, 0), p.scores.get(yo, 0)) for p in run.front())
+                if pts:  # with more than two objectives a projected front is points, not a line
+                    a1.plot(*zip(*pts), "o" + (ls if len(objectives) == 2 else ""), c=color, ms=4, label=label)
             x, y = _curve(run)
             a2.plot(x, y, ls, c=color, marker="o", ms=3, label=label if si == 0 else None)
-    for n, ref in enumerate(groups[0].runs[0].references):
-        a1.scatter(ref.scores.get(xo), ref.scores.get(yo), marker="*", s=180, zorder=5, c=REF_COLORS[n % len(REF_COLORS)], label=ref.name)
-    a1.set_xlabel(f"{xo} (higher is better)")
-    a1.set_ylabel(f"{yo} (higher is better)")
-    a1.set_title("Pareto fronts")
+    for a1, (xo, yo) in zip(fronts, pairs):
+        for n, ref in enumerate(groups[0].runs[0].references):
+            a1.scatter(ref.scores.get(xo), ref.scores.get(yo), marker="*", s=180, zorder=5, c=REF_COLORS[n % len(REF_COLORS)], label=ref.name)
+        a1.set_xlabel(f"{xo} (higher is better)")
+        a1.set_ylabel(f"{yo} (higher is better)")
+        a1.set_title("Pareto fronts" if len(pairs) == 1 else f"Pareto fronts: {xo} vs {yo}")
     a2.set_xlabel("evaluations")
     a2.set_ylabel("hypervolume")
     a2.set_title("hypervolume vs. evaluations")
-    for a in (a1, a2):
+    for a in (*fronts, a2):
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    fig.tight_layout()
+    if len(pairs) == 1:
+        for a in (fronts[0], a2):
+            a.legend(fontsize=7)
+        fig.tight_layout()
+    else:  # one legend under the panels: per-panel legends would cover the small fronts
+        handles, labels = fronts[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.05 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fronts3d_figure(groups: list[Group], objectives: list[str]) -> Any | None:
+    """Three objectives: every run's front in one rotatable 3-D scatter; None otherwise."""
+    import plotly.graph_objects as go
+
+    if len(objectives) != 3:
+        return None
+    fig = go.Figure()
+    for gi, g in enumerate(groups):
+        color = GROUP_COLORS[gi % len(GROUP_COLORS)]
+        for si, run in enumerate(g.runs):
+            pts = run.front()
+            name = f"{g.label} (seed {_seed(run)})" if len(g.runs) > 1 else g.label
+            fig.add_trace(go.Scatter3d(
+                x=[p.scores.get(objectives[0]) for p in pts], y=[p.scores.get(objectives[1]) for p in pts],
+                z=[p.scores.get(objectives[2]) for p in pts], mode="markers", name=name,
+                marker={"color": color, "size": 4, "symbol": ["circle", "square", "diamond", "cross", "x"][si % 5]},
+                hovertext=[f"<b>{esc(g.label)}</b> seed {_seed(run)}<br>#{p.id}: " + ", ".join(f"{o} {v:.3f}" for o, v in p.scores.items())
+                           for p in pts], hoverinfo="text"))
+    for n, ref in enumerate(groups[0].runs[0].references):
+        fig.add_trace(go.Scatter3d(x=[ref.scores.get(objectives[0])], y=[ref.scores.get(objectives[1])], z=[ref.scores.get(objectives[2])],
+                                   mode="markers", name=ref.name, marker={"symbol": "diamond", "size": 7, "color": REF_COLORS[n % len(REF_COLORS)]},
+                                   hovertext=[f"{esc(ref.name)}: " + ", ".join(f"{o} {v:.3f}" for o, v in ref.scores.items())], hoverinfo="text"))
+    axis = {"range": [0, 1]}
+    fig.update_layout(height=560, template="plotly_white", margin={"l": 0, "r": 0, "t": 10, "b": 10}, legend={"orientation": "h"},
+                      scene={"xaxis": {**axis, "title": {"text": objectives[0]}}, "yaxis": {**axis, "title": {"text": objectives[1]}},
+                             "zaxis": {**axis, "title": {"text": objectives[2]}}, "aspectmode": "cube"})
+    return fig
 
 
 def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int | None = None, labels: Sequence[str] | None = None,
@@ -307,6 +345,10 @@ def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int |
          + figure_block("fig-fronts", fronts_figure(groups, objectives))),
         ("curves", "Hypervolume vs. evaluations", figure_block("fig-hv", hv_figure(groups)) + data_block("evomerge-compare-data", data)),
     ]
+    cube = fronts3d_figure(groups, objectives)
+    if cube is not None:
+        sections.insert(2, ("fronts3d", "Fronts in 3-D", '<p class="note">Every run\'s front over the three objectives (drag to rotate); '
+                            "diamonds: base and experts of the first run.</p>" + figure_block("fig-fronts3d", cube)))
     subtitle = f"{len(loaded)} runs in {len(groups)} groups · objectives {esc(', '.join(objectives))}" + (f" · budget {budget}" if budget else "")
     write_atomic(out_dir / f"{name}.html", page("evomerge run comparison", subtitle, sections))
     return data

@@ -123,6 +123,42 @@ def fronts_figure(run: RunData) -> Any:
     return fig
 
 
+def front3d_figure(run: RunData) -> Any | None:
+    """Three objectives: the evaluated candidates in a rotatable 3-D scatter (the front is a
+    surface, which no pair of 2-D projections shows whole); None for any other count."""
+    import plotly.graph_objects as go
+
+    objs = run.objectives
+    if len(objs) != 3:
+        return None
+    keys = objs + run.extras
+    front = run.front()
+    front_ids = {p.id for p in front}
+    chosen = run.chosen()
+    fig = go.Figure()
+
+    def add(points: list[Point], name: str, marker: dict[str, Any], extra=lambda p: "") -> None:
+        if points:
+            fig.add_trace(go.Scatter3d(
+                x=[p.scores.get(objs[0]) for p in points], y=[p.scores.get(objs[1]) for p in points], z=[p.scores.get(objs[2]) for p in points],
+                mode="markers", name=name, marker=marker, hovertext=[hover(p, keys, extra(p)) for p in points], hoverinfo="text",
+            ))
+
+    dominated = [p for p in run.evaluated if p.id not in front_ids]
+    add(dominated, f"dominated ({len(dominated)})", {"color": GREY, "size": 3})
+    add(front, f"Pareto front ({len(front)})", {"color": FRONT_COLOR, "size": 5},
+        lambda p: (" — " + ", ".join(chosen[p.id])) if p.id in chosen else "")
+    for n, ref in enumerate(run.references):
+        add([ref], ref.name, {"symbol": "diamond", "size": 7, "color": REF_COLORS[n % len(REF_COLORS)]})
+    axis = {"range": [0, 1]}
+    fig.update_layout(
+        height=560, margin={"l": 0, "r": 0, "t": 10, "b": 10}, template="plotly_white", legend={"orientation": "h"},
+        scene={"xaxis": {**axis, "title": {"text": objs[0]}}, "yaxis": {**axis, "title": {"text": objs[1]}},
+               "zaxis": {**axis, "title": {"text": objs[2]}}, "aspectmode": "cube"},
+    )
+    return fig
+
+
 def parcoords_figure(run: RunData) -> Any | None:
     import plotly.graph_objects as go
 
@@ -359,6 +395,10 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
         sections.append(("recipes", "Recipes of the front", '<p class="note">Layer groups (rows, with their merge method) × experts: '
                          f'weight and density per expert; blank: the method has no such parameter.</p><label>front point <select id="recipe-select">{options}</select></label>'
                          + figure_block("recipe-fig", recipe_figure(start, run.expert_names)) + data_block("recipe-figures", figs)))
+    cube = front3d_figure(run)
+    if cube is not None:
+        sections.append(("front3d", "Front in 3-D", '<p class="note">The three objectives at once (drag to rotate, scroll to zoom): '
+                         "blue: the Pareto front; grey: dominated candidates; diamonds: base and experts.</p>" + figure_block("fig-front3d", cube)))
     par = parcoords_figure(run)
     if par is not None:
         sections.append(("parallel", "Parallel coordinates", '<p class="note">Blue: front; grey: the rest. Drag along an axis to filter.</p>' + figure_block("fig-parcoords", par)))

@@ -118,8 +118,10 @@ def plot_run(run_dir: Path, objectives: Sequence[str], archive: Archive, history
         ax.scatter([r.scores[xi] for r in search], [r.scores[yj] for r in search], s=12, c="lightgray", label="evaluated")
         ordered = sorted(pareto, key=lambda r: (r.scores[xi], r.scores[yj]))
         if ordered:
-            ax.plot([r.scores[xi] for r in ordered], [r.scores[yj] for r in ordered], "o-", c="tab:blue", ms=5,
-                    label="Pareto front (all objectives)")
+            # a line joins a front only in the 2-objective case; with more, a pair's view of
+            # the front is a scatter (a line through it zigzags between unrelated points)
+            ax.plot([r.scores[xi] for r in ordered], [r.scores[yj] for r in ordered], "o-" if len(objectives) == 2 else "o",
+                    c="tab:blue", ms=5, label="Pareto front (all objectives)")
             ax.errorbar(
                 [r.scores[xi] for r in ordered], [r.scores[yj] for r in ordered],
                 xerr=[r.stderr.get(xi, 0.0) for r in ordered], yerr=[r.stderr.get(yj, 0.0) for r in ordered],

@@ -6,6 +6,8 @@
 - ``target`` (needs both at once, the miniature of "Japanese + math"): an addition
   question written in the second language with a digit answer, ``M:bc+df= 47``.
   No model is trained on it.
+- ``rev`` (skill C, the third expert of the 3-expert zoo, evomerge/zoo/k3.py): writing a
+  3-4 digit string backwards, ``R:4721= 1274``. The base never sees it in pre-training.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def target_example(rng: random.Random) -> Example:
     return Example(f"M:{to_lang(a)}+{to_lang(b)}=", str(a + b))
 
 
+def rev_example(rng: random.Random) -> Example:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 4)))
+    return Example(f"R:{digits}=", digits[::-1])
+
+
 def noise_text(rng: random.Random) -> str:
     """Generic "pre-training" text: counting runs and letter/digit words."""
     if rng.random() < 0.5:
@@ -62,6 +69,8 @@ SKILLS: dict[str, Callable[[random.Random], Example]] = {
     "math": math_example,
     "lang": lang_example,
     "target": target_example,
+    # appended last: the other skills' data files and training streams do not depend on it
+    "rev": rev_example,
 }
 
 
