@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,7 +47,12 @@ def build_executor(cfg: DictConfig, session: Session, run_dir: Path):
         raise ConfigError(f"invalid executor option: {exc}") from None
 
 
-def run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, stages: list[Stage], seed: int, ref_point: Any) -> SearchLoop:
+def run_stages(
+    cfg: DictConfig, run_dir: Path, session: Session, executor: Any, stages: list[Stage], seed: int, ref_point: Any,
+    on_ready: Callable[[], None] | None = None,
+) -> SearchLoop:
+    """``on_ready``: called once the first stage's loop accepted the run's state (budget,
+    checkpoint), before anything is evaluated (a resume writes its config changes then)."""
     history: list[dict[str, Any]] = []
     html = OmegaConf.select(cfg, "report.html") is not False
     loop: SearchLoop | None = None
@@ -74,6 +79,8 @@ def run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, 
             checkpoint_name=stage.checkpoint,
             retry_failed=bool(OmegaConf.select(cfg, "search.retry_failed")),
         )
+        if i == 0 and on_ready is not None:
+            on_ready()
         if hasattr(session.fitness, "attach"):  # multi-fidelity promotion reads the live front
             session.fitness.attach(loop.archive)
         label = f"stage {stage.name}: " if len(stages) > 1 else "search: "

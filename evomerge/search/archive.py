@@ -74,6 +74,69 @@ class Damaged:
     raw: bytes
 
 
+@dataclass
+class Lines:
+    """An archive file sorted into verified JSON objects, damaged lines and a torn tail."""
+
+    items: list[tuple[int, dict[str, Any]]]  # (1-based line number, the object)
+    damaged: list[Damaged]
+    torn_at: int | None  # byte offset where a torn last piece starts
+    torn_bytes: int
+    raw: dict[int, bytes]  # line number -> its bytes, for the objects in ``items``
+
+
+def read_lines(data: bytes) -> Lines:
+    """Split archive bytes on ``\\n`` only (never on ``\\r`` or other line breaks Python
+    knows: a stray byte must not split a record) and check every line on its own. Only the
+    last piece, when it lacks its newline, is a torn tail; a damaged line anywhere else is
+    named and never hides the records after it. A line without ``_crc`` in a file whose
+    other lines carry one is damaged too (the key itself was hit)."""
+    pieces = data.split(b"\n")
+    tail = pieces.pop()  # b"" when the file ends with a newline
+    items: list[tuple[int, dict[str, Any]]] = []
+    damaged: list[Damaged] = []
+    raw: dict[int, bytes] = {}
+    unchecked: list[int] = []
+    for number, body in enumerate(pieces, start=1):
+        line = body + b"\n"
+        if not body.strip():
+            continue
+        try:
+            item = json.loads(body.decode("utf-8"))
+            if not isinstance(item, dict):
+                raise ValueError("not a JSON object")
+            crc = item.get(CRC_KEY)
+            if crc is None:
+                unchecked.append(len(items))
+            elif crc != record_crc(item):
+                raise ValueError("checksum mismatch")
+            items.append((number, item))
+            raw[number] = line
+        except UnicodeDecodeError:
+            damaged.append(Damaged(number, "not UTF-8 text", line))
+        except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            reason = "not JSON" if isinstance(exc, json.JSONDecodeError) else str(exc).splitlines()[0][:80]
+            damaged.append(Damaged(number, reason, line))
+    if unchecked and len(unchecked) < len(items):
+        for index in reversed(unchecked):
+            number, _ = items.pop(index)
+            damaged.append(Damaged(number, "no checksum", raw.pop(number)))
+        damaged.sort(key=lambda d: d.line)
+    torn_at = len(data) - len(tail) if tail else None
+    return Lines(items, damaged, torn_at, len(tail), raw)
+
+
+def describe_damage(path: Path, damaged: list[Damaged], torn_bytes: int | None) -> str:
+    """One line naming the damaged lines and a torn tail of ``path`` ('' when none)."""
+    parts = []
+    if damaged:
+        lines = ", ".join(f"{d.line} ({d.reason})" for d in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        parts.append(f"{len(damaged)} damaged line(s): {lines}")
+    if torn_bytes is not None:
+        parts.append(f"a torn last line ({torn_bytes} bytes, an interrupted write)")
+    return f"{path}: " + "; ".join(parts) if parts else ""
+
+
 class Archive:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -86,38 +149,18 @@ class Archive:
         self.by_key = {r.key: r for r in self.records}
 
     def _read(self) -> None:
-        data = self.path.read_bytes()  # bytes: binary garbage must not raise UnicodeDecodeError
-        offset = 0
-        for number, raw in enumerate(data.splitlines(keepends=True), start=1):
-            if not raw.endswith(b"\n"):
-                self.torn_at, self.torn_bytes = offset, len(raw)  # torn write from a kill: re-evaluated later
-                break
-            offset += len(raw)
-            if not raw.strip():
-                continue
+        lines = read_lines(self.path.read_bytes())
+        for number, item in lines.items:
             try:
-                item = json.loads(raw.decode("utf-8"))
-                if not isinstance(item, dict):
-                    raise ValueError("not a JSON object")
-                crc = item.get(CRC_KEY)
-                if crc is not None and crc != record_crc(item):
-                    raise ValueError("checksum mismatch")
                 self.records.append(_record_from(item))
-            except UnicodeDecodeError:
-                self.damaged.append(Damaged(number, "not UTF-8 text", raw))
-            except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
-                reason = "not JSON" if isinstance(exc, json.JSONDecodeError) else str(exc).splitlines()[0][:80]
-                self.damaged.append(Damaged(number, reason, raw))
+            except TypeError as exc:  # a JSON object without the fields of a record
+                self.damaged.append(Damaged(number, str(exc).splitlines()[0][:80], lines.raw[number]))
+        self.damaged = sorted(self.damaged + lines.damaged, key=lambda d: d.line)
+        self.torn_at, self.torn_bytes = lines.torn_at, lines.torn_bytes
 
     def describe_damage(self) -> str:
         """One line naming what is damaged ('' when nothing is)."""
-        parts = []
-        if self.damaged:
-            lines = ", ".join(f"{d.line} ({d.reason})" for d in self.damaged[:5]) + (" ..." if len(self.damaged) > 5 else "")
-            parts.append(f"{len(self.damaged)} damaged line(s): {lines}")
-        if self.torn_at is not None:
-            parts.append(f"a torn last line ({self.torn_bytes} bytes, an interrupted write)")
-        return f"{self.path}: " + "; ".join(parts) if parts else ""
+        return describe_damage(self.path, self.damaged, self.torn_bytes if self.torn_at is not None else None)
 
     def quarantine_damaged(self) -> Path | None:
         """Move damaged lines to ``<archive>.damaged`` and rewrite the archive without them
