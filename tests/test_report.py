@@ -272,12 +272,15 @@ def _simple(points):
     ]
 
 
+DONE = {"objectives": ["a", "b"]}  # a summary.json: the run finished
+
+
 @pytest.fixture
 def three_runs(tmp_path):
     runs = tmp_path / "runs"
-    make_run(runs / "nsga2-s0", _simple([(0.8, 0.2, 0), (0.5, 0.6, 1)]), None, config(0, "nsga2"))  # HV .06 + .3 = .36
-    make_run(runs / "nsga2-s1", _simple([(0.5, 0.5, 0), (0.1, 0.1, 1)]), None, config(1, "nsga2"))  # HV .25
-    make_run(runs / "random-s0", _simple([(0.9, 0.1, 0), (0.1, 0.9, 0)]), None, config(0, "random"))  # HV .08 + .09 = .17
+    make_run(runs / "nsga2-s0", _simple([(0.8, 0.2, 0), (0.5, 0.6, 1)]), DONE, config(0, "nsga2"))  # HV .06 + .3 = .36
+    make_run(runs / "nsga2-s1", _simple([(0.5, 0.5, 0), (0.1, 0.1, 1)]), DONE, config(1, "nsga2"))  # HV .25
+    make_run(runs / "random-s0", _simple([(0.9, 0.1, 0), (0.1, 0.9, 0)]), DONE, config(0, "random"))  # HV .08 + .09 = .17
     return runs
 
 
