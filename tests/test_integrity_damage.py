@@ -124,6 +124,19 @@ def test_a_carriage_return_inside_a_record_loses_only_that_record(tmp_path):
     aside = b.quarantine_damaged()
     assert aside is not None and aside.read_bytes() == lines[4] + b"\n"
     assert [r.id for r in Archive(path).records] == [i for i in range(30) if i != 4]
+    assert path.read_bytes() == b"\n".join(lines[:4] + lines[5:])  # the intact lines byte for byte
+
+
+def test_a_rewrite_keeps_fields_of_newer_versions(tmp_path):
+    from evomerge.search.archive import record_crc
+
+    path = tmp_path / "archive.jsonl"
+    data = {**rec(0, 0.5).__dict__, "time": 1733350000.5}
+    data["_crc"] = record_crc(data)
+    path.write_text(json.dumps(data) + "\n{oops\n")
+    a = Archive(path)
+    a.quarantine_damaged()
+    assert json.loads(path.read_text())["time"] == 1733350000.5
 
 
 def test_a_record_whose_checksum_key_was_hit_is_damaged(tmp_path):
@@ -403,3 +416,52 @@ def test_sigterm_unwinds_like_ctrl_c_while_an_executor_is_open():
     finally:
         _restore_sigterm(previous)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                kids = {int(c) for c in children.read_text().split()}
+            except OSError:
+                continue
+            todo += list(kids - out)
+            out |= kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_ray_driver_leaves_no_ray_processes(test_zoo, tmp_path):
+    pytest.importorskip("ray")
+    from test_executor import _pool_args
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "evomerge", *_pool_args(test_zoo), "search.max_evals=16", "executor=ray", "executor.workers=1", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: set[int] = set()
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        seen |= _descendants(proc.pid)
+        archive = run / "archive.jsonl"
+        if archive.exists() and archive.read_text().count('"kind": "search"') >= 2:
+            break
+        time.sleep(0.2)
+    seen |= _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "interrupted; resume with" in out, out[-2000:]
+    assert seen, "no Ray processes were started"
+    deadline = time.time() + 30  # well below the minute or two Ray takes to notice a lost driver
+    while time.time() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.5)
+    assert not [p for p in seen if _alive(p)], out[-2000:]

@@ -130,14 +130,18 @@ def _seed_mark(r: RunData) -> str:
     return f"{_seed(r)}{'' if r.finished else UNFINISHED_MARK}"
 
 
-def _out_dir(out: str | Path) -> Path:
+def _check_out(out: str | Path) -> Path:
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out={out} is a file; compare writes compare.html, .md and .png into a folder")
+    return out_dir
+
+
+def _make_out(out_dir: Path) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"out={out}: cannot create the folder ({exc.strerror or exc})") from None
+        raise ConfigError(f"out={out_dir}: cannot create the folder ({exc.strerror or exc})") from None
     return out_dir
 
 
@@ -325,7 +329,7 @@ def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int |
     dirs = expand_runs(runs)
     if budget is not None and budget <= 0:
         raise ConfigError(f"budget must be positive, got {budget}")
-    out_dir = _out_dir(out)
+    out_dir = _check_out(out)
     loaded = [load_run(d, budget=budget) for d in dirs]
     objectives = loaded[0].objectives
     for r in loaded[1:]:
@@ -340,6 +344,7 @@ def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int |
     notes += _duplicate_seeds(groups)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr, flush=True)
+    _make_out(out_dir)
     md = markdown(groups, objectives, extras, budget, ref)
     unfinished = [r for r in loaded if not r.finished]
     if unfinished:

@@ -3,10 +3,12 @@
 Each record is written with a single ``write`` of one line, flushed and fsync'ed, so
 a hard kill loses at most the candidate in flight. Every line carries ``_crc``, a
 checksum of the record's JSON (all keys but ``_crc``, so records with fields added
-later keep verifying). Loading sorts lines into good records, *damaged* lines (bad
-bytes, bad JSON, checksum mismatch) and a *torn tail* (a last line without newline,
-from a kill or a full disk); the writer truncates the torn tail before its first
-append and can move damaged lines aside (:meth:`Archive.quarantine_damaged`).
+later keep verifying). Loading (:func:`read_lines`, shared with the report) splits on
+``\n`` only and sorts lines into good records, *damaged* lines (bad bytes, bad JSON,
+checksum mismatch) and a *torn tail* (only ever the last piece, without newline, from a
+kill or a full disk); a damaged line never hides the records after it. The writer
+truncates the torn tail before its first append and can move damaged lines aside
+(:meth:`Archive.quarantine_damaged`).
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class Archive:
         self.damaged: list[Damaged] = []
         self.torn_at: int | None = None  # byte offset where a torn last line starts
         self.torn_bytes = 0
+        self._raw: list[bytes] = []  # the file's bytes of each record read (kept as is on a rewrite)
         if self.path.exists():
             self._read()
         self.by_key = {r.key: r for r in self.records}
@@ -153,6 +156,7 @@ class Archive:
         for number, item in lines.items:
             try:
                 self.records.append(_record_from(item))
+                self._raw.append(lines.raw[number])
             except TypeError as exc:  # a JSON object without the fields of a record
                 self.damaged.append(Damaged(number, str(exc).splitlines()[0][:80], lines.raw[number]))
         self.damaged = sorted(self.damaged + lines.damaged, key=lambda d: d.line)
@@ -176,15 +180,17 @@ class Archive:
                 os.fsync(f.fileno())
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with tmp.open("w") as f:
-                for r in self.records:
-                    f.write(self._line(r))
+            with tmp.open("wb") as f:
+                for i, r in enumerate(self.records):  # intact lines byte for byte (fields of newer versions kept)
+                    f.write(self._raw[i] if i < len(self._raw) else self._line(r).encode())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except OSError as exc:
+        except BaseException as exc:  # a full disk, Ctrl-C: no temporary copy left behind
             tmp.unlink(missing_ok=True)
-            raise self._write_error(exc) from None
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from None
+            raise
         self.damaged, self.torn_at, self.torn_bytes = [], None, 0
         return aside if aside.exists() else None
 
