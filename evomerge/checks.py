@@ -72,7 +72,7 @@ def check_numbers(cfg: DictConfig) -> None:
     integer(cfg, "fitness.batch_size", 1, optional=True)
     integer(cfg, "fitness.max_length", 1, optional=True)
     pops = [("algorithm.pop_size", OmegaConf.select(cfg, "algorithm.pop_size"))]
-    for i, stage in enumerate(stages or [] if OmegaConf.is_list(stages) else []):
+    for i, stage in enumerate(list(stages) if OmegaConf.is_list(stages) else []):
         pops.append((f"search.stages[{i}].algorithm.pop_size", OmegaConf.select(stage, "algorithm.pop_size") if isinstance(stage, DictConfig) else None))
     for key, pop in pops:
         if pop is None:
@@ -256,15 +256,16 @@ def warn_zero_task_vectors(merger: Any) -> list[str]:
     import torch
 
     n = len(merger.pool.experts)
-    delta_sq = torch.zeros(n, dtype=torch.float64)
+    delta_sq = [0.0] * n
     base_sq = 0.0
-    for buffers in merger._units:
+    for buffers in merger._units:  # norms in place, row by row: no copy of a unit's task vectors
         deltas = buffers.host_deltas if buffers.host_deltas is not None else buffers.group.deltas
-        delta_sq += deltas.double().pow(2).sum(dim=1).cpu()[:n]
-        base_sq += float(buffers.group.base.double().pow(2).sum())
+        for i in range(n):
+            delta_sq[i] += float(torch.linalg.vector_norm(deltas[i])) ** 2
+        base_sq += float(torch.linalg.vector_norm(buffers.group.base)) ** 2
     scale = math.sqrt(base_sq) or 1.0
     zero = []
-    for expert, sq in zip(merger.pool.experts, delta_sq.tolist()):
+    for expert, sq in zip(merger.pool.experts, delta_sq):
         relative = math.sqrt(sq) / scale
         if relative < ZERO_TASK_VECTOR:
             zero.append(expert.name)

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -45,7 +45,7 @@ def run_search(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = Non
         lock.release()
 
 
-def _search(cfg: DictConfig, run_dir: Path, on_ready: Any = None) -> dict[str, Any]:
+def _search(cfg: DictConfig, run_dir: Path, on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
     check_config(cfg)
     seed = config_value(cfg, "seed", int)
     max_evals = config_value(cfg, "search.max_evals", int, positive=True)
