@@ -553,7 +553,7 @@ def _copy_zoo(zoo, dest: Path) -> dict[str, Path]:
 
 def _pool_args(models: dict[str, Path]) -> list[str]:
     return [
-        "modelpool=paths", f"modelpool.base={models['base']}",
+        "modelpool=paths", "fitness=toy", f"modelpool.base={models['base']}",
         *(f"+modelpool.experts.{k}={v}" for k, v in models.items() if k != "base"),
         "device=cpu", "fitness.subset_size=16", "fitness.extra=[]", "fitness.test_rescore=false", "report.plots=false",
     ]

@@ -245,15 +245,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _sigterm_as_interrupt() -> Any:
     """While the executor is open, SIGTERM (``kill``, a batch scheduler's stop) unwinds like
-    Ctrl-C, so ``close`` runs; returns the previous handler (``None``: left alone, e.g. not
-    the main thread or a handler of the caller's own)."""
+    Ctrl-C, so ``close`` runs; returns the previous handler to restore (``None``: left alone,
+    not the main thread). Installed after ``ray.init``: Ray's driver installs a C-level
+    SIGTERM handler that aborts the process without running any Python cleanup."""
     if threading.current_thread() is not threading.main_thread():
         return None
     previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-        return None
     signal.signal(signal.SIGTERM, _on_sigterm)
-    return previous
+    return signal.SIG_DFL if previous in (None, _on_sigterm) else previous
 
 
 def _restore_sigterm(previous: Any) -> None:
