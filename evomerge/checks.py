@@ -4,6 +4,7 @@ reported before any model is loaded (or, for the weights, right after), in one l
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (pymoo) takes 0 .. 2**32 - 1
+MAX_POP_SIZE = 10_000  # pymoo's duplicate check holds pop_size**2 distances in memory
+DEVICE_TYPES = ("cpu", "cuda")
+
+
 def check_config(cfg: DictConfig) -> None:
+    """Every numeric option, the dtype, the device, the genome ranges and the score cache:
+    a mistake is one line here, before any model loads, not a traceback later."""
     dtype = OmegaConf.select(cfg, "dtype") or "float32"
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -26,7 +34,86 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"algorithm.pop_size must be an integer, got {pop!r}")
         if pop < 2:
             raise ConfigError(f"algorithm.pop_size must be at least 2 (a population of {pop} cannot evolve), got {pop}")
+    check_numbers(cfg)
+    check_device(OmegaConf.select(cfg, "device"))
     check_genome_ranges(cfg)
+    from evomerge.score_cache import cache_folder
+
+    cache_folder()  # $EVOMERGE_SCORE_CACHE must be a folder (or creatable)
+
+
+def integer(cfg: DictConfig, key: str, low: int | None = None, high: int | None = None, optional: bool = False) -> int | None:
+    """``cfg.key`` as an int within [low, high]; floats with a fraction, booleans and text are
+    refused by name (``int(1.5)`` would silently be 1)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config value '{key}' is missing")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{key} must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key} must be at most {high}, got {value}")
+    return value
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    stages = OmegaConf.select(cfg, "search.stages")
+    n_stages = len(stages) if OmegaConf.is_list(stages) else 1
+    if OmegaConf.select(cfg, "seed") is not None:  # stage i is seeded with seed + i
+        integer(cfg, "seed", 0, SEED_MAX - (n_stages - 1))
+    max_evals = integer(cfg, "search.max_evals", 1, optional=True)
+    integer(cfg, "fitness.subset_size", 1, optional=True)
+    integer(cfg, "fitness.subset_seed", 0, SEED_MAX, optional=True)
+    integer(cfg, "fitness.batch_size", 1, optional=True)
+    integer(cfg, "fitness.max_length", 1, optional=True)
+    pops = [("algorithm.pop_size", OmegaConf.select(cfg, "algorithm.pop_size"))]
+    for i, stage in enumerate(list(stages) if OmegaConf.is_list(stages) else []):
+        pops.append((f"search.stages[{i}].algorithm.pop_size", OmegaConf.select(stage, "algorithm.pop_size") if isinstance(stage, DictConfig) else None))
+    for key, pop in pops:
+        if pop is None:
+            continue
+        if isinstance(pop, bool) or not isinstance(pop, int) or pop < 2:
+            raise ConfigError(f"{key} must be an integer of at least 2, got {pop!r}")
+        if pop > MAX_POP_SIZE:
+            raise ConfigError(
+                f"{key}={pop} is too large (at most {MAX_POP_SIZE}: the algorithm keeps pop_size² distances in memory)"
+                + (f"; with search.max_evals={max_evals} at most {max_evals} candidates are evaluated anyway" if max_evals else "")
+            )
+        if max_evals is not None and pop > max_evals and key == "algorithm.pop_size" and n_stages == 1:
+            print(f"note: {key}={pop} is larger than search.max_evals={max_evals}: only the first {max_evals} candidates of the first "
+                  "generation are evaluated (raise the budget on resume to continue)", file=sys.stderr, flush=True)
+    ref = OmegaConf.select(cfg, "search.ref_point")
+    if ref is not None:
+        values = OmegaConf.to_container(ref) if OmegaConf.is_list(ref) else ref
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ConfigError(f"search.ref_point must be a list of finite numbers (losses, 1 - score), got {values!r}")
+        n_obj = len(OmegaConf.select(cfg, "fitness.objectives") or [])
+        if n_obj and len(values) != n_obj:
+            raise ConfigError(f"search.ref_point has {len(values)} values for {n_obj} objectives")
+
+
+def check_device(device: Any) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` naming a GPU that is there."""
+    if device in (None, "", "auto"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: no GPU is available here (use device=cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
 
 
 def check_genome_ranges(cfg: DictConfig) -> None:
@@ -179,3 +266,30 @@ def check_weights_finite(merger: Any) -> None:
             bad = int((~torch.isfinite(row)).nonzero()[0, 0])
             tensor = next((n for n, s, k in by_unit.get(u, []) if s <= bad < s + k), buffers.unit.name)
             raise PoolError(f"{who} has non-finite weights (NaN or inf) in {tensor}; every merge with it would fail")
+
+
+ZERO_TASK_VECTOR = 1e-6  # ||expert - base|| / ||base|| below this: the expert adds nothing
+
+
+def warn_zero_task_vectors(merger: Any) -> list[str]:
+    """Warn (once per expert) when an expert's task vector is zero or nearly so -- e.g. the
+    base listed as an expert: every merge weight on it is then wasted search space."""
+    import torch
+
+    n = len(merger.pool.experts)
+    delta_sq = [0.0] * n
+    base_sq = 0.0
+    for buffers in merger._units:  # norms in place, row by row: no copy of a unit's task vectors
+        deltas = buffers.host_deltas if buffers.host_deltas is not None else buffers.group.deltas
+        for i in range(n):
+            delta_sq[i] += float(torch.linalg.vector_norm(deltas[i])) ** 2
+        base_sq += float(torch.linalg.vector_norm(buffers.group.base)) ** 2
+    scale = math.sqrt(base_sq) or 1.0
+    zero = []
+    for expert, sq in zip(merger.pool.experts, delta_sq):
+        relative = math.sqrt(sq) / scale
+        if relative < ZERO_TASK_VECTOR:
+            zero.append(expert.name)
+            print(f"warning: expert '{expert.name}' is (nearly) identical to the base (task vector norm {relative:.1e} of the base's): "
+                  "merging it changes nothing -- is it the base model itself?", file=sys.stderr, flush=True)
+    return zero

@@ -65,7 +65,7 @@ def _key_values(argv: list[str], allowed: set[str], required: set[str], usage: s
 def report_main(argv: list[str]) -> None:
     from evomerge.report import write_run_report
 
-    args = _key_values(argv, {"run", "out"}, {"run"}, "evomerge report run=<run dir> [out=<file.html>]")
+    args = _key_values(argv, {"run", "out"}, {"run"}, "evomerge report run=<run dir> [out=<file.html or folder>]")
     print(f"report written to {write_run_report(args['run'], out=args.get('out'))}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -49,7 +49,12 @@ def build_executor(cfg: DictConfig, session: Session, run_dir: Path):
         raise ConfigError(f"invalid executor option: {exc}") from None
 
 
-def run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, stages: list[Stage], seed: int, ref_point: Any) -> SearchLoop:
+def run_stages(
+    cfg: DictConfig, run_dir: Path, session: Session, executor: Any, stages: list[Stage], seed: int, ref_point: Any,
+    on_ready: Callable[[], None] | None = None,
+) -> SearchLoop:
+    """``on_ready``: called once the first stage's loop accepted the run's state (budget,
+    checkpoint), before anything is evaluated (a resume writes its config changes then)."""
     history: list[dict[str, Any]] = []
     html = OmegaConf.select(cfg, "report.html") is not False
     loop: SearchLoop | None = None
@@ -80,6 +85,8 @@ def run_stages(cfg: DictConfig, run_dir: Path, session: Session, executor: Any, 
             retry_failed=bool(OmegaConf.select(cfg, "search.retry_failed")),
             aliases=aliases,
         )
+        if i == 0 and on_ready is not None:
+            on_ready()
         if labels:
             used = int(getattr(loop.state.strategy, "initial_used", len(labels)))
             note = "" if used >= len(labels) else f" ({used} of {len(labels)} hand-made merges: the first population holds {used}; left out: {', '.join(labels[used:])})"

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -43,7 +43,7 @@ def run_search(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = Non
     # locked for the whole run; a fresh run's config is written exclusively (see evomerge.rundir)
     cfg, run_dir, lock = rundir.open_run_dir(cfg, run_dir, overrides)
     try:
-        return _search(cfg, run_dir)
+        return _search(cfg, run_dir, lambda: rundir.commit_resume_changes(lock))
     except EvomergeError:
         if fresh:  # a config error before anything was evaluated leaves no run directory behind
             lock.release()
@@ -69,7 +69,7 @@ def remove_unused_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _search(cfg: DictConfig, run_dir: Path, on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
     check_config(cfg)
     seed = config_value(cfg, "seed", int)
     max_evals = config_value(cfg, "search.max_evals", int, positive=True)
@@ -81,7 +81,7 @@ def _search(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     check_async(cfg, session, stages)
     executor = build_executor(cfg, session, run_dir)
     try:
-        loop = run_stages(cfg, run_dir, session, executor, stages, seed, ref_point)
+        loop = run_stages(cfg, run_dir, session, executor, stages, seed, ref_point, on_ready=on_ready)
     finally:  # also on Ctrl-C: workers stopped, a Ray started here shut down
         executor.close()
     return finish_run(cfg, run_dir, session, loop)

@@ -76,6 +76,9 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.fd: int | None = None
         self.took_over: dict[str, Any] | None = None
+        # a resume's config changes, written by commit_resume_changes once everything checked out
+        self.pending_config: str | None = None
+        self.pending_changes: list[str] = []
 
     def acquire(self) -> "RunLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -149,12 +152,21 @@ def claim_fresh(run_dir: Path, config_text: str) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename; on any error (a full disk, Ctrl-C) the
+    temporary file is removed, so a failed write never keeps the space it took."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 
 def check_resume_target(resume: str) -> Path:
@@ -385,9 +397,8 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) ->
             if OmegaConf.select(cfg, "executor") is not None:  # this command line's executor (default: local)
                 loaded.executor = OmegaConf.to_container(cfg.executor, resolve=True)
             changed = apply_resume_overrides(loaded, overrides or [], read_original_overrides(run_dir))
-            if changed:
-                write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(loaded))
-                print(f"resume: {'; '.join(changed)}", file=sys.stderr)
+            if changed:  # written only after the inputs, the config and the budget are checked
+                lock.pending_config, lock.pending_changes = OmegaConf.to_yaml(loaded), changed
             loaded.resume = str(run_dir)
             loaded.force = bool(OmegaConf.select(cfg, "force"))
         except Exception:
@@ -404,6 +415,16 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) ->
         lock.release()
         raise
     return cfg, run_dir, lock
+
+
+def commit_resume_changes(lock: RunLock) -> None:
+    """Write the safe changes of a resume into config.yaml: called once the fingerprints,
+    the config and the budget are checked, so a refused resume changes nothing."""
+    if lock.pending_config is None:
+        return
+    write_atomic(lock.path.parent / "config.yaml", lock.pending_config)
+    print(f"resume: {'; '.join(lock.pending_changes)}", file=sys.stderr, flush=True)
+    lock.pending_config, lock.pending_changes = None, []
 
 
 def _note_takeover(lock: RunLock) -> None:

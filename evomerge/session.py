@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge import rundir
-from evomerge.checks import check_tasks, check_weights_finite
+from evomerge.checks import check_tasks, check_weights_finite, warn_zero_task_vectors
 from evomerge.dfs import wiring as dfs
 from evomerge.errors import ConfigError
 from evomerge.estimators.base import Estimator, FitnessContext
@@ -33,6 +33,8 @@ def config_value(cfg: DictConfig, key: str, kind: type, positive: bool = False) 
     try:
         if kind is bool and not isinstance(value, bool):
             raise ValueError
+        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError  # int(1.5) would silently be 1
         converted = kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config value '{key}' must be {kind.__name__}, got {value!r}") from None
@@ -220,6 +222,7 @@ def open_session(cfg: DictConfig, run_dir: Path) -> Session:
     device = OmegaConf.select(cfg, "device") or "auto"
     merger = Merger(pool, device=device, offload=bool(OmegaConf.select(cfg, "offload")), table_size=table_size(cfg))
     check_weights_finite(merger)
+    warn_zero_task_vectors(merger)
     genome = OmegaConf.to_container(cfg.genome, resolve=True) if OmegaConf.select(cfg, "genome") is not None else None
     if dfs.is_dfs(genome):  # candidates are layer paths over resident layers of the genome's models
         merger = dfs.path_merger(merger, genome, list(experts))

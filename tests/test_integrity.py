@@ -586,6 +586,11 @@ def test_cli_budget_resume_override_fingerprints_and_export_safety(test_zoo, tmp
     # an expert replaced in place: resume and export refuse unless forced
     shutil.copy(models["lang"] / "model.safetensors", models["math"] / "model.safetensors")
     one_line_error(cli(f"resume={run}", cwd=tmp_path), "cannot resume: the inputs changed since the run started: model 'expert:math' file model.safetensors")
+    # a refused resume changes nothing: its larger budget is not written into config.yaml
+    config_before = (run / "config.yaml").read_bytes()
+    proc = cli(f"resume={run}", "search.max_evals=28", cwd=tmp_path)
+    one_line_error(proc, "cannot resume: the inputs changed")
+    assert "search.max_evals: 24 -> 28" not in proc.stderr and (run / "config.yaml").read_bytes() == config_before
     one_line_error(cli("export", f"run={run}", f"out={tmp_path / 'x'}", cwd=tmp_path), "cannot export: the inputs changed")
     proc = cli("export", f"run={run}", f"out={tmp_path / 'x'}", "force=true", cwd=tmp_path)
     assert proc.returncode == 0 and (tmp_path / "x" / "model.safetensors").is_file(), proc.stderr

@@ -9,15 +9,22 @@ steady-state (``mode=async``) search loop.
 
 Faults: an actor that dies (killed process, OOM kill, lost node) is replaced and its
 candidate re-queued; a candidate whose evaluation kills two workers is returned as failed.
-``close`` kills the actors and shuts down a Ray instance this executor started.
+``close`` kills the actors and shuts down a Ray instance this executor started; it runs on
+every exit the driver controls: normal end, an error, Ctrl-C, SIGTERM (turned into Ctrl-C
+while the executor is open) and interpreter exit (atexit). A SIGKILL of the driver runs no
+code: Ray's own processes notice the lost driver and exit within a minute or two
+(docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -104,6 +111,7 @@ class RayExecutor:
                 try:  # "local": always a new instance of our own, never a cluster found on this host
                     ray.init(address="local", num_cpus=self.workers * self.cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
                 except Exception as exc:  # noqa: BLE001 -- e.g. the raylet did not come up in time on a loaded machine
+                    ray.shutdown()  # what did come up (GCS, raylet) must not linger
                     raise EvomergeError(f"cannot start a local Ray instance: {_first_line(exc)}; try again, or use executor=local") from None
             else:
                 try:
@@ -111,6 +119,8 @@ class RayExecutor:
                 except ConnectionError as exc:
                     raise ConfigError(f"executor.address={address}: cannot connect to a Ray cluster ({str(exc).splitlines()[0]})") from None
             self._started_ray = True
+        self._previous_sigterm = _sigterm_as_interrupt()
+        atexit.register(self.close)
         if gpus_per_worker == "auto":
             gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         options: dict[str, Any] = {"num_cpus": self.cpus, "max_restarts": 0, "max_task_retries": 0}
@@ -136,7 +146,8 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
-        print(f"executor: {self.workers} Ray workers ({'1 GPU' if options.get('num_gpus') else f'{self.cpus} CPU'} each)", file=sys.stderr, flush=True)
+        session = f"; Ray session {_session_dir()}" if self._started_ray and _session_dir() else ""
+        print(f"executor: {self.workers} Ray workers ({'1 GPU' if options.get('num_gpus') else f'{self.cpus} CPU'} each){session}", file=sys.stderr, flush=True)
 
     def _replace(self, slot: int) -> None:
         import ray
@@ -209,11 +220,15 @@ class RayExecutor:
             return key, outcome
 
     def close(self) -> None:
+        """Kill the actors and shut down a Ray this executor started; safe to call twice."""
+        atexit.unregister(self.close)
+        _restore_sigterm(getattr(self, "_previous_sigterm", None))
+        self._previous_sigterm = None
         try:
             import ray
         except ImportError:
             return
-        for actor in self.actors:
+        for actor in getattr(self, "actors", []):
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 -- already gone
@@ -222,6 +237,39 @@ class RayExecutor:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: the finally blocks close the executor
+
+
+def _sigterm_as_interrupt() -> Any:
+    """While the executor is open, SIGTERM (``kill``, a batch scheduler's stop) unwinds like
+    Ctrl-C, so ``close`` runs; returns the previous handler to restore (``None``: left alone,
+    not the main thread). Installed after ``ray.init``: Ray's driver installs a C-level
+    SIGTERM handler that aborts the process without running any Python cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return signal.SIG_DFL if previous in (None, _on_sigterm) else previous
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _session_dir() -> str | None:
+    """The local Ray session folder (its processes name it on their command lines), if known."""
+    try:
+        import ray
+
+        return str(ray._private.worker._global_node.get_session_dir_path())  # noqa: SLF001 -- no public API for it
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def ray_executor(

@@ -8,6 +8,7 @@ import glob
 import itertools
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +23,7 @@ from evomerge.report.run_report import REF_COLORS, _display_path, export_command
 
 GROUP_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 DASHES = ["solid", "dot", "dash", "longdash", "dashdot"]
+UNFINISHED_MARK = "*"
 IGNORED_OVERRIDES = ("seed=", "hydra.", "resume=", "search.progress=", "report.")
 
 
@@ -69,7 +71,12 @@ def _overrides(run: RunData) -> list[str] | None:
     f = run.run_dir / ".hydra" / "overrides.yaml"
     if not f.is_file():
         return None
-    items = yaml.safe_load(f.read_text()) or []
+    try:
+        items = yaml.safe_load(f.read_bytes().decode("utf-8")) or []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # damaged: labels come from the configs instead
+    if not isinstance(items, list):
+        return None
     return [str(o) for o in items if not str(o).lstrip("+~").startswith(IGNORED_OVERRIDES)]
 
 
@@ -118,6 +125,55 @@ def _seed(r: RunData) -> Any:
     return r.config.get("seed", "?")
 
 
+def _seed_mark(r: RunData) -> str:
+    """The seed as the tables show it: marked when the run is unfinished."""
+    return f"{_seed(r)}{'' if r.finished else UNFINISHED_MARK}"
+
+
+def _check_out(out: str | Path) -> Path:
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out={out} is a file; compare writes compare.html, .md and .png into a folder")
+    return out_dir
+
+
+def _make_out(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"out={out_dir}: cannot create the folder ({exc.strerror or exc})") from None
+    return out_dir
+
+
+def _usable_runs(runs: list[RunData]) -> tuple[list[RunData], list[str]]:
+    """Runs with at least one evaluated search candidate, and notes on what was left out
+    or skipped (an empty run would count as a seed with hypervolume 0)."""
+    notes = [r.damage + "; compared on the intact records" for r in runs if r.damage]
+    usable = []
+    for r in runs:
+        if r.evaluated:
+            usable.append(r)
+        else:
+            notes.append(f"{_display_path(r.run_dir)} left out: no evaluated search candidate" + (" within the budget" if r.budget else ""))
+    if not usable:
+        raise ConfigError("no run to compare: none has an evaluated search candidate (" + ", ".join(_display_path(r.run_dir) for r in runs) + ")")
+    return usable, notes
+
+
+def _duplicate_seeds(groups: list[Group]) -> list[str]:
+    """Two runs of one setting with the same seed are repeats, not independent samples."""
+    notes = []
+    for g in groups:
+        by_seed: dict[str, list[RunData]] = {}
+        for r in g.runs:
+            by_seed.setdefault(json.dumps(_seed(r), default=str), []).append(r)
+        for seed, runs in by_seed.items():
+            if len(runs) > 1:
+                notes.append(f"group {g.label!r}: {', '.join(_display_path(r.run_dir) for r in runs)} share seed {json.loads(seed)}; "
+                             "they are repeats of one run, not independent seeds, so the mean ± std over-counts them")
+    return notes
+
+
 def _knee_test(r: RunData) -> dict[str, float]:
     return ((r.test_scores().get("knee") or {}).get("scores")) or {}
 
@@ -142,7 +198,7 @@ def markdown(groups: list[Group], objectives: list[str], extras: list[str], budg
         ms = [p.merge_s for r in g.runs for p in r.search]
         es = [p.eval_s for r in g.runs for p in r.search]
         lines.append(
-            f"| {g.label} | {len(g.runs)} ({', '.join(str(_seed(r)) for r in g.runs)}) | {'/'.join(map(str, evals))} | "
+            f"| {g.label} | {len(g.runs)} ({', '.join(_seed_mark(r) for r in g.runs)}) | {'/'.join(map(str, evals))} | "
             f"{mean:.4f}{'' if std is None else f' ± {std:.4f}'} | {', '.join(f'{h:.4f}' for h in g.hvs)} | "
             + " | ".join(_fmt(b, 3) for b in best)
             + f" | {knee_s} | {_fmt(float(np.mean(ms)) if ms else None, 2)} | {_fmt(float(np.mean(es)) if es else None, 2)} |"
@@ -225,7 +281,7 @@ def html_table(groups: list[Group]) -> str:
             span = f' rowspan="{len(g.runs)}"'
             lead = (f'<td class=l{span} style="border-left:5px solid {GROUP_COLORS[gi % len(GROUP_COLORS)]}">{esc(g.label)}</td>'
                     f"<td{span}>{mean:.4f}{'' if std is None else f' ± {std:.4f}'}</td>") if first else ""
-            rows.append(f"<tr>{lead}<td>{esc(_seed(run))}</td><td class=l>{esc(_display_path(run.run_dir))}</td><td>{len(run.search)}</td>"
+            rows.append(f"<tr>{lead}<td>{esc(_seed_mark(run))}</td><td class=l>{esc(_display_path(run.run_dir))}</td><td>{len(run.search)}</td>"
                         f"<td>{run.hypervolume():.4f}</td><td>{len(run.front())}</td></tr>")
     return ("<table><tr><th class=l>search</th><th>hypervolume mean ± std</th><th>seed</th><th class=l>run</th><th>evaluations</th>"
             f"<th>hypervolume</th><th>front size</th></tr>{''.join(rows)}</table>")
@@ -311,28 +367,38 @@ def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int |
     dirs = expand_runs(runs)
     if budget is not None and budget <= 0:
         raise ConfigError(f"budget must be positive, got {budget}")
+    out_dir = _check_out(out)
     loaded = [load_run(d, budget=budget) for d in dirs]
     objectives = loaded[0].objectives
     for r in loaded[1:]:
         if r.objectives != objectives:
             raise ConfigError(f"runs optimise different objectives: {loaded[0].run_dir} has {objectives}, {r.run_dir} has {r.objectives}")
+    loaded, notes = _usable_runs(loaded)
     ref = loaded[0].ref_point
     for r in loaded:
         r.ref_point = ref  # one reference point, or hypervolumes are not comparable
     extras = sorted(set().union(*(r.extras for r in loaded)))
     groups = group_runs(loaded, labels)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    notes += _duplicate_seeds(groups)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    _make_out(out_dir)
     md = markdown(groups, objectives, extras, budget, ref)
+    unfinished = [r for r in loaded if not r.finished]
+    if unfinished:
+        md += f"\n{UNFINISHED_MARK} unfinished run (no summary.json: killed or still running); its numbers may still change.\n"
+    if notes:
+        md += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
     write_atomic(out_dir / f"{name}.md", md)
     png(groups, objectives, out_dir / f"{name}.png")
     data = {
         "objectives": objectives,
         "budget": budget,
         "ref_point_losses": ref.tolist(),
+        "notes": notes,
         "groups": [
             {"label": g.label, "hypervolume_mean": g.mean_std()[0], "hypervolume_std": g.mean_std()[1],
-             "runs": [{"run": _display_path(r.run_dir), "seed": _seed(r), "evaluations": len(r.search), "hypervolume": r.hypervolume(),
+             "runs": [{"run": _display_path(r.run_dir), "seed": _seed(r), "finished": r.finished, "evaluations": len(r.search), "hypervolume": r.hypervolume(),
                        "hv_history": r.hv_history(), "front": [{"id": p.id, "scores": p.scores} for p in r.front()]} for r in g.runs]}
             for g in groups
         ],
@@ -340,7 +406,8 @@ def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int |
     md_html = "<pre>" + esc(md) + "</pre>"
     sections = [
         ("hv", "Hypervolume", html_table(groups) + '<p class="note">Runs that share their config except the seed form one group '
-         "(mean ± sample std over seeds).</p><details><summary>Markdown</summary>" + md_html + "</details>"),
+         "(mean ± sample std over seeds)." + (f" {UNFINISHED_MARK}: unfinished run (no summary.json)." if unfinished else "") + "</p>"
+         + "".join(f'<p class="note">warning: {esc(n)}</p>' for n in notes) + "<details><summary>Markdown</summary>" + md_html + "</details>"),
         ("fronts", "Fronts", '<p class="note">One colour per group, one dash style per seed; stars: base and experts of the first run.</p>'
          + figure_block("fig-fronts", fronts_figure(groups, objectives))),
         ("curves", "Hypervolume vs. evaluations", figure_block("fig-hv", hv_figure(groups)) + data_block("evomerge-compare-data", data)),

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import ConfigError
+from evomerge.search.archive import Damaged, describe_damage, read_lines
 from evomerge.search.pareto import hypervolume, knee_point, nondominated
 
 MAX_HISTORY_POINTS = 200  # hypervolume is recomputed at most this many times per report
@@ -79,18 +80,25 @@ def _point(raw: dict[str, Any]) -> Point:
     )
 
 
-def read_archive(path: Path) -> list[Point]:
-    """Every complete line of archive.jsonl (a torn last line from a kill is skipped)."""
-    points = []
-    with path.open() as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                points.append(_point(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
-    return points
+def read_archive(path: Path) -> tuple[list[Point], str]:
+    """Every intact record of archive.jsonl, read with the search's own tolerant reader
+    (evomerge.search.archive.read_lines), and one line naming what was skipped: damaged
+    lines (bad bytes, bad JSON, checksum mismatch) and a torn last line. Nothing is
+    rewritten: only the search, which holds the run lock, moves damaged lines aside."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    lines = read_lines(data)
+    points: list[Point] = []
+    damaged = list(lines.damaged)
+    for number, item in lines.items:
+        try:
+            points.append(_point(item))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            damaged.append(Damaged(number, "not an archive record", lines.raw[number]))
+    damaged.sort(key=lambda d: d.line)
+    return points, describe_damage(path, damaged, lines.torn_bytes if lines.torn_at is not None else None)
 
 
 @dataclass
@@ -104,6 +112,7 @@ class RunData:
     points: list[Point]
     summary: dict[str, Any] = field(default_factory=dict)
     budget: int | None = None
+    damage: str = ""  # what the reader skipped (damaged lines, a torn tail); '' when nothing
     _front_cache: dict[int | None, list[Point]] = field(default_factory=dict, repr=False)
 
     # ---- selections
@@ -249,35 +258,61 @@ def load_run(run_dir: str | Path, budget: int | None = None) -> RunData:
     archive = run / "archive.jsonl"
     if not archive.is_file():
         raise ConfigError(f"{run} is not an evomerge run directory (no archive.jsonl)")
-    config: dict[str, Any] = {}
-    if (run / "config.yaml").is_file():
-        loaded = yaml.safe_load((run / "config.yaml").read_text())
-        config = loaded if isinstance(loaded, dict) else {}
+    config = read_config(run)
     summary: dict[str, Any] = {}
     if (run / "summary.json").is_file():
         try:
-            summary = json.loads((run / "summary.json").read_text())
-        except json.JSONDecodeError:
+            loaded_summary = json.loads((run / "summary.json").read_bytes().decode("utf-8"))
+            summary = loaded_summary if isinstance(loaded_summary, dict) else {}
+        except (OSError, ValueError):  # damaged: the report does without it (JSONDecodeError, UnicodeDecodeError)
             summary = {}
-    points = read_archive(archive)
-    fitness = config.get("fitness") or {}
+    points, damage = read_archive(archive)
+    fitness = config.get("fitness") if isinstance(config.get("fitness"), dict) else {}
     objectives = [str(o["name"]) for o in fitness.get("objectives") or [] if isinstance(o, dict) and "name" in o]
     objectives = objectives or list(summary.get("objectives") or [])
     if not objectives:
         first = next((p for p in points if p.ok and p.scores), None)
         objectives = list(first.scores) if first else []
     if not objectives:
-        raise ConfigError(f"{run}: cannot tell the objectives (no config.yaml and no scored candidate)")
+        raise ConfigError(f"{run}: cannot tell the objectives (config.yaml names no fitness.objectives and no candidate is scored)")
     extras = sorted({k for p in points for k in p.scores} - set(objectives))
-    ref = (config.get("search") or {}).get("ref_point")
-    ref_point = np.asarray(ref if ref is not None else [1.0] * len(objectives), dtype=float)
-    experts = (config.get("modelpool") or {}).get("experts")
+    ref = (config.get("search") or {}).get("ref_point") if isinstance(config.get("search"), dict) else None
+    try:
+        ref_point = np.asarray(ref if ref is not None else [1.0] * len(objectives), dtype=float)
+    except (TypeError, ValueError):
+        ref_point = np.zeros(0)
+    if ref_point.shape != (len(objectives),):
+        raise ConfigError(f"{run / 'config.yaml'}: search.ref_point {ref!r} does not have one value per objective ({', '.join(objectives)})")
+    # a record with another number of losses than objectives cannot be placed (e.g. config.yaml edited)
+    misfits = [p for p in points if p.ok and len(p.losses) != len(objectives)]
+    if misfits:
+        points = [p for p in points if not (p.ok and len(p.losses) != len(objectives))]
+        note = f"{len(misfits)} record(s) with another number of losses than the {len(objectives)} objectives left out"
+        damage = f"{damage}; {note}" if damage else f"{archive}: {note}"
+    experts = config["modelpool"].get("experts") if isinstance(config.get("modelpool"), dict) else None
     names = list(experts) if isinstance(experts, dict) else []
     if not names:
         names = next((list(p.recipe.get("experts") or []) for p in points if p.recipe.get("experts")), [])
     if not names:
         names = [lbl.split(":", 1)[1] for p in points if (lbl := p.label or "").startswith("expert:")]
-    return RunData(run, objectives, extras, [str(n) for n in names], ref_point, config, points, summary, budget)
+    return RunData(run, objectives, extras, [str(n) for n in names], ref_point, config, points, summary, budget, damage=damage)
+
+
+def read_config(run: Path) -> dict[str, Any]:
+    """The run's config.yaml as a mapping; missing or unreadable is a one-line ConfigError."""
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the report needs the run's config (objectives, reference point) -- restore it from the run's command line")
+    try:
+        loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        reason = where + str(getattr(exc, "problem", None) or getattr(exc, "strerror", None) or exc).splitlines()[0][:100]
+        raise ConfigError(f"{path} is damaged ({reason}); restore it from the run's command line") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} is damaged (not a mapping of options); restore it from the run's command line")
+    return loaded
 
 
 def recipe_table(recipe: dict[str, Any], experts: Sequence[str]) -> dict[str, Any]:

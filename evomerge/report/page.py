@@ -109,8 +109,17 @@ def page(title: str, subtitle_html: str, sections: list[tuple[str, str, str]], e
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a browser never reads half a report."""
+    """Write via a temporary file and rename, so a browser never reads half a report. On
+    any error (a full disk, Ctrl-C) the temporary file is removed: a failed report never
+    keeps the space it took."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     return path

@@ -3,15 +3,18 @@ heatmaps, validation vs test, and the front table with export commands."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import math
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from evomerge.errors import ConfigError
 from evomerge.report.data import SEPARATION_Z, Point, RunData, load_run, recipe_table
 from evomerge.report.page import data_block, esc, figure_block, page, write_atomic
 
@@ -371,12 +374,15 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
         "hv_history": run.hv_history(),
         "test": run.test_scores(),
         "recipes": recipes,
+        "damage": run.damage,
     }
     state = "finished" if run.finished else '<span class="live">running</span> (refreshes every minute)' if live else "unfinished"
     subtitle = (
         f"{esc(run_arg)} · {esc(_label(run))} · objectives {esc(', '.join(run.objectives))} · {len(run.search)} candidates"
         f" ({len(run.failed)} failed) · {len(front)} on the front · hypervolume {hv:.4f} · {state} · updated {time.strftime('%Y-%m-%d %H:%M:%S')}"
     )
+    if run.damage:
+        subtitle += f'</p><p class="damage">skipped in the archive: {esc(run.damage)}'
     sections: list[tuple[str, str, str]] = []
     fronts = figure_block("fig-fronts", fronts_figure(run)).replace('class="fig"', 'class="fig" data-clickable-front="1"', 1)
     sections.append(("fronts", "Fronts", '<p class="note">Every objective pair; the front is over all objectives. Hover a point for its '
@@ -421,18 +427,50 @@ def _display_path(run_dir: Path) -> str:
     return str(run_dir.resolve()) if rel.startswith("..") else rel
 
 
+def report_target(run_dir: str | Path, out: str | Path | None) -> Path:
+    """Where the report goes: ``out`` (a file, or a folder that gets report.html) or the run
+    directory; a missing folder is a one-line error."""
+    if out is None:
+        return Path(run_dir) / REPORT_FILE
+    target = Path(out)
+    if target.is_dir():
+        return target / REPORT_FILE
+    if not target.parent.is_dir():
+        raise ConfigError(f"out={out}: the folder {target.parent} does not exist; create it first")
+    return target
+
+
 def write_run_report(run_dir: str | Path, live: bool = False, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` into the run directory (or ``out``) and return its path."""
+    """Write ``report.html`` into the run directory (or ``out``) and return its path. A
+    damaged archive is reported on what is intact, with the skipped lines named on the page
+    (and on stderr unless ``live``)."""
+    target = report_target(run_dir, out)
     run = load_run(run_dir)
+    if run.damage and not live:
+        print(f"warning: {run.damage}; reporting the intact records", file=sys.stderr, flush=True)
     html, _ = build_report(run, _display_path(Path(run_dir)), live=live)
-    return write_atomic(Path(out) if out else Path(run_dir) / REPORT_FILE, html)
+    try:
+        return write_atomic(target, html)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the CLI's one line for a full disk
+        raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+_report_warned: set[str] = set()
 
 
 def refresh_report(run_dir: str | Path, live: bool = False) -> Path | None:
-    """Write report.html during or after a run; a failing report is logged, never allowed
-    to stop the search (used as ``SearchLoop.run(..., on_generation=...)``)."""
+    """Write report.html during or after a run; a failing report is skipped with one
+    warning per run directory (not one per generation) and never stops the search or keeps
+    disk space (used as ``SearchLoop.run(..., on_generation=...)``)."""
     try:
         return write_run_report(run_dir, live=live)
     except Exception as exc:  # noqa: BLE001 - the search matters more than its report
-        log.warning("report.html not written: %s", exc)
+        key = str(Path(run_dir).resolve())
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if key not in _report_warned:
+            _report_warned.add(key)
+            print(f"warning: report.html not written ({reason}); the search goes on (this warning is not repeated)", file=sys.stderr, flush=True)
+        log.debug("report.html not written: %s", exc)
         return None

@@ -3,10 +3,12 @@
 Each record is written with a single ``write`` of one line, flushed and fsync'ed, so
 a hard kill loses at most the candidate in flight. Every line carries ``_crc``, a
 checksum of the record's JSON (all keys but ``_crc``, so records with fields added
-later keep verifying). Loading sorts lines into good records, *damaged* lines (bad
-bytes, bad JSON, checksum mismatch) and a *torn tail* (a last line without newline,
-from a kill or a full disk); the writer truncates the torn tail before its first
-append and can move damaged lines aside (:meth:`Archive.quarantine_damaged`).
+later keep verifying). Loading (:func:`read_lines`, shared with the report) splits on
+``\n`` only and sorts lines into good records, *damaged* lines (bad bytes, bad JSON,
+checksum mismatch) and a *torn tail* (only ever the last piece, without newline, from a
+kill or a full disk); a damaged line never hides the records after it. The writer
+truncates the torn tail before its first append and can move damaged lines aside
+(:meth:`Archive.quarantine_damaged`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,69 @@ class Damaged:
     raw: bytes
 
 
+@dataclass
+class Lines:
+    """An archive file sorted into verified JSON objects, damaged lines and a torn tail."""
+
+    items: list[tuple[int, dict[str, Any]]]  # (1-based line number, the object)
+    damaged: list[Damaged]
+    torn_at: int | None  # byte offset where a torn last piece starts
+    torn_bytes: int
+    raw: dict[int, bytes]  # line number -> its bytes, for the objects in ``items``
+
+
+def read_lines(data: bytes) -> Lines:
+    """Split archive bytes on ``\\n`` only (never on ``\\r`` or other line breaks Python
+    knows: a stray byte must not split a record) and check every line on its own. Only the
+    last piece, when it lacks its newline, is a torn tail; a damaged line anywhere else is
+    named and never hides the records after it. A line without ``_crc`` in a file whose
+    other lines carry one is damaged too (the key itself was hit)."""
+    pieces = data.split(b"\n")
+    tail = pieces.pop()  # b"" when the file ends with a newline
+    items: list[tuple[int, dict[str, Any]]] = []
+    damaged: list[Damaged] = []
+    raw: dict[int, bytes] = {}
+    unchecked: list[int] = []
+    for number, body in enumerate(pieces, start=1):
+        line = body + b"\n"
+        if not body.strip():
+            continue
+        try:
+            item = json.loads(body.decode("utf-8"))
+            if not isinstance(item, dict):
+                raise ValueError("not a JSON object")
+            crc = item.get(CRC_KEY)
+            if crc is None:
+                unchecked.append(len(items))
+            elif crc != record_crc(item):
+                raise ValueError("checksum mismatch")
+            items.append((number, item))
+            raw[number] = line
+        except UnicodeDecodeError:
+            damaged.append(Damaged(number, "not UTF-8 text", line))
+        except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            reason = "not JSON" if isinstance(exc, json.JSONDecodeError) else str(exc).splitlines()[0][:80]
+            damaged.append(Damaged(number, reason, line))
+    if unchecked and len(unchecked) < len(items):
+        for index in reversed(unchecked):
+            number, _ = items.pop(index)
+            damaged.append(Damaged(number, "no checksum", raw.pop(number)))
+        damaged.sort(key=lambda d: d.line)
+    torn_at = len(data) - len(tail) if tail else None
+    return Lines(items, damaged, torn_at, len(tail), raw)
+
+
+def describe_damage(path: Path, damaged: list[Damaged], torn_bytes: int | None) -> str:
+    """One line naming the damaged lines and a torn tail of ``path`` ('' when none)."""
+    parts = []
+    if damaged:
+        lines = ", ".join(f"{d.line} ({d.reason})" for d in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        parts.append(f"{len(damaged)} damaged line(s): {lines}")
+    if torn_bytes is not None:
+        parts.append(f"a torn last line ({torn_bytes} bytes, an interrupted write)")
+    return f"{path}: " + "; ".join(parts) if parts else ""
+
+
 class Archive:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -81,43 +146,25 @@ class Archive:
         self.damaged: list[Damaged] = []
         self.torn_at: int | None = None  # byte offset where a torn last line starts
         self.torn_bytes = 0
+        self._raw: list[bytes] = []  # the file's bytes of each record read (kept as is on a rewrite)
         if self.path.exists():
             self._read()
         self.by_key = {r.key: r for r in self.records}
 
     def _read(self) -> None:
-        data = self.path.read_bytes()  # bytes: binary garbage must not raise UnicodeDecodeError
-        offset = 0
-        for number, raw in enumerate(data.splitlines(keepends=True), start=1):
-            if not raw.endswith(b"\n"):
-                self.torn_at, self.torn_bytes = offset, len(raw)  # torn write from a kill: re-evaluated later
-                break
-            offset += len(raw)
-            if not raw.strip():
-                continue
+        lines = read_lines(self.path.read_bytes())
+        for number, item in lines.items:
             try:
-                item = json.loads(raw.decode("utf-8"))
-                if not isinstance(item, dict):
-                    raise ValueError("not a JSON object")
-                crc = item.get(CRC_KEY)
-                if crc is not None and crc != record_crc(item):
-                    raise ValueError("checksum mismatch")
                 self.records.append(_record_from(item))
-            except UnicodeDecodeError:
-                self.damaged.append(Damaged(number, "not UTF-8 text", raw))
-            except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
-                reason = "not JSON" if isinstance(exc, json.JSONDecodeError) else str(exc).splitlines()[0][:80]
-                self.damaged.append(Damaged(number, reason, raw))
+                self._raw.append(lines.raw[number])
+            except TypeError as exc:  # a JSON object without the fields of a record
+                self.damaged.append(Damaged(number, str(exc).splitlines()[0][:80], lines.raw[number]))
+        self.damaged = sorted(self.damaged + lines.damaged, key=lambda d: d.line)
+        self.torn_at, self.torn_bytes = lines.torn_at, lines.torn_bytes
 
     def describe_damage(self) -> str:
         """One line naming what is damaged ('' when nothing is)."""
-        parts = []
-        if self.damaged:
-            lines = ", ".join(f"{d.line} ({d.reason})" for d in self.damaged[:5]) + (" ..." if len(self.damaged) > 5 else "")
-            parts.append(f"{len(self.damaged)} damaged line(s): {lines}")
-        if self.torn_at is not None:
-            parts.append(f"a torn last line ({self.torn_bytes} bytes, an interrupted write)")
-        return f"{self.path}: " + "; ".join(parts) if parts else ""
+        return describe_damage(self.path, self.damaged, self.torn_bytes if self.torn_at is not None else None)
 
     def quarantine_damaged(self) -> Path | None:
         """Move damaged lines to ``<archive>.damaged`` and rewrite the archive without them
@@ -133,15 +180,17 @@ class Archive:
                 os.fsync(f.fileno())
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with tmp.open("w") as f:
-                for r in self.records:
-                    f.write(self._line(r))
+            with tmp.open("wb") as f:
+                for i, r in enumerate(self.records):  # intact lines byte for byte (fields of newer versions kept)
+                    f.write(self._raw[i] if i < len(self._raw) else self._line(r).encode())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except OSError as exc:
+        except BaseException as exc:  # a full disk, Ctrl-C: no temporary copy left behind
             tmp.unlink(missing_ok=True)
-            raise self._write_error(exc) from None
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from None
+            raise
         self.damaged, self.torn_at, self.torn_bytes = [], None, 0
         return aside if aside.exists() else None
 
