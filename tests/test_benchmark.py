@@ -40,7 +40,7 @@ def test_benchmark_protocol_cpu_sized(test_zoo, tmp_path, monkeypatch):
     bench.main(args + [a for o in overrides for a in ("--override", o)])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results) == {"toy"}
-    assert set(results["toy"]) == {"default", "grid_ta", "ties_default", "random"}
+    assert set(results["toy"]) == {"default", "grid_ta", "ties_default", "random", "bo", "bo_blocks", "map"}
     for search, by_budget in results["toy"].items():
         (row,) = by_budget["4"]
         assert row["seed"] == 0
@@ -50,7 +50,9 @@ def test_benchmark_protocol_cpu_sized(test_zoo, tmp_path, monkeypatch):
     # every front already includes the experts, so no search can fall below them
     experts_only = bench.measure(tmp_path / "runs" / "toy" / "ties_default" / "4" / "seed-0")
     assert results["toy"]["default"]["4"][0]["val_hv"] >= experts_only["val_hv"] - 0.05
-    assert (tmp_path / "out" / "results.md").read_text().count("| default |") == 1
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert report.count("| default |") == 2  # the hypervolume table and the paired differences to the grid
+    assert "Paired difference to `grid_ta`" in report and "| grid_ta |" in report
     assert (tmp_path / "out" / "results.png").is_file()
     # a second call skips finished runs (nothing re-run) and reports the same numbers
     bench.main(args + ["--report-only"])

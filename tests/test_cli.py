@@ -129,3 +129,19 @@ def test_bad_genome_on_real_pool_is_a_clear_error(test_zoo, tmp_path):
 def test_export_bad_point(tmp_path):
     proc = cli("export", f"run={tmp_path}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is not an evomerge run directory" in proc.stderr
+
+
+def test_export_of_a_searched_ties_front_point_reproduces_in_mergekit(test_zoo, tmp_path):
+    """Issue 22: a real search's front point (layer-wise TIES, sampled table while searching)
+    exports with exact thresholds, and mergekit computes the same weights from the YAML."""
+    pytest.importorskip("mergekit")
+    run = tmp_path / "run"
+    cli(*pool_args(test_zoo), "genome=layerwise_ties", "search.max_evals=8", "algorithm.pop_size=8", "fitness.test_rescore=false",
+        "report.plots=false", "report.html=false", f"hydra.run.dir={run}", cwd=tmp_path)
+    out = tmp_path / "exported"
+    proc = cli("export", f"run={run}", "point=knee", f"out={out}", "verify=true", cwd=tmp_path)
+    from safetensors.torch import load_file
+
+    tensors = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert max(t.numel() for t in tensors.values()) > 4096  # past the sampled table's exact range
+    assert "same weights as mergekit" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
