@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import ConfigError
+from evomerge.provenance import environment_line, read_environment
 from evomerge.report.data import RunData, config_without_seed, load_run
 from evomerge.report.page import data_block, esc, figure_block, page, write_atomic
 from evomerge.report.run_report import REF_COLORS, _display_path, export_command
@@ -157,7 +158,15 @@ def markdown(groups: list[Group], objectives: list[str], extras: list[str], budg
     if refs:
         note += "\n\nSource models on the test split (" + _display_path(first.run_dir) + "):\n\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
         note += "".join(f"| {name} | " + " | ".join(_fmt((t.get("scores") or {}).get(k), 3) for k in keys) + " |\n" for name, t in refs.items())
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return "\n".join(lines) + "\n\n" + note + "\n\n" + environment_text(groups) + "\n"
+
+
+def environment_text(groups: list[Group]) -> str:
+    """One ``environment: ...`` line when every run shares it, else one per run (environment.json)."""
+    lines = {_display_path(r.run_dir): environment_line(read_environment(r.run_dir)) for g in groups for r in g.runs}
+    if len(set(lines.values())) == 1:
+        return f"environment: {next(iter(lines.values()))}"
+    return "environments differ (environment.json of each run):\n\n" + "".join(f"- {run}: {line}\n" for run, line in lines.items())
 
 
 def _curve(r: RunData) -> tuple[list[int], list[float]]:
@@ -233,10 +242,9 @@ def html_table(groups: list[Group]) -> str:
 
 def png(groups: list[Group], objectives: list[str], path: Path) -> None:
     """Static fronts (first objective pair) + HV curves, for READMEs."""
-    import matplotlib
+    from evomerge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     xo, yo = (objectives + objectives)[:2]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -306,6 +314,7 @@ def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int |
         ("fronts", "Fronts", '<p class="note">One colour per group, one dash style per seed; stars: base and experts of the first run.</p>'
          + figure_block("fig-fronts", fronts_figure(groups, objectives))),
         ("curves", "Hypervolume vs. evaluations", figure_block("fig-hv", hv_figure(groups)) + data_block("evomerge-compare-data", data)),
+        ("environment", "Environment", "<pre>" + esc(environment_text(groups)) + "</pre>"),
     ]
     subtitle = f"{len(loaded)} runs in {len(groups)} groups · objectives {esc(', '.join(objectives))}" + (f" · budget {budget}" if budget else "")
     write_atomic(out_dir / f"{name}.html", page("evomerge run comparison", subtitle, sections))
