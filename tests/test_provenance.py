@@ -116,17 +116,20 @@ def test_run_environment_of_real_models(tiny_models):
 
 
 def test_report_and_compare_show_the_environment(tmp_path):
-    from test_report import make_run
+    from test_report import make_run  # the hand-built run of the report tests
 
     from evomerge.report import build_report
     from evomerge.report.compare import compare_runs
+    from evomerge.report.data import load_run
 
     a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
     record_run_environment(a, _env())
-    html, data = build_report(__import__("evomerge.report.data", fromlist=["load_run"]).load_run(a))
+    html, data = build_report(load_run(a))
     assert "environment: torch 2.13.0+cpu, transformers 5.25.0" in html and data["environment"]["dtype"] == "float32"
-    md = (compare_runs([str(a)], out=tmp_path / "one") and (tmp_path / "one" / "compare.md").read_text())
+    compare_runs([str(a)], out=tmp_path / "one")
+    md = (tmp_path / "one" / "compare.md").read_text()
     assert "environment: torch 2.13.0+cpu" in md and "zoo digest abcdef012345" in md
+    assert "zoo digest abcdef012345" in (tmp_path / "one" / "compare.html").read_text()
     compare_runs([str(a), str(b)], out=tmp_path / "two")
     md = (tmp_path / "two" / "compare.md").read_text()
     assert "environments differ" in md and "not recorded" in md
