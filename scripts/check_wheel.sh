@@ -53,4 +53,4 @@ EVOMERGE_CACHE="$work/cache" "$V/evomerge" modelpool.size=tiny search.max_evals=
 grep -q "^done: 4 candidates" run.txt || { cat run.txt; exit 1; }
 for f in summary.json environment.json report.html; do test -s "run/$f" || { say "run/$f missing"; exit 1; }; done
 "$V/python" -c "import json; e = json.load(open('run/environment.json')); assert e['zoo']['digest'] and e['versions']['torch'], e"
-say "ok: the wheel installs and runs"
+say "ok: the wheel installs and runs (${SECONDS} s in all)"

@@ -313,6 +313,7 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
     chosen = run.chosen()
     hv = run.hypervolume()
     recipes = {str(p.id): recipe_table(p.recipe, run.expert_names) for p in front}
+    env = read_environment(run.run_dir)  # environment.json (evomerge.provenance)
     data = {
         "run": run_arg,
         "objectives": run.objectives,
@@ -332,7 +333,7 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
         "hv_history": run.hv_history(),
         "test": run.test_scores(),
         "recipes": recipes,
-        "environment": read_environment(run.run_dir),
+        "environment": env,
     }
     state = "finished" if run.finished else '<span class="live">running</span> (refreshes every minute)' if live else "unfinished"
     subtitle = (
@@ -367,7 +368,6 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
         sections.append(("test", "Validation vs test", '<p class="note">Re-scored points (summary.json → test): search-subset score vs. held-out test score.</p>'
                          + figure_block("fig-valtest", vt) + test_table(run)))
     sections.append(("table", "Front table", front_table(run, run_arg) + data_block("evomerge-report-data", data)))
-    env = read_environment(run.run_dir)
     sections.append(("environment", "Environment", f"<p>environment: {esc(environment_line(env))}</p>"
                      + '<p class="note">Library versions, device, dtype, threads and weight digests the run was made with: environment.json.</p>'))
     head = f'<meta http-equiv="refresh" content="{LIVE_REFRESH_S}">' if live and not run.finished else ""
