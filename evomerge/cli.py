@@ -1,6 +1,9 @@
 """Command line: ``evomerge [hydra overrides]`` runs a search; ``evomerge export run=DIR point=ID``
 writes one archived candidate as an HF model folder; ``evomerge report run=DIR`` writes the
-run's interactive report.html; ``evomerge compare runs=[A,B,...]`` compares runs."""
+run's interactive report.html; ``evomerge compare runs=[A,B,...]`` compares runs.
+
+Heavy modules (torch, transformers, lm-eval) are imported inside the commands, so
+``evomerge --help`` and shell completion (which run this module) answer in about a second."""
 
 from __future__ import annotations
 
@@ -11,9 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, raise_user_errors
 from evomerge.rundir import check_resume_target, run_suffix
-from evomerge.run import export_point, raise_user_errors, run_search
 
 
 def _first_not_null(value, default):
@@ -29,16 +31,20 @@ if not OmegaConf.has_resolver("em_suffix"):
 @hydra.main(config_path="pkg://evomerge.configs", config_name="config", version_base="1.3")
 @raise_user_errors
 def search_main(cfg: DictConfig) -> None:
+    from evomerge.run import run_search
+
     run_search(cfg, Path(HydraConfig.get().runtime.output_dir), overrides=list(HydraConfig.get().overrides.task))
 
 
 @raise_user_errors
 def export_main(argv: list[str]) -> None:
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    bad = [a for a in argv if "=" not in a] + sorted(set(args) - {"run", "point", "out", "force", "verify"})
+    usage = "evomerge export run=<run dir> [point=<id|knee|best_<objective>>] [out=<folder>] [force=true] [verify=true]"
+    args = _key_values(argv, {"run", "point", "out", "force", "verify"}, {"run"}, usage)
     flags = [args.get(f, "false").lower() for f in ("force", "verify")]
-    if bad or "run" not in args or any(f not in ("true", "false") for f in flags):
-        raise ConfigError("usage: evomerge export run=<run dir> [point=<id|knee|best_<objective>>] [out=<folder>] [force=true] [verify=true]")
+    if any(f not in ("true", "false") for f in flags):
+        raise ConfigError(f"usage: {usage}")
+    from evomerge.run import export_point
+
     target = export_point(args["run"], args.get("point", "knee"), args.get("out"), force=flags[0] == "true", verify=flags[1] == "true")
     print(f"exported to {target}")
 
@@ -54,6 +60,9 @@ def check_resume_argument(argv: list[str]) -> None:
 
 
 def _key_values(argv: list[str], allowed: set[str], required: set[str], usage: str) -> dict[str, str]:
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: {usage}")
+        raise SystemExit(0)
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     bad = [a for a in argv if "=" not in a] + sorted(set(args) - allowed)
     if bad or not required <= set(args):

@@ -1,4 +1,10 @@
-"""User-facing errors: the CLI prints these as one line instead of a traceback."""
+"""User-facing errors: the CLI prints these as one line instead of a traceback (kept free of
+heavy imports: ``evomerge --help`` loads this module)."""
+
+from __future__ import annotations
+
+import errno
+import sys
 
 
 class EvomergeError(Exception):
@@ -15,3 +21,27 @@ class PoolError(EvomergeError):
 
 class ConfigError(EvomergeError):
     """A configuration value is invalid."""
+
+
+def raise_user_errors(fn):
+    """Decorator for CLI entry points: user mistakes exit 2 with one line, no traceback."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EvomergeError as exc:
+            print(f"evomerge: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            fix = "make it writable" if exc.errno == errno.EROFS else "free space"
+            print(f"evomerge: error: cannot write {exc.filename or 'a file'}: {exc.strerror}; {fix}, then resume with resume=<run dir>", file=sys.stderr)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            print("evomerge: interrupted; resume with resume=<run dir>", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper

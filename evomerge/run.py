@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import sys
@@ -15,12 +14,12 @@ from typing import Any, Callable
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge import rundir
+from evomerge import provenance, rundir
 from evomerge.checks import check_config
 from evomerge.dfs import wiring as dfs
 from evomerge.dfs.path import LayerPath, candidate_from_dict, pool_paths
 from evomerge.driver import build_executor, check_async, run_stages
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, raise_user_errors  # noqa: F401 -- re-exported for callers
 from evomerge.estimators.lm_eval_fitness import LmEvalFitness, quiet_libraries
 from evomerge.merge.merger import Merger
 from evomerge.merge.recipe import Recipe
@@ -74,6 +73,7 @@ def _search(cfg: DictConfig, run_dir: Path, on_ready: Callable[[], None] | None 
     seed = config_value(cfg, "seed", int)
     max_evals = config_value(cfg, "search.max_evals", int, positive=True)
     session = open_session(cfg, run_dir)
+    provenance.record_session(run_dir, session)  # environment.json: versions, device, weight digests
     ref_point = OmegaConf.select(cfg, "search.ref_point")
     genome_cfg = OmegaConf.to_container(cfg.genome, resolve=True)
     stages_cfg = OmegaConf.select(cfg, "search.stages")
@@ -250,27 +250,3 @@ def _chosen_points(run: Path) -> dict[str, int]:
         return {str(k): int(v) for k, v in chosen.items()}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
-
-
-def raise_user_errors(fn):
-    """Decorator for CLI entry points: user mistakes exit 2 with one line, no traceback."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EvomergeError as exc:
-            print(f"evomerge: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                raise
-            fix = "make it writable" if exc.errno == errno.EROFS else "free space"
-            print(f"evomerge: error: cannot write {exc.filename or 'a file'}: {exc.strerror}; {fix}, then resume with resume=<run dir>", file=sys.stderr)
-            raise SystemExit(1) from None
-        except KeyboardInterrupt:
-            print("evomerge: interrupted; resume with resume=<run dir>", file=sys.stderr)
-            raise SystemExit(130) from None
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper

@@ -47,8 +47,12 @@ def test_search_end_to_end_and_export(test_zoo, tmp_path):
     assert "| evals   24/24" in proc.stderr  # progress display
     assert "warm start: base, expert:math, expert:lang" in proc.stderr and "served from the references" in proc.stderr
     assert "test re-score 1/" in proc.stderr and "references: scoring base" in proc.stderr
-    for name in ("config.yaml", "archive.jsonl", "checkpoint.pkl", "subset.json", "pareto_front.csv", "pareto_front.json", "summary.json", "front.png", "progress.png"):
+    for name in ("config.yaml", "archive.jsonl", "checkpoint.pkl", "subset.json", "pareto_front.csv", "pareto_front.json", "summary.json", "front.png", "progress.png",
+                 "environment.json"):
         assert (run / name).is_file(), name
+    environment = json.loads((run / "environment.json").read_text())
+    assert environment["versions"]["torch"] and environment["dtype"] == "float32" and environment["device"] == "cpu"
+    assert environment["models"]["pool_digest"] == json.loads((test_zoo.root / "zoo.json").read_text())["digest"]
     for name in ("best_math.yaml", "best_lang.yaml", "knee.yaml"):
         assert (run / "recipes" / name).is_file()
     summary = json.loads((run / "summary.json").read_text())
@@ -94,6 +98,7 @@ def test_killed_run_resumes_without_reevaluating(test_zoo, tmp_path):
     resumed = cli(f"resume={run}", cwd=tmp_path)
     expected = len(_search_keys(reference))  # 40 unless the search ran out of new candidates (then it says so)
     assert f"done: {expected} candidates" in resumed.stdout
+    assert "resumes" not in json.loads((run / "environment.json").read_text())  # same machine and versions: the first record only
     after = _search_keys(run)
     assert after[: len(before)] == before  # nothing lost
     keys = [k for k, _ in after]

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import ConfigError
+from evomerge.provenance import environment_line, read_environment
 from evomerge.report.data import RunData, config_without_seed, load_run
 from evomerge.report.page import data_block, esc, figure_block, page, write_atomic
 from evomerge.report.run_report import REF_COLORS, _display_path, export_command
@@ -213,7 +214,15 @@ def markdown(groups: list[Group], objectives: list[str], extras: list[str], budg
     if refs:
         note += "\n\nSource models on the test split (" + _display_path(first.run_dir) + "):\n\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
         note += "".join(f"| {name} | " + " | ".join(_fmt((t.get("scores") or {}).get(k), 3) for k in keys) + " |\n" for name, t in refs.items())
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return "\n".join(lines) + "\n\n" + note + "\n\n" + environment_text(groups) + "\n"
+
+
+def environment_text(groups: list[Group]) -> str:
+    """One ``environment: ...`` line when every run shares it, else one per run (environment.json)."""
+    lines = {_display_path(r.run_dir): environment_line(read_environment(r.run_dir)) for g in groups for r in g.runs}
+    if len(set(lines.values())) == 1:
+        return f"environment: {next(iter(lines.values()))}"
+    return "environments differ (environment.json of each run):\n\n" + "".join(f"- {run}: {line}\n" for run, line in lines.items())
 
 
 def _curve(r: RunData) -> tuple[list[int], list[float]]:
@@ -289,10 +298,9 @@ def html_table(groups: list[Group]) -> str:
 
 def png(groups: list[Group], objectives: list[str], path: Path) -> None:
     """Static fronts (every objective pair) + HV curves, for READMEs."""
-    import matplotlib
+    from evomerge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pairs = list(itertools.combinations(objectives, 2)) or [(objectives[0], objectives[0])]
     fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(6 * (len(pairs) + 1), 4.8), squeeze=False)
@@ -411,6 +419,7 @@ def compare_runs(runs: str | Sequence[str], out: str | Path = ".", budget: int |
         ("fronts", "Fronts", '<p class="note">One colour per group, one dash style per seed; stars: base and experts of the first run.</p>'
          + figure_block("fig-fronts", fronts_figure(groups, objectives))),
         ("curves", "Hypervolume vs. evaluations", figure_block("fig-hv", hv_figure(groups)) + data_block("evomerge-compare-data", data)),
+        ("environment", "Environment", "<pre>" + esc(environment_text(groups)) + "</pre>"),
     ]
     cube = fronts3d_figure(groups, objectives)
     if cube is not None:

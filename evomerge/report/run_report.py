@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evomerge.errors import ConfigError
+from evomerge.provenance import environment_line, read_environment
 from evomerge.report.data import SEPARATION_Z, Point, RunData, load_run, recipe_table
 from evomerge.report.page import data_block, esc, figure_block, page, write_atomic
 
@@ -355,6 +356,7 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
     chosen = run.chosen()
     hv = run.hypervolume()
     recipes = {str(p.id): recipe_table(p.recipe, run.expert_names) for p in front}
+    env = read_environment(run.run_dir)  # environment.json (evomerge.provenance)
     data = {
         "run": run_arg,
         "objectives": run.objectives,
@@ -375,6 +377,7 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
         "test": run.test_scores(),
         "recipes": recipes,
         "damage": run.damage,
+        "environment": env,
     }
     state = "finished" if run.finished else '<span class="live">running</span> (refreshes every minute)' if live else "unfinished"
     subtitle = (
@@ -415,6 +418,8 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
         sections.append(("test", "Validation vs test", '<p class="note">Re-scored points (summary.json → test): search-subset score vs. held-out test score.</p>'
                          + figure_block("fig-valtest", vt) + test_table(run)))
     sections.append(("table", "Front table", front_table(run, run_arg) + data_block("evomerge-report-data", data)))
+    sections.append(("environment", "Environment", f"<p>environment: {esc(environment_line(env))}</p>"
+                     + '<p class="note">Library versions, device, dtype, threads and weight digests the run was made with: environment.json.</p>'))
     head = f'<meta http-equiv="refresh" content="{LIVE_REFRESH_S}">' if live and not run.finished else ""
     html = page(f"evomerge run report: {run.run_dir.name}", subtitle, sections, extra_head=head, extra_script=RECIPE_SCRIPT if front else "")
     return html, data

@@ -102,10 +102,9 @@ def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, ba
 
 def plot_run(run_dir: Path, objectives: Sequence[str], archive: Archive, history: list[dict[str, Any]], extra_fronts: dict[str, list[Record]] | None = None) -> list[Path]:
     """front.png (every objective pair) and progress.png (HV and best-so-far)."""
-    import matplotlib
+    from evomerge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     written = []
     search = [r for r in archive.search_records() if r.error is None]

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from evomerge.provenance import cpu_capability, library_versions, pool_digest, weights_digest
 from evomerge.zoo.tasks import examples, held_out_prompts, noise_text
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def _train(model, sample: Callable[[], str], tokenizer, cfg: ZooConfig, steps: i
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())  # float(loss) warns: the loss still requires grad
         if step % 100 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.3f (%.0fs)", label, step + 1, steps, loss_value, time.time() - started)
     model.eval()
@@ -243,7 +244,7 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), force: bool = F
         partial = base_cache.with_name(base_cache.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(str(partial))
-        (partial / "DONE").write_text(json.dumps({"loss": losses["base"]}))
+        (partial / "DONE").write_text(json.dumps({"loss": losses["base"], "built_with": library_versions()}))
         shutil.rmtree(base_cache, ignore_errors=True)
         partial.rename(base_cache)
     model.save_pretrained(str(tmp / "base"))
@@ -263,11 +264,31 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), force: bool = F
         merge_lora(wrapped)
         expert.save_pretrained(str(tmp / f"expert_{name}"))
         tokenizer.save_pretrained(str(tmp / f"expert_{name}"))
-    (tmp / "zoo.json").write_text(json.dumps({"config": asdict(cfg), "final_losses": losses}, indent=2))
+    (tmp / "zoo.json").write_text(json.dumps(zoo_record(cfg, tmp, base_cache, losses), indent=2))
     (tmp / "DONE").write_text("ok\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)  # atomic publish: a killed build never leaves a half zoo behind
     return zoo
+
+
+def zoo_record(cfg: ZooConfig, folder: Path, base_cache: Path, losses: dict[str, float]) -> dict:
+    """zoo.json: the config, final losses, the versions the zoo was built with and a digest of
+    its weights (per model and one for the zoo; evomerge.provenance), so a zoo that differs
+    from another with the same cache key can be told apart and traced."""
+    models = {"base": folder / "base", **{f"expert:{name}": folder / f"expert_{name}" for name in cfg.experts}}
+    digests = {role: weights_digest(path) for role, path in models.items()}
+    base_done = json.loads((base_cache / "DONE").read_text()) if (base_cache / "DONE").is_file() else {}
+    return {
+        "config": asdict(cfg),
+        "final_losses": losses,
+        "digest": pool_digest(digests),
+        "weights_digest": digests,
+        "built_with": library_versions(),
+        # the base may come from an earlier build's cache (base-<key>), possibly other versions
+        "base_built_with": base_done.get("built_with"),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": cpu_capability(),
+    }
 
 
 def default_cache_dir() -> Path:

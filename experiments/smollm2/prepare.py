@@ -286,7 +286,13 @@ def main(argv: list[str] | None = None) -> None:
         finetune(out / "base", target, skill, held_out[skill], args.steps, args.lr, args.batch, args.device, args.seed, args.lora_rank)
         stamp.write_text(json.dumps(recipe))
         timings[skill] = round(time.time() - started, 1)
-    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "finetune_seconds": timings}
+    from evomerge.provenance import library_versions, models_provenance
+
+    # what the models were built with and digests of their weights (a run's environment.json
+    # records the same digests, so a run can be matched to the models it used)
+    models = {"base": out / "base", **{f"expert:{s}": out / f"expert_{s}" for s in ("math", "roman")}}
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "finetune_seconds": timings,
+               "built_with": library_versions(), **models_provenance(models, limit=1 << 40)}
     if not args.skip_scores:
         summary["scores"] = score_sources(out, args.device, batch_size=32)
     (out / "sources.json").write_text(json.dumps(summary, indent=2))
