@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from evomerge.progress import say
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import reference_recipes
 from evomerge.report import refresh_report
@@ -64,7 +64,7 @@ def run_stages(
         initial, labels, aliases = None, [], {}
         if loop is not None:  # later stages start from the front found so far (hand-made merges included)
             initial = carry_front(loop.archive.records, space)
-            print(f"stage {stage.name}: starting from {len(initial)} front points of the earlier stages", file=sys.stderr, flush=True)
+            say(f"stage {stage.name}: starting from {len(initial)} front points of the earlier stages")
         elif OmegaConf.select(cfg, "search.seed_with_references"):
             hand_made = space.hand_made_genomes()
             labels = list(hand_made)
@@ -90,25 +90,23 @@ def run_stages(
         if labels:
             used = int(getattr(loop.state.strategy, "initial_used", len(labels)))
             note = "" if used >= len(labels) else f" ({used} of {len(labels)} hand-made merges: the first population holds {used}; left out: {', '.join(labels[used:])})"
-            print(f"warm start: {', '.join(labels[:used])}{note}; base and experts served from the references", file=sys.stderr, flush=True)
+            say(f"warm start: {', '.join(labels[:used])}{note}; base and experts served from the references")
         if hasattr(session.fitness, "attach"):  # multi-fidelity promotion reads the live front
             session.fitness.attach(loop.archive)
         label = f"stage {stage.name}: " if len(stages) > 1 else "search: "
-        print(
+        say(
             f"{label}{strategy.name} over {space.n_var} genes ({len(space.slots)} groups, methods {', '.join(space.methods)}), "
             f"{stage.evals} evaluations, objectives {', '.join(session.objectives)}; run dir {run_dir}",
-            file=sys.stderr,
-            flush=True,
         )
         if i == 0:
             refs = reference_recipes(session.merger.n_experts, list(session.experts), session.merger.n_layers)
             todo = [label for label in refs if loop.archive.by_key.get(f"ref:{label}") is None or loop.archive.by_key[f"ref:{label}"].error]
             if todo:
-                print(f"references: scoring {', '.join(todo)} (not counted in the budget) ...", file=sys.stderr, flush=True)
+                say(f"references: scoring {', '.join(todo)} (not counted in the budget) ...")
             for label, rec in loop.evaluate_references(refs, executor).items():
                 if rec.error:  # the references are plain merges: if they fail, every candidate would
                     raise ConfigError(f"reference {label} failed, so every candidate would: {rec.error}")
-                print(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()), file=sys.stderr)
+                say(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()))
         loop.run(executor, on_generation=(lambda _: refresh_report(run_dir, live=True)) if html else None)
         history += loop.state.history
     assert loop is not None, "plan_stages returns at least one stage"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +18,7 @@ from evomerge.checks import check_config
 from evomerge.dfs import wiring as dfs
 from evomerge.dfs.path import LayerPath, candidate_from_dict, pool_paths
 from evomerge.driver import build_executor, check_async, run_stages
+from evomerge.progress import say
 from evomerge.errors import ConfigError, EvomergeError, raise_user_errors  # noqa: F401 -- re-exported for callers
 from evomerge.estimators.lm_eval_fitness import LmEvalFitness, quiet_libraries
 from evomerge.merge.merger import Merger
@@ -150,7 +150,7 @@ def exact_rescore(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreC
     with exact() if exact is not None else nullcontext():
         for i, (name, rec) in enumerate(targets.items(), start=1):
             scores = cache.get(rec.recipe) if cache else None
-            print(f"test re-score {i}/{len(targets)}: {name} ({'score cache' if scores is not None else f'{time.time() - started:.0f}s elapsed'})", file=sys.stderr, flush=True)
+            say(f"test re-score {i}/{len(targets)}: {name} ({'score cache' if scores is not None else f'{time.time() - started:.0f}s elapsed'})")
             merged = False
             if scores is None or name in searched:
                 merger.apply(candidate_from_dict(rec.recipe))

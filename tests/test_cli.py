@@ -47,6 +47,8 @@ def test_search_end_to_end_and_export(test_zoo, tmp_path):
     assert "| evals   24/24" in proc.stderr  # progress display
     assert "warm start: base, expert:math, expert:lang" in proc.stderr and "served from the references" in proc.stderr
     assert "test re-score 1/" in proc.stderr and "references: scoring base" in proc.stderr
+    log = (run / "run.log").read_text()  # the progress lines are in the run's log too
+    assert "| evals   24/24" in log and "warm start:" in log and "test re-score 1/" in log
     for name in ("config.yaml", "archive.jsonl", "checkpoint.pkl", "subset.json", "pareto_front.csv", "pareto_front.json", "summary.json", "front.png", "progress.png",
                  "environment.json"):
         assert (run / name).is_file(), name

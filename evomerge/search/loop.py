@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 from evomerge.executors.base import Executor, Outcome
 from evomerge.executors.local import as_executor
 from evomerge.search.algorithms import Strategy, require_async
+from evomerge.progress import say
 from evomerge.errors import ConfigError
 from evomerge.search.archive import Archive, ArchiveWriteError, Record, genome_key
 from evomerge.search.genome import GenomeSpace
@@ -294,7 +294,7 @@ class SearchLoop:
             self._same_recipe()[_recipe_key(record.recipe)] = record
         if error is not None and error not in self._errors_seen:  # print each distinct failure once
             self._errors_seen.add(error)
-            print(f"{job.label or 'candidate'} #{record.id} failed: {error}", file=sys.stderr, flush=True)
+            say(f"{job.label or 'candidate'} #{record.id} failed: {error}")
         return record
 
     def retry_failed_records(self, evaluate: Evaluator | Executor) -> int:
@@ -421,7 +421,7 @@ class SearchLoop:
                 # the generation holds more new candidates than the budget has left: evaluate
                 # what fits and tell nothing, so a resume with a larger budget asks this same
                 # generation again (the evaluated ones are then served from the archive)
-                print(f"note: stopping at search.max_evals={self.max_evals}: the last generation is cut to {self.n_counted - before} new of its {len(X)} candidates", file=sys.stderr)
+                say(f"note: stopping at search.max_evals={self.max_evals}: the last generation is cut to {self.n_counted - before} new of its {len(X)} candidates")
                 self.state.generation += 1
                 self.state.history.append(self._generation_summary(propose_s))
                 if self.progress:
@@ -443,7 +443,7 @@ class SearchLoop:
         if self.n_counted < self.max_evals and self.exhausted is None:
             self.exhausted = f"{self.state.strategy.name} has no more candidates to propose"
         if self.exhausted:
-            print(f"note: the search ended after {self.n_counted} of search.max_evals={self.max_evals} evaluations: {self.exhausted}", file=sys.stderr, flush=True)
+            say(f"note: the search ended after {self.n_counted} of search.max_evals={self.max_evals} evaluations: {self.exhausted}")
         self.state.in_flight = []
         self.state.finished = True
         self._save_checkpoint()
@@ -577,7 +577,7 @@ class SearchLoop:
             line += f" | failed {h['n_failed']}"
         if self.state.served:
             line += f" | {self.state.served} repeats served from the archive"
-        print(line, file=sys.stderr, flush=True)
+        say(line)
 
 
 def _recipe_key(recipe: dict[str, Any]) -> str:
@@ -589,4 +589,4 @@ def _recipe_key(recipe: dict[str, Any]) -> str:
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    say(f"warning: {message}")
