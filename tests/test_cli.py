@@ -113,7 +113,7 @@ def test_killed_run_resumes_without_reevaluating(test_zoo, tmp_path):
     "overrides, message",
     [
         (["algorithm=simulated_annealing"], "Could not find 'algorithm/simulated_annealing'"),
-        (["search.max_evals=lots"], "config value 'search.max_evals' must be int, got 'lots'"),
+        (["search.max_evals=lots"], "search.max_evals must be an integer, got 'lots'"),
         (["modelpool=paths", "modelpool.base=/no/such/model", "+modelpool.experts.a=/no/such/expert"], "model 'base': path does not exist: /no/such/model"),
         (["modelpool=paths"], "modelpool.base must be set"),
         (["resume=/no/such/run"], "cannot resume: /no/such/run/config.yaml not found"),
@@ -124,6 +124,7 @@ def test_bad_overrides_give_one_line_errors(overrides, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # a config error leaves no run directory behind
 
 
 def test_bad_genome_on_real_pool_is_a_clear_error(test_zoo, tmp_path):
