@@ -151,10 +151,10 @@ def claim_fresh(run_dir: Path, config_text: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename; on any error (a full disk, Ctrl-C) the
-    temporary file is removed, so a failed write never keeps the space it took."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, text: str, tmp: Path | None = None) -> None:
+    """Write via a temporary file (default ``<name>.tmp``) and rename; on any error (a full
+    disk, Ctrl-C) the temporary file is removed, so a failed write never keeps the space it took."""
+    tmp = tmp or path.with_name(path.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
             f.write(text)

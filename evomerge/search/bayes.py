@@ -26,27 +26,10 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.search.algorithms import Strategy
+from evomerge.search.design import DesignThenModel, require_continuous, sobol_design
 
 ACQUISITIONS = ("qlognehvi", "qlognparego")
 NOISE_FLOOR = 1e-6  # variance: a score with SE 0 (every item agrees) is still not exact
-
-
-def require_continuous(space: Any, algorithm: str) -> None:
-    """One-line ConfigError when the genome has a categorical method gene."""
-    genes = space.genes_per_slot() if hasattr(space, "genes_per_slot") else []
-    if "method" in genes:
-        raise ConfigError(
-            f"algorithm={algorithm} models continuous genes; genome methods {list(space.methods)} add a categorical method choice. "
-            "Use a single-method genome: genome=blocks_ta, genome=modelwise_ta, genome=layerwise_ties or genome.methods=[ties]"
-        )
-
-
-def sobol_design(n: int, n_var: int, seed: int) -> np.ndarray:
-    from scipy.stats import qmc
-
-    if n <= 0:
-        return np.zeros((0, n_var))
-    return qmc.Sobol(n_var, scramble=True, seed=seed).random(n)
 
 
 def noise_variances(S: np.ndarray) -> np.ndarray | None:
@@ -60,7 +43,7 @@ def noise_variances(S: np.ndarray) -> np.ndarray | None:
     return np.maximum(var, NOISE_FLOOR)
 
 
-class BayesStrategy(Strategy):
+class BayesStrategy(DesignThenModel):
     name = "bo"
     supports_async = True
 
@@ -90,33 +73,8 @@ class BayesStrategy(Strategy):
                 raise ConfigError(f"algorithm.{key} must be at least 1, got {value}")
 
     def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
-        self.n_var, self.n_obj, self.seed = n_var, n_obj, int(seed)
-        warm = np.zeros((0, n_var)) if initial is None or not len(initial) else np.asarray(initial, dtype=float)
-        self.initial_used = len(warm)
-        self.design = np.vstack([warm, sobol_design(self.n_init, n_var, self.seed)])
-        self.X = np.zeros((0, n_var))
-        self.Y = np.zeros((0, n_obj))  # scores (maximised): 1 - loss
-        self.S = np.zeros((0, n_obj))
+        self._start(n_var, n_obj, seed, initial, self.n_init)
         self.pending: list[np.ndarray] = []
-        self.rounds = 0
-        self.last_propose_s = 0.0
-
-    def has_next(self) -> bool:
-        return True
-
-    # ---- generational
-    def ask(self) -> np.ndarray:
-        if len(self.design):
-            batch, self.design = self.design[: self.pop_size], self.design[self.pop_size :]
-            return batch
-        return self._propose(self.pop_size, pending=None)
-
-    def tell(self, X: np.ndarray, F: np.ndarray, S: np.ndarray | None = None) -> None:
-        X, F = np.asarray(X, dtype=float), np.asarray(F, dtype=float)
-        S = np.full(F.shape, np.nan) if S is None else np.asarray(S, dtype=float)
-        self.X = np.vstack([self.X, X])
-        self.Y = np.vstack([self.Y, 1.0 - F])
-        self.S = np.vstack([self.S, S])
 
     # ---- steady state
     def ask_one(self) -> np.ndarray:
@@ -146,7 +104,7 @@ class BayesStrategy(Strategy):
         X = torch.as_tensor(self.X, dtype=torch.double)
         models = []
         for j in range(self.n_obj):
-            y = torch.as_tensor(self.Y[:, j : j + 1], dtype=torch.double)
+            y = torch.as_tensor(1.0 - self.F[:, j : j + 1], dtype=torch.double)  # scores: maximised
             var = noise_variances(self.S[:, j])
             yvar = None if var is None else torch.as_tensor(var[:, None], dtype=torch.double)
             models.append(SingleTaskGP(X, y, train_Yvar=yvar, outcome_transform=Standardize(m=1)))
@@ -158,7 +116,7 @@ class BayesStrategy(Strategy):
             pass
         return model
 
-    def _propose(self, q: int, pending: np.ndarray | None) -> np.ndarray:
+    def _propose(self, q: int, pending: np.ndarray | None = None) -> np.ndarray:
         """``q`` new genomes from the acquisition (falls back to Sobol points while the
         data cannot support a model: fewer than two distinct points)."""
         import torch

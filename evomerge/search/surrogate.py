@@ -23,7 +23,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.search.algorithms import Strategy
-from evomerge.search.bayes import require_continuous, sobol_design
+from evomerge.search.design import DesignThenModel, require_continuous, sobol_design
 from evomerge.search.pareto import hypervolume, nondominated
 
 RIDGE_GRID = tuple(10.0**e for e in range(-6, 3))
@@ -66,7 +66,7 @@ def fit_ridge(Phi: np.ndarray, y: np.ndarray, weights: np.ndarray, grid: tuple[f
     return best[1]
 
 
-class QuadraticSurrogateStrategy(Strategy):
+class QuadraticSurrogateStrategy(DesignThenModel):
     name = "map"
 
     def __init__(self, space: Any = None, pop_size: int = 8, n_init: int | None = None, nsga_pop: int = 100, nsga_gen: int = 100):
@@ -78,32 +78,10 @@ class QuadraticSurrogateStrategy(Strategy):
             raise ConfigError("algorithm=map needs pop_size >= 1, nsga_pop >= 4 and nsga_gen >= 1")
 
     def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
-        self.n_var, self.n_obj, self.seed = n_var, n_obj, int(seed)
-        warm = np.zeros((0, n_var)) if initial is None or not len(initial) else np.asarray(initial, dtype=float)
-        self.initial_used = len(warm)
+        warm = 0 if initial is None else len(initial)
         # about one point per coefficient, but never more than half the budget
-        n_init = self.n_init if self.n_init is not None else max(self.pop_size, min(n_coefficients(n_var), max_evals // 2)) - len(warm)
-        self.design = np.vstack([warm, sobol_design(max(n_init, 0), n_var, self.seed)])
-        self.X = np.zeros((0, n_var))
-        self.F = np.zeros((0, n_obj))
-        self.S = np.zeros((0, n_obj))
-        self.rounds = 0
-        self.last_propose_s = 0.0
-
-    def has_next(self) -> bool:
-        return True
-
-    def ask(self) -> np.ndarray:
-        if len(self.design):
-            batch, self.design = self.design[: self.pop_size], self.design[self.pop_size :]
-            return batch
-        return self._propose(self.pop_size)
-
-    def tell(self, X: np.ndarray, F: np.ndarray, S: np.ndarray | None = None) -> None:
-        F = np.asarray(F, dtype=float)
-        self.X = np.vstack([self.X, np.asarray(X, dtype=float)])
-        self.F = np.vstack([self.F, F])
-        self.S = np.vstack([self.S, np.full(F.shape, np.nan) if S is None else np.asarray(S, dtype=float)])
+        n_sobol = self.n_init if self.n_init is not None else max(self.pop_size, min(n_coefficients(n_var), max_evals // 2)) - warm
+        self._start(n_var, n_obj, seed, initial, n_sobol)
 
     # ---- surrogate
     def coefficients(self) -> np.ndarray:
