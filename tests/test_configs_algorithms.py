@@ -48,7 +48,8 @@ def space():
 def test_algorithm_ask_tell_checkpoint(algorithm):
     """Two generations on a synthetic 2-objective problem, pickled in between."""
     cfg = composed([f"algorithm={algorithm}", "genome=layerwise_mixed"])
-    s = space() if algorithm != "grid" else GenomeSpace(n_experts=2, n_layers=4, methods=("task_arithmetic",), separate_embed_head=False)
+    single_method = algorithm in ("grid", "bo", "map")  # grid: few genes; bo/map: continuous genes only
+    s = space() if not single_method else GenomeSpace(n_experts=2, n_layers=4, methods=("task_arithmetic",), separate_embed_head=False)
     strategy = build_strategy(cfg, s)
     strategy.setup(s.n_var, 2, max_evals=64, seed=1)
     for generation in range(2):

@@ -426,6 +426,7 @@ class SearchLoop:
                 self.state.history.append(self._generation_summary(propose_s))
                 if self.progress:
                     self._print_progress(started, evals_at_start)
+                self.state.finished = True  # in memory only: the checkpoint keeps the generation before
                 return self.state
             F = np.array([r.losses for r in records], dtype=float)
             strategy.tell(X, F, self._stderr_matrix(records))
