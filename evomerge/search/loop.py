@@ -352,6 +352,7 @@ class SearchLoop:
         first_by_key: dict[str, int] = {}
         first_by_recipe: dict[str, int] = {}
         repeats: dict[int, tuple[int, bool]] = {}  # index -> (job it repeats, same genome?)
+        counted_before = self.n_counted
         for i, x in enumerate(X):
             key = genome_key(x)
             recipe = self.space.decode(x)
@@ -363,7 +364,7 @@ class SearchLoop:
             elif key in first_by_key or rkey in first_by_recipe:
                 same = key in first_by_key
                 repeats[i] = (first_by_key[key] if same else first_by_recipe[rkey], same)
-            elif limit is None or len(jobs) < limit:
+            elif limit is None or len(jobs) + (self.n_counted - counted_before) < limit:  # served-and-counted (a replay) spend it too
                 first_by_key[key] = first_by_recipe[rkey] = len(jobs)
                 extra = {} if propose_s is None else {"propose_s": round(propose_s, 4)}
                 jobs.append(_Pending(key, x, recipe, generation=generation, extra=extra))
@@ -381,7 +382,7 @@ class SearchLoop:
             else:
                 again.append(i)
         if again:
-            room = None if limit is None else max(limit - len(jobs), 0)
+            room = None if limit is None else max(limit - len(jobs) - (self.n_counted - counted_before), 0)
             for i, record in zip(again, self.evaluate_genomes([X[i] for i in again], evaluate, generation, room)):
                 out[i] = record
         return [r for r in out if r is not None]
