@@ -425,6 +425,8 @@ class SearchLoop:
                 say(f"note: stopping at search.max_evals={self.max_evals}: the last generation is cut to {self.n_counted - before} new of its {len(X)} candidates")
                 self.state.generation += 1
                 self.state.history.append(self._generation_summary(propose_s))
+                if on_generation is not None:  # e.g. the live report: it shows the last evaluations too
+                    on_generation(self)
                 if self.progress:
                     self._print_progress(started, evals_at_start)
                 self.state.finished = True  # in memory only: the checkpoint keeps the generation before
