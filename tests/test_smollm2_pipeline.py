@@ -57,7 +57,7 @@ def test_prepare_and_search_cpu_sized(tiny_models, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "smollm2" / "prepare.py"), "--out", str(out), "--base-hf", str(tiny_models["base"]),
-         "--steps", "2", "--batch", "2", "--n-eval", "6", "--lr", "1e-3"],
+         "--steps", "2", "--batch", "2", "--n-eval", "6", "--n-test", "0", "--lr", "1e-3"],
         check=True, env=env, capture_output=True, text=True,
     )
     sources = json.loads((out / "sources.json").read_text())

@@ -201,7 +201,7 @@ class Merger:
     def n_experts(self) -> int:
         return len(self.pool.experts)
 
-    def layer_task_vector_norms(self) -> "np.ndarray":
+    def layer_task_vector_norms(self):
         """(layers x experts) L2 norms of each expert's task vector per transformer layer
         (attention and MLP together): the statistics adaptive layer blocks are cut from."""
         import numpy as np
