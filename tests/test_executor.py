@@ -354,7 +354,10 @@ def test_ray_gives_the_local_archive_and_survives_killed_workers(test_zoo, local
     assert len(set(keys)) == len(keys)  # nothing repeated
     failed = [i for i, rec in enumerate(got) if rec[6]]
     assert len(failed) == 1 and failed[0] >= 3 + 8  # the doomed candidate of generation 1, and only it
-    for i, (a, b) in enumerate(zip(got, local_archive)):
+    # identical up to the end of generation 1 (3 references + 5 new of generation 0, whose base
+    # and experts are served + 8): the next generation is selected on the doomed candidate's
+    # failure in one run and its score in the other, so it may differ, as it should
+    for i, (a, b) in enumerate(zip(got[:16], local_archive[:16])):
         if i in failed:
             assert a[:4] == b[:4] and a[5] == [1.0, 1.0] and a[6].startswith("WorkerDied")
         else:
