@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import signal
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,7 +155,7 @@ def test_map_proposes_points_on_the_surrogate_front():
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["bo", "map"])
 def test_model_based_search_resumes_exactly_after_a_kill(test_zoo, tmp_path, algorithm):
-    from tests.test_cli import _search_keys, cli, pool_args
+    from tests.test_cli import _search_keys, cli, kill_mid_run, pool_args
 
     args = [
         *pool_args(test_zoo), f"algorithm={algorithm}", "genome=blocks_ta", "genome.n_blocks=2", "algorithm.pop_size=4",
@@ -175,15 +172,7 @@ def test_model_based_search_resumes_exactly_after_a_kill(test_zoo, tmp_path, alg
     assert model_rounds and all(r["extra"]["propose_s"] < 60 for r in model_rounds)
 
     run = tmp_path / "killed"
-    proc = cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, wait=False)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        archive = run / "archive.jsonl"
-        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= 9:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_mid_run(args, run, tmp_path, after=9)
     before = _search_keys(run)
     assert 9 <= len(before) < 16, "the kill should land mid-run"
     cli(f"resume={run}", cwd=tmp_path)

@@ -40,6 +40,19 @@ def pool_args(zoo) -> list[str]:
     ]
 
 
+def kill_mid_run(args: list[str], run: Path, cwd: Path, after: int, timeout: float = 240) -> None:
+    """Start a search and SIGKILL it once ``after`` search candidates are archived (or it ended)."""
+    proc = cli(*args, f"hydra.run.dir={run}", cwd=cwd, wait=False)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        archive = run / "archive.jsonl"
+        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= after:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_search_end_to_end_and_export(test_zoo, tmp_path):
     run = tmp_path / "run"
     proc = cli(*pool_args(test_zoo), "search.max_evals=24", "algorithm.pop_size=8", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -85,15 +98,7 @@ def test_killed_run_resumes_without_reevaluating(test_zoo, tmp_path):
     cli(*args, f"hydra.run.dir={reference}", cwd=tmp_path)
 
     run = tmp_path / "killed"
-    proc = cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, wait=False)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        archive = run / "archive.jsonl"
-        if archive.exists() and sum(1 for line in archive.read_text().splitlines() if '"kind": "search"' in line) >= 13:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_mid_run(args, run, tmp_path, after=13)
     before = _search_keys(run)
     assert 13 <= len(before) < 40, "the kill should land mid-run"
 
