@@ -316,9 +316,11 @@ def init_ray(attempts: int = 3) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray():
+    before = signal.getsignal(signal.SIGTERM)
     init_ray()
     yield
     ray.shutdown()
+    signal.signal(signal.SIGTERM, before)  # ray.init installs its own; shutdown leaves it
 
 
 @pytest.fixture(scope="module")

@@ -407,7 +407,7 @@ def test_resume_writes_config_changes_only_when_committed(tmp_path, capsys):
 def test_sigterm_unwinds_like_ctrl_c_while_an_executor_is_open():
     from evomerge.executors.ray_executor import _restore_sigterm, _sigterm_as_interrupt
 
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    before = signal.getsignal(signal.SIGTERM)  # pytest's or SIG_DFL, whatever ran before
     previous = _sigterm_as_interrupt()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -415,7 +415,7 @@ def test_sigterm_unwinds_like_ctrl_c_while_an_executor_is_open():
             time.sleep(2)  # the handler runs here
     finally:
         _restore_sigterm(previous)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def _descendants(pid: int) -> set[int]:

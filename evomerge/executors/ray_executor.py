@@ -106,6 +106,7 @@ class RayExecutor:
         self.workers = int(workers)
         self.cpus = int(cpus_per_worker)
         self._started_ray = False
+        self._sigterm_before_ray = _current_sigterm()  # ray.init installs its own and shutdown leaves it
         if not ray.is_initialized():
             if address in (None, "", "null"):
                 try:  # "local": always a new instance of our own, never a cluster found on this host
@@ -237,6 +238,7 @@ class RayExecutor:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
+            _restore_sigterm(getattr(self, "_sigterm_before_ray", None), replacing=None)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -255,10 +257,19 @@ def _sigterm_as_interrupt() -> Any:
     return signal.SIG_DFL if previous in (None, _on_sigterm) else previous
 
 
-def _restore_sigterm(previous: Any) -> None:
+def _current_sigterm() -> Any:
+    """The SIGTERM handler now (``None`` off the main thread, where it cannot be changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGTERM)
+
+
+def _restore_sigterm(previous: Any, replacing: Any = "ours") -> None:
+    """Put ``previous`` back; by default only if our handler is the one installed
+    (``replacing=None``: whatever is installed, e.g. Ray's after ``ray.shutdown``)."""
     if previous is None or threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+    if replacing is None or signal.getsignal(signal.SIGTERM) is _on_sigterm:
         signal.signal(signal.SIGTERM, previous)
 
 
