@@ -73,13 +73,17 @@ def test_bo_uses_the_standard_errors_as_noise():
     s = BayesStrategy(pop_size=2, n_init=0)
     s.setup(2, 2, 20, seed=0)
     X = np.random.default_rng(0).random((10, 2))
-    s.tell(X, two_bowls(X), np.full((10, 2), 0.05))
+    se = np.stack([np.linspace(0.02, 0.2, 10), np.full(10, 0.05)], axis=1)  # one noisy end
+    s.tell(X, two_bowls(X), se)
     model = s._fit()
-    assert all(isinstance(m.likelihood, FixedNoiseGaussianLikelihood) for m in model.models)
+    assert isinstance(model.likelihood, FixedNoiseGaussianLikelihood)
+    noise = model.likelihood.noise.detach().numpy()  # per objective and point, in standardised units
+    ratio = noise / (se.T**2)
+    assert np.allclose(ratio, ratio[:, :1])  # each point's own variance, scaled by the outcome's
     s2 = BayesStrategy(pop_size=2, n_init=0)
     s2.setup(2, 2, 20, seed=0)
     s2.tell(X, two_bowls(X))  # no standard errors: the noise is inferred
-    assert not any(isinstance(m.likelihood, FixedNoiseGaussianLikelihood) for m in s2._fit().models)
+    assert not isinstance(s2._fit().likelihood, FixedNoiseGaussianLikelihood)
 
 
 def test_bo_design_first_then_model_proposals_are_exact_after_pickling():

@@ -4,6 +4,7 @@ State is numpy arrays only, so a strategy pickles into the run checkpoint."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,9 @@ def sobol_design(n: int, n_var: int, seed: int) -> np.ndarray:
 
     if n <= 0:
         return np.zeros((0, n_var))
-    return qmc.Sobol(n_var, scramble=True, seed=seed).random(n)
+    with warnings.catch_warnings():  # a budget rarely allows a power of 2; the first n points still spread
+        warnings.filterwarnings("ignore", message="The balance properties of Sobol")
+        return qmc.Sobol(n_var, scramble=True, seed=seed).random(n)
 
 
 class DesignThenModel(Strategy):

@@ -92,6 +92,13 @@ def prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Leave an identical file alone: a search reading the tasks while this runs again (e.g. to
+    train another expert) never sees a half-written file."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
 def write_tasks(folder: Path, n_eval: int, seed: int, n_test: int | None = None) -> dict[str, set[str]]:
     """Validation (``n_eval`` items) and test (``n_test``, default ``n_eval``) jsonl + lm-eval
     YAML per skill; returns the held-out questions. The test items are drawn after the
@@ -110,9 +117,10 @@ def write_tasks(folder: Path, n_eval: int, seed: int, n_test: int | None = None)
                     continue
                 seen.add(q)
                 splits[split].append({"id": len(splits[split]), "question": q, "answer": a})
-            (folder / f"smollm2_{skill}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split]))
+            _write_if_changed(folder / f"smollm2_{skill}_{split}.jsonl", "".join(json.dumps(r) + "\n" for r in splits[split]))
         held_out[skill] = seen
-        (folder / f"smollm2_{skill}.yaml").write_text(
+        _write_if_changed(
+            folder / f"smollm2_{skill}.yaml",
             f"""task: smollm2_{skill}
 dataset_path: json
 dataset_kwargs:
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # what the models were built with and digests of their weights (a run's environment.json
     # records the same digests, so a run can be matched to the models it used)
-    models = {"base": out / "base", **{f"expert:{s}": out / f"expert_{s}" for s in ("math", "roman")}}
+    models = {"base": out / "base", **{f"expert:{s}": out / f"expert_{s}" for s in EXPERT_SKILLS}}
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "finetune_seconds": timings,
                "built_with": library_versions(), **models_provenance(models, limit=1 << 40)}
     if not args.skip_scores:
