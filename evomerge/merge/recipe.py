@@ -168,7 +168,7 @@ class Recipe:
         method declares its translation (``MergeMethod.mergekit``); what mergekit cannot
         express (mixed methods, DELLA spreads outside (0, 1), ...) raises ``MergeError``
         with a one-line reason. Random methods (DARE, DELLA) reproduce the recipe only in
-        distribution: the masks (and DARE/DELLA's rescaling, see docs/mergekit-notes.md) differ.
+        distribution: the masks (and DARE/DELLA's rescaling, see docs/mergekit.md) differ.
         """
         methods = sorted({g.method for g in self.groups})
         if len(methods) != 1:
