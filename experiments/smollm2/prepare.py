@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
             from evomerge.convert import gguf_to_hf
 
             gguf_to_hf(find_gguf(out), out / "base")
-    timings = {}
+    previous = out / "sources.json"  # reused experts keep the training time recorded when they were made
+    timings = json.loads(previous.read_text()).get("finetune_seconds", {}) if previous.is_file() else {}
     recipe = {k: getattr(args, k) for k in ("steps", "lr", "batch", "seed", "lora_rank")}
     for skill in EXPERT_SKILLS:
         target = out / f"expert_{skill}"
