@@ -78,6 +78,6 @@ def test_prepare_and_search_cpu_sized(tiny_models, tmp_path):
     assert (run / "front.png").is_file()
     # provenance: sources.json records the versions and weight digests; the run's
     # environment.json holds the same digests for the models it merged
-    assert sources["built_with"]["torch"] and set(sources["weights_digest"]) == {"base", "expert:math", "expert:roman"}
+    assert sources["built_with"]["torch"] and set(sources["weights_digest"]) == {"base", "expert:math", "expert:roman", "expert:sort"}
     environment = json.loads((run / "environment.json").read_text())
     assert environment["models"]["pool_digest"] == sources["pool_digest"] is not None

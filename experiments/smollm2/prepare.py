@@ -295,13 +295,18 @@ def main(argv: list[str] | None = None) -> None:
         finetune(out / "base", target, skill, held_out[skill], args.steps, args.lr, args.batch, args.device, args.seed, args.lora_rank)
         stamp.write_text(json.dumps(recipe))
         timings[skill] = round(time.time() - started, 1)
-    from evomerge.provenance import library_versions, models_provenance
+    from evomerge.provenance import library_versions, models_provenance, pool_digest
 
     # what the models were built with and digests of their weights (a run's environment.json
     # records the same digests, so a run can be matched to the models it used)
     models = {"base": out / "base", **{f"expert:{s}": out / f"expert_{s}" for s in EXPERT_SKILLS}}
+    provenance = models_provenance(models, limit=1 << 40)
+    # pool digests as a run's environment.json records them: the two-expert pool of
+    # +experiment=smollm2 and the three-expert pool of +experiment=smollm2_k3
+    two = {k: v for k, v in provenance["weights_digest"].items() if k != "expert:sort"}
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "finetune_seconds": timings,
-               "built_with": library_versions(), **models_provenance(models, limit=1 << 40)}
+               "built_with": library_versions(), "weights_digest": provenance["weights_digest"],
+               "pool_digest": pool_digest(two), "pool_digest_k3": provenance["pool_digest"]}
     if not args.skip_scores:
         summary["scores"] = score_sources(out, args.device, batch_size=32)
     (out / "sources.json").write_text(json.dumps(summary, indent=2))
