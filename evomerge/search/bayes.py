@@ -20,6 +20,7 @@ method choice are refused (use one method per genome, e.g. ``genome=blocks_ta``)
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -132,7 +133,7 @@ class BayesStrategy(DesignThenModel):
         round_seed = self.seed * 100_003 + self.rounds
         if len(np.unique(np.round(self.X, 9), axis=0)) < 2:
             return sobol_design(q, self.n_var, round_seed)
-        with _torch_seed(round_seed), _one_thread():
+        with _torch_seed(round_seed), _one_thread(), _quiet_numerics():
             model = self._fit()
             bounds = torch.stack([torch.zeros(self.n_var, dtype=torch.double), torch.ones(self.n_var, dtype=torch.double)])
             X_pending = None if pending is None or not len(pending) else torch.as_tensor(pending, dtype=torch.double)
@@ -213,6 +214,21 @@ class _one_thread:
 
         torch.set_num_threads(self.threads)
         return False
+
+
+class _quiet_numerics(warnings.catch_warnings):
+    """BoTorch's numerical notes (jitter added to a covariance, an L-BFGS restart) are routine on
+    small noisy data and already handled by retrying; on a user's console they read as faults."""
+
+    def __enter__(self):
+        from botorch.exceptions.warnings import BadInitialCandidatesWarning, NumericsWarning, OptimizationWarning
+        from linear_operator.utils.warnings import NumericalWarning
+
+        out = super().__enter__()
+        for category in (NumericalWarning, NumericsWarning, OptimizationWarning, BadInitialCandidatesWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("ignore", message="Optimization failed", category=RuntimeWarning)
+        return out
 
 
 class _torch_seed:
