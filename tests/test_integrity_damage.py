@@ -465,3 +465,45 @@ def test_sigterm_of_a_ray_driver_leaves_no_ray_processes(test_zoo, tmp_path):
     while time.time() < deadline and any(_alive(p) for p in seen):
         time.sleep(0.5)
     assert not [p for p in seen if _alive(p)], out[-2000:]
+
+
+def test_ray_executor_leaves_sigterm_as_it_found_it(tmp_path, monkeypatch):
+    """ray.init installs its own SIGTERM handler and ray.shutdown leaves it: an executor that
+    started Ray puts back the handler from before ray.init when it closes (a fake Ray here)."""
+    import types
+
+    from omegaconf import OmegaConf
+
+    from evomerge.executors.ray_executor import RayExecutor
+
+    def rays_handler(signum, frame):  # what ray.init installs
+        raise SystemExit(signum)
+
+    state = {"up": False}
+
+    def init(**kwargs):
+        state["up"] = True
+        signal.signal(signal.SIGTERM, rays_handler)
+
+    class Actor:  # stands for an actor handle: ready() answers at once
+        ready = types.SimpleNamespace(remote=lambda: os.getpid())
+
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: state["up"]
+    fake.init = init
+    fake.shutdown = lambda: state.update(up=False)
+    fake.cluster_resources = lambda: {"CPU": 2}
+    fake.remote = lambda **options: (lambda cls: types.SimpleNamespace(remote=lambda *args: Actor()))
+    fake.get = lambda refs: refs
+    fake.kill = lambda *args, **kwargs: None
+    fake.exceptions = types.ModuleType("ray.exceptions")
+    fake.exceptions.RayTaskError = type("RayTaskError", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.exceptions", fake.exceptions)
+    before = signal.getsignal(signal.SIGTERM)
+    executor = RayExecutor(OmegaConf.create({}), tmp_path, workers=1)
+    try:
+        assert signal.getsignal(signal.SIGTERM) not in (before, rays_handler)  # ours while open
+    finally:
+        executor.close()
+    assert signal.getsignal(signal.SIGTERM) is before
