@@ -182,3 +182,14 @@ def test_model_based_search_resumes_exactly_after_a_kill(test_zoo, tmp_path, alg
     cli(f"resume={run}", cwd=tmp_path)
     after = _search_keys(run)
     assert after[: len(before)] == before and after == _search_keys(reference)
+
+    # anytime: more budget on resume goes on from where the run stopped (the benchmark's
+    # budget 48 extends its budget-24 run); bo does not depend on the budget at all, so the
+    # extended run is the run started with the larger budget
+    proc = cli(f"resume={reference}", "search.max_evals=24", cwd=tmp_path)
+    extended = _search_keys(reference)
+    assert len(extended) == 24 and extended[:16] == after
+    if algorithm == "bo":
+        fresh = tmp_path / "fresh24"
+        cli(*[a.replace("search.max_evals=16", "search.max_evals=24") for a in args], f"hydra.run.dir={fresh}", cwd=tmp_path)
+        assert _search_keys(fresh) == extended

@@ -51,6 +51,10 @@ class DesignThenModel(Strategy):
     def has_next(self) -> bool:
         return True
 
+    def extend_budget(self, max_evals: int) -> None:
+        """More budget on resume: the model rounds simply go on (anytime). Only ``map``'s design
+        size was chosen from the first budget; the extended run keeps that design."""
+
     def ask(self) -> np.ndarray:
         if len(self.design):
             batch, self.design = self.design[: self.pop_size], self.design[self.pop_size :]
