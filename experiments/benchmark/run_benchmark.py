@@ -100,7 +100,8 @@ def run_one(root: Path, setting: str, search: str, budget: int, seed: int, extra
         shutil.copytree(smaller, target, ignore=shutil.ignore_patterns("run.lock", "summary.json", "report.html"))
         args = [f"resume={target}", f"search.max_evals={budget}", *executor]
     elif (target / "config.yaml").is_file():
-        args = [f"resume={target}", *executor]
+        # the budget again: an interrupted extension's config may still hold the smaller one
+        args = [f"resume={target}", f"search.max_evals={budget}", *executor]
     else:
         args = [
             *SETTINGS[setting]["overrides"],
