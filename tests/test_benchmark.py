@@ -80,3 +80,19 @@ def test_larger_budget_extends_the_smaller_run_exactly(test_zoo, tmp_path, monke
     summary = json.loads((tmp_path / "ext" / "toy" / "random" / "8" / "seed-0" / "summary.json").read_text())
     assert all(set(s) == {"math", "lang"} for _genome, s in extended)
     assert all("target" in t["scores"] for t in summary["test"].values())
+
+
+def test_an_interrupted_extension_resumes_at_its_own_budget(tmp_path, monkeypatch):
+    """A budget-48 extension killed before it rewrote its config (copied from the budget-24
+    run) must resume with the budget 48 again, or it would finish as a 24-evaluation run."""
+    bench = load_script()
+    calls = []
+    monkeypatch.setattr(bench, "run_evomerge", lambda args, target, tag: calls.append(args) or target)
+    smaller = bench.run_dir(tmp_path, "toy", "bo", 24, 0)
+    smaller.mkdir(parents=True)
+    (smaller / "config.yaml").write_text("search: {max_evals: 24}\n")
+    (smaller / "summary.json").write_text("{}")
+    target = bench.run_one(tmp_path, "toy", "bo", 48, 0, [], smaller)  # first attempt: copied, extended
+    assert calls[-1] == [f"resume={target}", "search.max_evals=48"]
+    bench.run_one(tmp_path, "toy", "bo", 48, 0, [], smaller)  # the attempt was killed: resumed
+    assert calls[-1] == [f"resume={target}", "search.max_evals=48"]
