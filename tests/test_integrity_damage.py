@@ -212,15 +212,11 @@ def test_a_report_that_cannot_be_written_is_skipped_and_keeps_no_space(tmp_path,
     from evomerge.report import refresh_report
 
     run = make_run(tmp_path / "r")
-    real = Path.write_text
 
-    def full(self, *a, **k):
-        if self.name.endswith(".tmp"):
-            real(self, "half a rep")  # the disk took part of it, then filled up
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, *a, **k)
+    def full(fd):  # the temporary file holds what was written; the disk fills up on the flush to it
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(os, "fsync", full)
     for _ in range(3):  # every generation tries again
         assert refresh_report(run, live=True) is None
     err = capsys.readouterr().err

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -109,17 +108,9 @@ def page(title: str, subtitle_html: str, sections: list[tuple[str, str, str]], e
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a browser never reads half a report. On
-    any error (a full disk, Ctrl-C) the temporary file is removed: a failed report never
-    keeps the space it took."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
+    """Write via a hidden temporary file and rename, so a browser never reads half a report;
+    a failed write removes the temporary file (the run directory's atomic writer)."""
+    from evomerge.rundir import write_atomic as write_via_temp
+
+    write_via_temp(path, text, tmp=path.with_name(f".{path.name}.tmp"))
     return path
