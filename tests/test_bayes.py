@@ -112,6 +112,35 @@ def test_bo_finds_the_front_of_a_smooth_problem():
     assert np.median(np.abs(model_points[:, 1] - 0.5)) < 0.2
 
 
+@pytest.mark.parametrize(("n_obj", "configured", "expected"), [(2, None, 0.0), (4, None, 0.0), (5, None, 1e-3), (6, None, 1e-2), (3, 0.01, 0.01), (5, 0.0, 0.0)])
+def test_bo_approximates_the_front_partitioning_only_from_five_objectives(monkeypatch, n_obj, configured, expected):
+    import botorch.acquisition.multi_objective.logei as logei
+
+    seen = {}
+    original = logei.qLogNoisyExpectedHypervolumeImprovement
+
+    def spy(*args, **kwargs):
+        seen["alpha"] = kwargs.get("alpha", 0.0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(logei, "qLogNoisyExpectedHypervolumeImprovement", spy)
+    s = BayesStrategy(pop_size=2, n_init=0, raw_samples=16, num_restarts=1, mc_samples=8, maxiter=5, partitioning_alpha=configured)
+    s.setup(3, n_obj, 40, seed=0)
+    rng = np.random.default_rng(0)
+    X = rng.random((12, 3))
+    F = np.stack([((X - c) ** 2).sum(axis=1) for c in np.linspace(0.1, 0.9, n_obj)], axis=1)
+    s.tell(X, F, np.full_like(F, 0.02))
+    batch = s.ask()
+    assert seen["alpha"] == pytest.approx(expected)
+    assert batch.shape == (2, 3) and np.all((batch >= 0) & (batch <= 1))
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.0])
+def test_bo_refuses_a_partitioning_alpha_outside_its_range(alpha):
+    with pytest.raises(ConfigError, match="partitioning_alpha"):
+        BayesStrategy(partitioning_alpha=alpha)
+
+
 def test_bo_steady_state_keeps_running_candidates_pending():
     s = BayesStrategy(pop_size=2, n_init=2, raw_samples=32, num_restarts=1)
     s.setup(2, 2, 10, seed=0)
