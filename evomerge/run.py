@@ -147,16 +147,20 @@ def exact_rescore(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreC
     out: dict[str, Any] = {}
     differs: list[str] = []
     started = time.time()
+    scoring_s: list[float] = []  # time of each point scored here (not served by the cache)
     with exact() if exact is not None else nullcontext():
         for i, (name, rec) in enumerate(targets.items(), start=1):
             scores = cache.get(rec.recipe) if cache else None
-            say(f"test re-score {i}/{len(targets)}: {name} ({'score cache' if scores is not None else f'{time.time() - started:.0f}s elapsed'})")
+            note = "score cache" if scores is not None else f"{time.time() - started:.0f}s elapsed{time_left(scoring_s, len(targets) - i + 1)}"
+            say(f"test re-score {i}/{len(targets)}: {name} ({note})")
+            point_started = time.time()
             merged = False
             if scores is None or name in searched:
                 merger.apply(candidate_from_dict(rec.recipe))
                 merged = True
             if scores is None:
                 scores = dict(test())
+                scoring_s.append(time.time() - point_started)
                 if cache:
                     cache.put(rec.recipe, scores)
             out[name] = {"id": rec.id, "scores": scores}
@@ -168,6 +172,17 @@ def exact_rescore(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreC
     if differs:
         log.warning("test re-score: the exact merge of %s differs from the merge the search scored; both scores are in summary.json", ", ".join(differs))
     return out
+
+
+def time_left(point_s: list[float], remaining: int) -> str:
+    """``, at most ~1h 05m left``: the remaining points at the mean time of those scored so far
+    (an upper bound: some may come from the score cache); empty before the first is scored."""
+    if not point_s or remaining <= 0:
+        return ""
+    left = round(remaining * sum(point_s) / len(point_s))
+    hours, rest = divmod(left, 3600)
+    text = f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+    return f", at most ~{text} left"
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:

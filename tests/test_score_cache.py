@@ -68,3 +68,12 @@ def test_two_runs_share_test_rescores(test_zoo, tmp_path, monkeypatch):
     second = run_search(cfg, tmp_path / "two")["test"]
     assert "test" not in calls  # every test score came from the cache (same seed, same recipes)
     assert {k: v["scores"] for k, v in second.items()} == {k: v["scores"] for k, v in first.items()}
+
+
+def test_rescore_progress_bounds_the_time_left():
+    from evomerge.run import time_left
+
+    assert time_left([], 5) == ""  # nothing scored yet: no estimate
+    assert time_left([60.0], 0) == ""
+    assert time_left([50.0, 70.0], 3) == ", at most ~3m 00s left"
+    assert time_left([400.0], 12) == ", at most ~1h 20m left"
