@@ -348,6 +348,45 @@ def test_fused_kernel_equals_torch_path(method, params, monkeypatch):
     assert torch.equal(fused == _unit().base, plain == _unit().base)  # same entries dropped
 
 
+THREADS_PROBE = """
+import sys, torch
+if sys.argv[1] == "set":
+    torch.set_num_threads(1)
+from evomerge.merge import kernels
+from evomerge.merge.methods import apply_method
+from evomerge.merge.groups import DeltaGroup
+assert kernels.available(torch.zeros(1))
+before = torch.get_num_threads()
+torch.manual_seed(0)
+unit = DeltaGroup(torch.randn(50_000), torch.randn(2, 50_000), segments=(50_000,))
+one = apply_method("ties", unit, {"weight": [1.0, 1.0], "density": [0.5, 0.5]})
+print(before, torch.get_num_threads(), float(one.sum()))
+"""
+
+
+@pytest.mark.parametrize("how", ["env", "set"])
+def test_fused_kernels_leave_torch_on_its_thread_count(how, tmp_path):
+    """numba's OpenMP pool (4 threads here) shares torch's libgomp: its launch must not move
+    torch off the one thread it was told to use (by OMP_NUM_THREADS or set_num_threads)."""
+    import os
+    import subprocess
+    import sys
+
+    from evomerge.merge import kernels
+
+    if not kernels.available(torch.zeros(1)):
+        pytest.skip("numba kernels unavailable")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "4", "NUMBA_CACHE_DIR": str(tmp_path)}
+    env.pop("OMP_NUM_THREADS", None)
+    env.pop("MKL_NUM_THREADS", None)
+    if how == "env":
+        env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", THREADS_PROBE, how], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, _ = out.stdout.split()
+    assert (before, after) == ("1", "1")
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della"])
 def test_random_merges_do_not_depend_on_chunk_size(method, monkeypatch):
     """The noise is drawn once per unit and seed, so chunked merges (any size, fused or

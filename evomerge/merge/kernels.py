@@ -133,6 +133,26 @@ if numba is not None:
                         ob[i] = bb[i] + lam * acc[i]
 
 
+class torch_thread_budget:
+    """Run a parallel kernel on torch's thread count, and leave torch's count as it was.
+
+    numba's OpenMP thread pool shares torch's libgomp, and launching it sets that library's
+    thread count to numba's (every core): from the first fused merge on, torch ran every op on
+    all cores whatever OMP_NUM_THREADS or torch.set_num_threads said. Two benchmark processes
+    told to use one thread each on a 2-core machine evaluated candidates 3-5x slower, their
+    idle OpenMP workers spinning against each other. (The kernel's blocks are independent:
+    its result does not depend on the thread count.)"""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+
+    def __exit__(self, *exc: object) -> bool:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return False
+
+
 def available(*tensors: Tensor) -> bool:
     """True when the fused kernels can run on these tensors (CPU, float32/64, numba)."""
     return numba is not None and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
@@ -182,23 +202,24 @@ def fused_merge(
 
     bounds = np.zeros(s + 1, dtype=np.int64)
     bounds[1:] = np.cumsum(segments)
-    _fused(
-        base.numpy(),
-        deltas.numpy(),
-        bounds,
-        per_seg(lower, 0.0),
-        per_seg(upper, 0.0),
-        weight.detach().to("cpu", torch.float64).numpy().astype(np_dtype),
-        per_seg(scale, 1.0),
-        per_seg_int(cut_lo),
-        per_seg_int(cut_hi),
-        levels.numpy() if levels is not None else _DUMMY_I16,
-        ranks.numpy() if ranks is not None else _DUMMY_I16,
-        order.numpy() if order is not None else _DUMMY_I32,
-        mode,
-        consensus,
-        normalize,
-        np_dtype(lam),
-        target.numpy(),
-    )
+    with torch_thread_budget():
+        _fused(
+            base.numpy(),
+            deltas.numpy(),
+            bounds,
+            per_seg(lower, 0.0),
+            per_seg(upper, 0.0),
+            weight.detach().to("cpu", torch.float64).numpy().astype(np_dtype),
+            per_seg(scale, 1.0),
+            per_seg_int(cut_lo),
+            per_seg_int(cut_hi),
+            levels.numpy() if levels is not None else _DUMMY_I16,
+            ranks.numpy() if ranks is not None else _DUMMY_I16,
+            order.numpy() if order is not None else _DUMMY_I32,
+            mode,
+            consensus,
+            normalize,
+            np_dtype(lam),
+            target.numpy(),
+        )
     return target
