@@ -160,7 +160,10 @@ def genome_layer_ranges(g: dict, merger: Merger) -> list[tuple[int, int]] | None
     ranges = adaptive_blocks(merger.layer_task_vector_norms(), min(n_blocks, merger.n_layers))
     if getattr(merger, "_announced_blocks", None) != ranges:  # once per run, not per stage/check
         merger._announced_blocks = ranges
-        print(f"adaptive blocks ({len(ranges)}): " + ", ".join(f"layers {a}-{b}" for a, b in ranges), file=sys.stderr, flush=True)
+        unused = g.get("layer_groups", 1)
+        # a preset's or user's layer_groups does nothing here: say so rather than ignore it silently
+        note = f" (genome.layer_groups={unused} is not used: genome.blocks=uniform for equal blocks)" if unused not in (None, 1) else ""
+        print(f"adaptive blocks ({len(ranges)}): " + ", ".join(f"layers {a}-{b}" for a, b in ranges) + note, file=sys.stderr, flush=True)
     return ranges
 
 

@@ -55,8 +55,10 @@ def kill_mid_run(args: list[str], run: Path, cwd: Path, after: int, timeout: flo
 
 def test_search_end_to_end_and_export(test_zoo, tmp_path):
     run = tmp_path / "run"
-    proc = cli(*pool_args(test_zoo), "search.max_evals=24", "algorithm.pop_size=8", f"hydra.run.dir={run}", cwd=tmp_path)
+    # the default search (BO over adaptive blocks); a layer_groups it does not use is named, not silently dropped
+    proc = cli(*pool_args(test_zoo), "search.max_evals=24", "algorithm.pop_size=8", "genome.layer_groups=2", f"hydra.run.dir={run}", cwd=tmp_path)
     assert "done: 24 candidates" in proc.stdout  # the budget counts evaluations: exactly 24 new ones
+    assert "adaptive blocks (" in proc.stderr and "(genome.layer_groups=2 is not used: genome.blocks=uniform for equal blocks)" in proc.stderr
     assert "| evals   24/24" in proc.stderr  # progress display
     assert "warm start: base, expert:math, expert:lang" in proc.stderr and "served from the references" in proc.stderr
     assert "test re-score 1/" in proc.stderr and "references: scoring base" in proc.stderr
@@ -132,10 +134,18 @@ def test_bad_overrides_give_one_line_errors(overrides, message, tmp_path):
     assert not (tmp_path / "r").exists()  # a config error leaves no run directory behind
 
 
-def test_bad_genome_on_real_pool_is_a_clear_error(test_zoo, tmp_path):
-    proc = cli(*pool_args(test_zoo), "genome.layer_groups=99", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, check=False)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["genome.blocks=uniform", "genome.layer_groups=99"], "genome.layer_groups must be between 1 and the model's 4 layers, got 99"),
+        (["genome.blocks=wavy"], "genome.blocks must be uniform or adaptive, got 'wavy'"),
+        (["genome=layerwise_mixed", "genome.layer_groups=0"], "genome.layer_groups must be between 1 and the model's 4 layers, got 0"),
+    ],
+)
+def test_bad_genome_on_real_pool_is_a_clear_error(overrides, message, test_zoo, tmp_path):
+    proc = cli(*pool_args(test_zoo), *overrides, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2
-    assert "evomerge: error: genome.layer_groups must be between 1 and the model's 4 layers, got 99" in proc.stderr
+    assert f"evomerge: error: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
