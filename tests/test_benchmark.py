@@ -40,7 +40,7 @@ def test_benchmark_protocol_cpu_sized(test_zoo, tmp_path, monkeypatch):
     bench.main(args + [a for o in overrides for a in ("--override", o)])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results) == {"toy"}
-    assert set(results["toy"]) == {"default", "grid_ta", "ties_default", "random", "bo", "bo_blocks", "map"}
+    assert set(results["toy"]) == {"default", "grid_ta", "nsga2", "ties_default", "random", "bo", "map"}
     for search, by_budget in results["toy"].items():
         (row,) = by_budget["4"]
         assert row["seed"] == 0

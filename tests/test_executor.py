@@ -286,6 +286,10 @@ def _pool_args(zoo) -> list[str]:
     return [*pool_args(zoo), "fitness.test_rescore=false", "report.plots=false", "report.html=false", "algorithm.pop_size=8"]
 
 
+# the worker-death tests count generations of a generational algorithm: NSGA-II, not the default (bo)
+NSGA2 = ["algorithm=nsga2", "genome=layerwise_mixed"]
+
+
 def _run(overrides: list[str], run_dir: Path) -> list[tuple]:
     from hydra import compose, initialize_config_module
 
@@ -326,7 +330,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def local_archive(test_zoo, tmp_path_factory):
     run = tmp_path_factory.mktemp("local") / "run"
-    return _run([*_pool_args(test_zoo), "search.max_evals=16", "search.progress=false"], run)
+    return _run([*_pool_args(test_zoo), *NSGA2, "search.max_evals=16", "search.progress=false"], run)
 
 
 @needs_ray
@@ -349,7 +353,7 @@ def test_ray_gives_the_local_archive_and_survives_killed_workers(test_zoo, local
             seen["killed"].append((seen["batch"], key))
 
     monkeypatch.setattr(RayExecutor, "on_submit", staticmethod(kill_some))
-    got = _run([*_pool_args(test_zoo), "search.max_evals=16", "search.progress=false", "executor=ray", "executor.workers=2"], tmp_path / "ray")
+    got = _run([*_pool_args(test_zoo), *NSGA2, "search.max_evals=16", "search.progress=false", "executor=ray", "executor.workers=2"], tmp_path / "ray")
     assert seen["killed"] == [(2, "2"), (3, "5"), (3, "5")]
     assert len(got) == len(local_archive) == 3 + 16
     keys = [k for _, k, *_ in got]
@@ -371,7 +375,7 @@ def test_ray_gives_the_local_archive_and_survives_killed_workers(test_zoo, local
 def test_killed_ray_driver_resumes_to_the_same_archive(test_zoo, local_archive, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     run = tmp_path / "killed"
-    args = [sys.executable, "-m", "evomerge", *_pool_args(test_zoo), "search.max_evals=16", "executor=ray", "executor.workers=2"]
+    args = [sys.executable, "-m", "evomerge", *_pool_args(test_zoo), *NSGA2, "search.max_evals=16", "executor=ray", "executor.workers=2"]
     proc = subprocess.Popen([*args, f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 400
     archive = run / "archive.jsonl"
@@ -414,7 +418,7 @@ def test_async_with_a_generational_algorithm_is_refused_before_ray_starts(test_z
 
     monkeypatch.setattr(ray_executor, "RayExecutor", no_ray)
     with pytest.raises(ConfigError, match=r"^executor.mode=async: algorithm nsga2 is generational only .* random, grid, hand_made$"):
-        _run([*_pool_args(test_zoo), "search.max_evals=8", "search.progress=false", "executor=ray", "executor.mode=async"], tmp_path / "run")
+        _run([*_pool_args(test_zoo), *NSGA2, "search.max_evals=8", "search.progress=false", "executor=ray", "executor.mode=async"], tmp_path / "run")
 
 
 ASYNC_EVALS = 12

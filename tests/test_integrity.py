@@ -534,7 +534,7 @@ def test_cli_resume_refuses_while_locked_and_refuses_unsafe_overrides(tmp_path):
         (["algorithm.pop_size=0"], "algorithm.pop_size must be at least 2"),
         (["algorithm.pop_size=1"], "algorithm.pop_size must be at least 2"),
         (["dtype=float8_e4m3fn"], "dtype must be one of auto, float32, bfloat16, float16"),
-        (["genome.ranges.density=[0.1,1.5]"], "genome.ranges.density=[0.1, 1.5] is outside what merge method"),
+        (["genome=layerwise_ties", "genome.ranges.density=[0.1,1.5]"], "genome.ranges.density=[0.1, 1.5] is outside what merge method"),
         (['fitness.extra=[{name: t, task: toy_target, metric: "acc,none"}]'], "fitness.extra: task 'toy_target' has no metric 'acc,none'"),
     ],
 )
