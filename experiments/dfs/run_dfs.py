@@ -40,12 +40,13 @@ from launch import run_evomerge  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SETTINGS: dict[str, dict[str, list[str]]] = {
-    "toy": {"ps": [], "dfs": ["+experiment=toy_dfs"], "ps_dfs": ["+experiment=toy_ps_dfs"]},
-    # the smollm2 preset sets layer_groups for the PS genome; the DFS genome has no such key
+    # PS as measured (docs/dfs.md): NSGA-II over the layer-wise mixed genome, the default until
+    # 2026-12-05, with the smollm2 preset's former 3 layer groups and population 12
+    "toy": {"ps": ["algorithm=nsga2", "genome=layerwise_mixed"], "dfs": ["+experiment=toy_dfs"], "ps_dfs": ["+experiment=toy_ps_dfs"]},
     "smollm2": {
-        "ps": ["+experiment=smollm2"],
-        "dfs": ["+experiment=smollm2", "genome=dfs", "~genome.layer_groups", "genome.repeats=1"],
-        "ps_dfs": ["+experiment=smollm2", "genome=dfs", "~genome.layer_groups", "genome.repeats=1"],
+        "ps": ["+experiment=smollm2", "algorithm=nsga2", "genome=layerwise_mixed", "genome.layer_groups=3", "algorithm.pop_size=12"],
+        "dfs": ["+experiment=smollm2", "genome=dfs", "algorithm=nsga2", "algorithm.pop_size=12", "genome.repeats=1"],
+        "ps_dfs": ["+experiment=smollm2", "genome=dfs", "algorithm=nsga2", "algorithm.pop_size=12", "genome.repeats=1"],
     },
 }
 SEARCHES = ["ps", "dfs", "ps_dfs"]

@@ -41,7 +41,8 @@ import yaml
 from evomerge.search.pareto import nondominated
 
 HERE = Path(__file__).resolve().parent
-OVERRIDES = {"toy": [], "smollm2": ["+experiment=smollm2"]}
+# candidates drawn from the layer-wise mixed genome, as measured (the default genome until 2026-12-05)
+OVERRIDES = {"toy": ["genome=layerwise_mixed"], "smollm2": ["+experiment=smollm2", "genome=layerwise_mixed", "genome.layer_groups=3"]}
 
 
 def compose(setting: str, extra: list[str]):
