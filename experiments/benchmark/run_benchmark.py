@@ -181,6 +181,10 @@ def collect(root: Path, settings: list[str], searches: list[str], budgets: dict[
                         rows.append({"seed": seed, **measure(target)})
                 if rows:
                     results.setdefault(setting, {}).setdefault(search, {})[str(budget)] = rows
+                elif (root / setting / search / str(budget)).is_dir():
+                    # runs of this search are here but none finished (e.g. a search renamed and rerun):
+                    # an earlier report's rows for it are stale, not kept
+                    results.get(setting, {}).get(search, {}).pop(str(budget), None)
     return results
 
 
