@@ -96,3 +96,15 @@ def test_an_interrupted_extension_resumes_at_its_own_budget(tmp_path, monkeypatc
     assert calls[-1] == [f"resume={target}", "search.max_evals=48"]
     bench.run_one(tmp_path, "toy", "bo", 48, 0, [], smaller)  # the attempt was killed: resumed
     assert calls[-1] == [f"resume={target}", "search.max_evals=48"]
+
+
+def test_report_drops_rows_of_a_search_rerun_under_its_name_and_keeps_others(tmp_path):
+    """A search renamed and rerun (``default`` after the default changed): its directory holds
+    only unfinished runs, so an earlier report's rows for it are stale and dropped; rows of a
+    search with no directory here (run elsewhere) are kept."""
+    bench = load_script()
+    (tmp_path / "smollm2" / "default" / "48" / "seed-0").mkdir(parents=True)  # started, not finished
+    earlier = {"smollm2": {"default": {"24": [{"seed": 0}], "48": [{"seed": 0}]}, "random": {"48": [{"seed": 1}]}}}
+    got = bench.collect(tmp_path, ["smollm2"], ["default", "random"], {"smollm2": [24, 48]}, [0, 1], earlier)
+    assert got["smollm2"]["default"] == {"24": [{"seed": 0}]}  # 24: no directory here, kept; 48: dropped
+    assert got["smollm2"]["random"] == {"48": [{"seed": 1}]}
