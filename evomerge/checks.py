@@ -34,6 +34,9 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"algorithm.pop_size must be an integer, got {pop!r}")
         if pop < 2:
             raise ConfigError(f"algorithm.pop_size must be at least 2 (a population of {pop} cannot evolve), got {pop}")
+    searched = OmegaConf.select(cfg, "fitness.test_rescore_searched")
+    if searched is not None and not isinstance(searched, bool):
+        raise ConfigError(f"fitness.test_rescore_searched must be true or false, got {searched!r}")
     check_numbers(cfg)
     check_device(OmegaConf.select(cfg, "device"))
     check_genome_ranges(cfg)

@@ -131,13 +131,16 @@ def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen:
     settings = {"split": "test", "tasks": [vars(t) for t in tasks], "batch_size": OmegaConf.select(cfg, "fitness.batch_size"), "max_length": OmegaConf.select(cfg, "fitness.max_length")}
     settings["thresholds"] = "exact"  # scores of exact merges (earlier caches held sampled-table merges)
     cache = ScoreCache.from_env(run_dir, settings) if run_dir is not None else None  # shared by runs when $EVOMERGE_SCORE_CACHE is set
-    return exact_rescore(session.merger, targets, test, cache)
+    score_searched = OmegaConf.select(cfg, "fitness.test_rescore_searched")
+    return exact_rescore(session.merger, targets, test, cache, score_searched=score_searched is not False)
 
 
-def exact_rescore(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreCache | None = None) -> dict[str, Any]:
+def exact_rescore(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreCache | None = None, score_searched: bool = True) -> dict[str, Any]:
     """Test scores of the exact merges (``Merger.exact_thresholds``: the weights the export
     writes and mergekit computes). Where a point's exact merge differs from the one the
-    search scored (sampled magnitude table), that merge is scored too: ``searched_scores``."""
+    search scored (sampled magnitude table), the point is marked ``exact_differs`` and, with
+    ``score_searched``, that merge is scored too: ``searched_scores`` (one more test score per
+    such point, not cached)."""
     exact = getattr(merger, "exact_thresholds", None)
     searched: dict[str, tuple] = {}
     if exact is not None:
@@ -166,11 +169,23 @@ def exact_rescore(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreC
             out[name] = {"id": rec.id, "scores": scores}
             if merged and name in searched and merger.fingerprint() != searched[name]:
                 differs.append(name)
-    for name in differs:  # the searched (sampled-table) merge of the same recipe
-        merger.apply(candidate_from_dict(targets[name].recipe))
-        out[name].update(exact_differs=True, searched_scores=dict(test()))
-    if differs:
+    for name in differs:
+        out[name]["exact_differs"] = True
+    if differs and score_searched:
+        say(f"test re-score: the exact merge of {len(differs)} point(s) differs from the merge the search scored; scoring those searched merges too")
+        started, scoring_s = time.time(), []
+        for i, name in enumerate(differs, start=1):  # the searched (sampled-table) merge of the same recipe
+            say(f"test re-score of the searched merge {i}/{len(differs)}: {name} ({time.time() - started:.0f}s elapsed{time_left(scoring_s, len(differs) - i + 1)})")
+            point_started = time.time()
+            merger.apply(candidate_from_dict(targets[name].recipe))
+            out[name]["searched_scores"] = dict(test())
+            scoring_s.append(time.time() - point_started)
         log.warning("test re-score: the exact merge of %s differs from the merge the search scored; both scores are in summary.json", ", ".join(differs))
+    elif differs:
+        log.warning(
+            "test re-score: the exact merge of %s differs from the merge the search scored; only the exact merge was scored (fitness.test_rescore_searched=false)",
+            ", ".join(differs),
+        )
     return out
 
 

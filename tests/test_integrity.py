@@ -328,6 +328,9 @@ def test_resume_accepts_safe_overrides():
     changed = apply_resume_overrides(cfg, ["resume=runs/x", "search.max_evals=80", "search.progress=false", "report.plots=false", "+executor.workers=2"])
     assert cfg.search.max_evals == 80 and cfg.search.progress is False and cfg.report.plots is False and cfg.executor.workers == 2
     assert changed[0] == "search.max_evals: 48 -> 80"
+    # the test re-score's second score of differing points: added to a config made before the key existed
+    assert apply_resume_overrides(cfg, ["fitness.test_rescore_searched=false"]) == ["fitness.test_rescore_searched: None -> False"]
+    assert cfg.fitness.test_rescore_searched is False
     # repeating the original command line (same values or the same override strings) is harmless
     assert apply_resume_overrides(cfg, ["algorithm.pop_size=8", "algorithm=nsga2"], original=["algorithm=nsga2"]) == []
 
@@ -410,6 +413,7 @@ def cfg_with(**kw):
         ({"algorithm__pop_size": 0}, "algorithm.pop_size must be at least 2 (a population of 0 cannot evolve), got 0"),
         ({"algorithm__pop_size": 1}, "algorithm.pop_size must be at least 2"),
         ({"dtype": "float8_e4m3fn"}, "dtype must be one of auto, float32, bfloat16, float16, got 'float8_e4m3fn'"),
+        ({"fitness__test_rescore_searched": "no"}, "fitness.test_rescore_searched must be true or false, got 'no'"),
         ({"genome__ranges": {"density": [0.1, 1.5]}}, "genome.ranges.density=[0.1, 1.5] is outside what merge method 'ties' accepts ([0.0, 1.0])"),
     ],
 )

@@ -155,3 +155,26 @@ def test_test_rescore_scores_the_exact_merge_and_records_the_searched_one_where_
     assert out["knee"]["scores"]["s"] == pytest.approx(float(theirs["ties"][embed].double().sum()), rel=1e-6)  # mergekit's merge
     assert out["knee"]["exact_differs"] is True and out["knee"]["searched_scores"] != out["knee"]["scores"]
     assert "exact_differs" not in out["base"] and out["base"]["id"] == 0  # no magnitude trim: the same merge
+
+
+def test_test_rescore_can_skip_scoring_the_searched_merge(bf16_models, theirs):
+    """fitness.test_rescore_searched=false: the differing point is still marked, its searched
+    merge is not scored (one test score per point instead of two)."""
+    from types import SimpleNamespace
+
+    from evomerge.run import exact_rescore
+
+    merger = merger_for(bf16_models, 4096)
+    calls = []
+
+    def test():
+        calls.append(1)
+        return {"s": float(merger.model.state_dict()["model.embed_tokens.weight"].double().sum())}
+
+    targets = {"knee": SimpleNamespace(id=7, recipe=CASES["ties"].to_dict())}
+    out = exact_rescore(merger, targets, test, score_searched=False)
+    assert out["knee"]["exact_differs"] is True and "searched_scores" not in out["knee"]
+    assert out["knee"]["scores"]["s"] == pytest.approx(float(theirs["ties"]["model.embed_tokens.weight"].double().sum()), rel=1e-6)
+    assert len(calls) == 1
+    exact_rescore(merger, targets, test)  # the default scores both merges
+    assert len(calls) == 3

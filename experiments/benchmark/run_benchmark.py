@@ -73,7 +73,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # three experts, three objectives (issue 23): where a hand-made grid thins out
     "toy_k3": {"overrides": ["+experiment=toy_k3"], "budgets": [48, 96, 192]},
     # no stretch objective: its test re-scores are a quarter of the setting's time (PROTOCOL.md, 2026-12-05)
-    "smollm2_k3": {"overrides": ["+experiment=smollm2_k3", "fitness.extra=[]"], "budgets": [48, 96]},
+    # test_rescore_searched=false: the PROTOCOL amendment of 2026-12-05 (a cost cut, no measure changes)
+    "smollm2_k3": {"overrides": ["+experiment=smollm2_k3", "fitness.extra=[]", "fitness.test_rescore_searched=false"], "budgets": [48, 96]},
 }
 SEEDS = [0, 1, 2, 3, 4]
 # Anytime searches: nothing in them depends on the budget, so the run at a larger budget
@@ -103,13 +104,15 @@ def run_one(root: Path, setting: str, search: str, budget: int, seed: int, extra
     target = run_dir(root, setting, search, budget, seed)
     if (target / "summary.json").is_file():
         return target
-    executor = [o for o in extra if o.lstrip("+").startswith("executor")]  # chosen per invocation: kept on resume
+    on_resume = [o for o in extra if o.lstrip("+").startswith("executor")]  # chosen per invocation: kept on resume
+    # the setting's re-score choice reaches runs started before it was made (a key safe on resume)
+    on_resume += [o for o in SETTINGS[setting]["overrides"] if o.startswith("fitness.test_rescore_searched=")]
     if smaller is not None and (smaller / "summary.json").is_file() and not target.exists():
         shutil.copytree(smaller, target, ignore=shutil.ignore_patterns("run.lock", "summary.json", "report.html"))
-        args = [f"resume={target}", f"search.max_evals={budget}", *executor]
+        args = [f"resume={target}", f"search.max_evals={budget}", *on_resume]
     elif (target / "config.yaml").is_file():
         # the budget again: an interrupted extension's config may still hold the smaller one
-        args = [f"resume={target}", f"search.max_evals={budget}", *executor]
+        args = [f"resume={target}", f"search.max_evals={budget}", *on_resume]
     else:
         args = [
             *SETTINGS[setting]["overrides"],
