@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -427,3 +428,15 @@ def test_a_javascript_error_is_reported_by_the_status_marker(tmp_path):
     broken.write_text(report.read_text().replace('data-figure="fig-progress">{', 'data-figure="fig-progress">{,', 1))
     dom, _ = browse(broken, tmp_path)
     assert 'data-report-status="error"' in dom and "RENDER ERROR: 5/6 figures" in dom
+
+
+def test_test_table_says_whether_the_searched_merge_was_scored():
+    from evomerge.report.run_report import test_table
+
+    def table(entry):
+        run = SimpleNamespace(test_scores=lambda: {"knee": entry}, objectives=["a"], extras=[], points=[])
+        return test_table(run)
+
+    assert "searched merge's test: a 0.400" in table({"id": 6, "scores": {"a": 0.5}, "exact_differs": True, "searched_scores": {"a": 0.4}})
+    assert "searched merge not scored (fitness.test_rescore_searched=false)" in table({"id": 6, "scores": {"a": 0.5}, "exact_differs": True})
+    assert "exact merge differs" not in table({"id": 6, "scores": {"a": 0.5}})

@@ -315,7 +315,8 @@ def test_table(run: RunData) -> str:
         note = ""
         if t.get("exact_differs"):  # the exact merge (export, mergekit) is not the one the search scored
             searched = ", ".join(f"{esc(k)} {v:.3f}" for k, v in (t.get("searched_scores") or {}).items())
-            note = f"<br><small>exact merge differs from the searched one (sampled magnitude table); searched merge's test: {searched}</small>"
+            searched = f"searched merge's test: {searched}" if searched else "searched merge not scored (fitness.test_rescore_searched=false)"
+            note = f"<br><small>exact merge differs from the searched one (sampled magnitude table); {searched}</small>"
         rows.append(f"<tr><td class=l>{esc(name)}{note}</td><td>{t.get('id')}</td>{cells}</tr>")
     head = "".join(f"<th>{esc(k)}: validation / test</th>" for k in keys)
     return f"<table><tr><th class=l>point</th><th>id</th>{head}</tr>{''.join(rows)}</table>"
