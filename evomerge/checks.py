@@ -25,6 +25,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 def check_config(cfg: DictConfig) -> None:
     """Every numeric option, the dtype, the device, the genome ranges and the score cache:
     a mistake is one line here, before any model loads, not a traceback later."""
+    check_setup(cfg)
     dtype = OmegaConf.select(cfg, "dtype") or "float32"
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -43,6 +44,18 @@ def check_config(cfg: DictConfig) -> None:
     from evomerge.score_cache import cache_folder
 
     cache_folder()  # $EVOMERGE_SCORE_CACHE must be a folder (or creatable)
+
+
+def check_setup(cfg: DictConfig) -> None:
+    """A preset that reads files made by a script names them in ``setup.folder`` and the script in
+    ``setup.command``: when the folder is missing, say which command makes it (not which of its
+    files was looked for first)."""
+    folder = OmegaConf.select(cfg, "setup.folder")
+    if folder and not Path(str(folder)).expanduser().is_dir():
+        command = OmegaConf.select(cfg, "setup.command") or "the preset's setup script"
+        key = OmegaConf.select(cfg, "setup.key")
+        elsewhere = f" (or {key}=<folder> where they are)" if key else ""
+        raise ConfigError(f"this experiment reads models and tasks from {folder}, which does not exist: make them first with `{command}`{elsewhere}")
 
 
 def integer(cfg: DictConfig, key: str, low: int | None = None, high: int | None = None, optional: bool = False) -> int | None:

@@ -415,6 +415,8 @@ def cfg_with(**kw):
         ({"dtype": "float8_e4m3fn"}, "dtype must be one of auto, float32, bfloat16, float16, got 'float8_e4m3fn'"),
         ({"fitness__test_rescore_searched": "no"}, "fitness.test_rescore_searched must be true or false, got 'no'"),
         ({"genome__ranges": {"density": [0.1, 1.5]}}, "genome.ranges.density=[0.1, 1.5] is outside what merge method 'ties' accepts ([0.0, 1.0])"),
+        ({"setup": {"folder": "/nonexistent/evomerge-setup", "command": "python make.py", "key": "data_dir"}},
+         "reads models and tasks from /nonexistent/evomerge-setup, which does not exist: make them first with `python make.py` (or data_dir=<folder> where they are)"),
     ],
 )
 def test_config_mistakes_are_caught_up_front(overrides, message):
@@ -540,6 +542,7 @@ def test_cli_resume_refuses_while_locked_and_refuses_unsafe_overrides(tmp_path):
         (["dtype=float8_e4m3fn"], "dtype must be one of auto, float32, bfloat16, float16"),
         (["genome=layerwise_ties", "genome.ranges.density=[0.1,1.5]"], "genome.ranges.density=[0.1, 1.5] is outside what merge method"),
         (['fitness.extra=[{name: t, task: toy_target, metric: "acc,none"}]'], "fitness.extra: task 'toy_target' has no metric 'acc,none'"),
+        (["+experiment=smollm2_k3", "smollm2_dir=/nonexistent/smollm2"], "make them first with `python experiments/smollm2/prepare.py` (or smollm2_dir=<folder> where they are)"),
     ],
 )
 def test_cli_config_mistakes_are_one_line_errors(overrides, message, tmp_path):
