@@ -129,6 +129,25 @@ def test_recipe_table_rows():
     assert t["groups"][2]["weight"] == [None, None] and t["groups"][2]["other"] == {"t": 0.3}
 
 
+def _ta_recipe(w):
+    return {"evomerge_recipe": 1, "base": None, "experts": ["x", "y"], "metadata": {},
+            "groups": [{"name": "layers.0-1", "part": "layers", "layers": [0, 1], "component": "all", "method": "task_arithmetic", "params": {"weight": w}}]}
+
+
+def test_recipes_without_any_density_show_the_weight_panel_only(tmp_path):
+    recs = [dict(r, recipe=_ta_recipe([0.5, 0.25])) for r in FAKE_RECORDS]
+    html, _ = build_report(load_run(make_run(tmp_path / "ta", recs)), "runs/ta")
+    figs = embedded(html, "recipe-figures")
+    assert [t["z"] for t in figs["6"]["data"]] == [[[0.5, 0.25]]]  # one heatmap: weight
+    assert figs["6"]["data"][0]["showscale"] and [a["text"] for a in figs["6"]["layout"]["annotations"]] == ["weight"]
+    assert "no merge method on the front has a density" in html
+    # one front recipe with a density keeps both panels for every point (the layout does not jump)
+    recs[6] = dict(recs[6], recipe=_recipe([0.25, 0.75], [0.5, 0.9], [0.125, 0.875]))
+    html, _ = build_report(load_run(make_run(tmp_path / "mixed", recs)), "runs/mixed")
+    figs = embedded(html, "recipe-figures")
+    assert all(len(f["data"]) == 2 for f in figs.values()) and "blank: the method has no such parameter" in html
+
+
 # ---------------------------------------------------------------- report content
 
 

@@ -12,7 +12,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from evomerge.errors import ConfigError
 from evomerge.provenance import environment_line, read_environment
@@ -223,9 +223,16 @@ def throughput_figure(run: RunData) -> Any:
     return fig
 
 
-def recipe_figure(p: Point, experts: Sequence[str]) -> dict[str, Any]:
+def has_density(tables: Iterable[dict[str, Any]]) -> bool:
+    """Whether any recipe table (``recipe_table``) has a density for some expert and group."""
+    return any(v is not None for t in tables for g in t["groups"] for v in g["density"])
+
+
+def recipe_figure(p: Point, experts: Sequence[str], with_density: bool = True) -> dict[str, Any]:
     """Weight and density heatmaps (layer groups × experts) of one recipe, as a plain plotly.js
-    spec: built once per front point on every refresh, so no plotly.py objects (10x slower)."""
+    spec: built once per front point on every refresh, so no plotly.py objects (10x slower).
+    ``with_density=False`` (no front recipe has a density, e.g. a task-arithmetic genome) leaves
+    out the density panel instead of showing it empty."""
     from plotly.colors import sequential
 
     blues = [[i / (len(sequential.Blues) - 1), c] for i, c in enumerate(sequential.Blues)]
@@ -234,12 +241,13 @@ def recipe_figure(p: Point, experts: Sequence[str]) -> dict[str, Any]:
     ylabels = [f"{r['group']} · {r['method']}" for r in rows]
     other = [", ".join(f"{k}={v}" for k, v in r["other"].items()) for r in rows]
     data, layout = [], {}
-    for col, key, domain in ((1, "weight", [0.0, 0.41]), (2, "density", [0.59, 1.0])):
+    panels = ((1, "weight", [0.0, 0.41]), (2, "density", [0.59, 1.0])) if with_density else ((1, "weight", [0.0, 0.41]),)
+    for col, key, domain in panels:
         suffix = "" if col == 1 else "2"
         data.append({
             "type": "heatmap", "z": [list(r[key]) for r in rows], "x": list(names), "y": ylabels,
             "text": [["" if v is None else f"{v:.2f}" for v in r[key]] for r in rows], "texttemplate": "%{text}",
-            "zmin": 0, "zmax": 1, "colorscale": blues, "showscale": col == 2, "colorbar": {"len": 0.9},
+            "zmin": 0, "zmax": 1, "colorscale": blues, "showscale": col == len(panels), "colorbar": {"len": 0.9, "x": domain[1] + 0.02, "xanchor": "left"},
             "customdata": [[other[i] for _ in names] for i in range(len(rows))], "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
             "hovertemplate": "%{y}<br>expert %{x}: " + key + " %{z:.3f}<br>%{customdata}<extra></extra>",
         })
@@ -394,7 +402,8 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
                      + (f" Error bars: ±1 standard error; open circles: front points within {SEPARATION_Z:g} standard errors of another front point on every objective."
                         if any(p.stderr for p in front) else "") + "</p>" + fronts))
     if front:
-        figs = {str(p.id): recipe_figure(p, run.expert_names) for p in front}
+        with_density = has_density(recipes.values())
+        figs = {str(p.id): recipe_figure(p, run.expert_names, with_density) for p in front}
         start = knee or front[0]
         options = "".join(
             f'<option value="{p.id}"{" selected" if p is start else ""}>#{p.id}: '
@@ -403,8 +412,9 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
             for p in front
         )
         sections.append(("recipes", "Recipes of the front", '<p class="note">Layer groups (rows, with their merge method) × experts: '
-                         f'weight and density per expert; blank: the method has no such parameter.</p><label>front point <select id="recipe-select">{options}</select></label>'
-                         + figure_block("recipe-fig", recipe_figure(start, run.expert_names)) + data_block("recipe-figures", figs)))
+                         + ("weight and density per expert; blank: the method has no such parameter." if with_density else "weight per expert (no merge method on the front has a density).")
+                         + f'</p><label>front point <select id="recipe-select">{options}</select></label>'
+                         + figure_block("recipe-fig", recipe_figure(start, run.expert_names, with_density)) + data_block("recipe-figures", figs)))
     cube = front3d_figure(run)
     if cube is not None:
         sections.append(("front3d", "Front in 3-D", '<p class="note">The three objectives at once (drag to rotate, scroll to zoom): '
