@@ -326,14 +326,30 @@ def compare_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -
             if new is None:
                 problems.append(f"{what} '{name}' is no longer in the run's inputs")
                 continue
-            for fname, fp in old.get("files", {}).items():
-                now = new.get("files", {}).get(fname)
+            old_files, new_files = _pair_moved_files(old.get("files", {}), new.get("files", {}))
+            for fname, fp in old_files.items():
+                now = new_files.get(fname)
                 reason = "missing" if now is None else _differs(fp, now)
                 if reason:
                     problems.append(f"{what} '{name}' file {fname}: {reason}")
-            for fname in set(new.get("files", {})) - set(old.get("files", {})):
+            for fname in sorted(set(new_files) - set(old_files)):
                 problems.append(f"{what} '{name}' has a new file {fname}")
     return problems
+
+
+def _pair_moved_files(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Key a file that moved (same name, another folder) by its old path, so only its content counts.
+
+    Task files are keyed by their path, which changes when the checkout, the virtual environment
+    or a cluster's scratch mount moves between start and resume; the scores depend on the content.
+    """
+    old, new = dict(old), dict(new)
+    for fname in [f for f in old if f not in new]:
+        moved = [f for f in new if f not in old and Path(f).name == Path(fname).name]
+        same = [f for f in moved if (new[f].get("size"), new[f].get("sha1")) == (old[fname].get("size"), old[fname].get("sha1"))]
+        if same or len(moved) == 1:
+            new[fname] = new.pop((same or moved)[0])
+    return old, new
 
 
 def check_fingerprints(run_dir: Path, current: Mapping[str, Any], force: bool, action: str) -> None:

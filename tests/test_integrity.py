@@ -24,6 +24,7 @@ from evomerge.rundir import (
     apply_resume_overrides,
     check_export_target,
     check_fingerprints,
+    compare_fingerprints,
     claim_fresh,
     fingerprints,
     load_subset,
@@ -629,3 +630,17 @@ def test_failing_references_stop_the_run(test_zoo, tmp_path, monkeypatch):
         run_search(cfg, tmp_path / "run")
     assert not Archive(tmp_path / "run" / "archive.jsonl").search_records()
     RunLock(tmp_path / "run").acquire().release()  # the lock was released on the way out
+
+
+def test_task_files_that_only_moved_still_match(tmp_path):
+    """A checkout moved between start and resume (same files, other folder) resumes; a changed one does not."""
+    for folder in ("old", "new"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "task.yaml").write_text("task: t\n")
+        (tmp_path / folder / "data.jsonl").write_text('{"q": 1}\n')
+    files = lambda folder: {"t": [tmp_path / folder / "task.yaml", tmp_path / folder / "data.jsonl"]}  # noqa: E731
+    saved = fingerprints({}, files("old"))
+    assert compare_fingerprints(saved, fingerprints({}, files("new"))) == []
+    (tmp_path / "new" / "data.jsonl").write_text('{"q": 2}\n')
+    problems = compare_fingerprints(saved, fingerprints({}, files("new")))
+    assert problems == [f"task 't' file {tmp_path / 'old' / 'data.jsonl'}: content changed"]
