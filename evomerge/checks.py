@@ -39,6 +39,12 @@ def check_config(cfg: DictConfig) -> None:
     if searched is not None and not isinstance(searched, bool):
         raise ConfigError(f"fitness.test_rescore_searched must be true or false, got {searched!r}")
     check_numbers(cfg)
+    from evomerge.confirmation import confirm_settings
+    from evomerge.session import check_n_blocks
+
+    confirm_settings(cfg)
+    if OmegaConf.select(cfg, "genome.n_blocks") is not None:
+        check_n_blocks(OmegaConf.select(cfg, "genome.n_blocks"))
     check_device(OmegaConf.select(cfg, "device"))
     check_genome_ranges(cfg)
     from evomerge.score_cache import cache_folder

@@ -1,6 +1,7 @@
 """Command line: ``evomerge [hydra overrides]`` runs a search; ``evomerge export run=DIR point=ID``
 writes one archived candidate as an HF model folder; ``evomerge report run=DIR`` writes the
-run's interactive report.html; ``evomerge compare runs=[A,B,...]`` compares runs.
+run's interactive report.html; ``evomerge compare runs=[A,B,...]`` compares runs; ``evomerge reproduce run=DIR`` runs a
+recorded search again and compares it record by record.
 
 Heavy modules (torch, transformers, lm-eval) are imported inside the commands, so
 ``evomerge --help`` and shell completion (which run this module) answer in about a second."""
@@ -108,7 +109,22 @@ def expand_labels(text: str) -> list[str]:
     return [s.strip().strip("'\"") for s in text.strip().strip("[]").split(",") if s.strip()]
 
 
-SUBCOMMANDS = {"export": export_main, "report": report_main, "compare": compare_main}
+@raise_user_errors
+def reproduce_main(argv: list[str]) -> None:
+    from evomerge.reproduce import reproduce
+
+    usage = "evomerge reproduce run=<run dir> [max_evals=<search candidates>] [out=<scratch folder>]"
+    args = _key_values(argv, {"run", "max_evals", "out"}, {"run"}, usage)
+    try:
+        max_evals = int(args["max_evals"]) if args.get("max_evals") not in (None, "", "null") else None
+    except ValueError:
+        raise ConfigError(f"max_evals must be an integer, got {args['max_evals']!r}") from None
+    result = reproduce(args["run"], max_evals=max_evals, out=args.get("out"))
+    print("\n".join(result.lines()))
+    raise SystemExit(0 if result.identical else 1)
+
+
+SUBCOMMANDS = {"export": export_main, "report": report_main, "compare": compare_main, "reproduce": reproduce_main}
 
 
 def main() -> None:

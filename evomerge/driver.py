@@ -49,6 +49,23 @@ def build_executor(cfg: DictConfig, session: Session, run_dir: Path):
         raise ConfigError(f"invalid executor option: {exc}") from None
 
 
+def record_blocks(cfg: DictConfig, run_dir: Path, session: Session) -> None:
+    """The adaptive blocks of a run's genome (and how many were chosen, for ``n_blocks: auto``)
+    go into its config.yaml at the first start, so a resume decodes genomes on the same blocks."""
+    from evomerge import rundir
+    from evomerge.session import RESOLVED_BLOCKS
+
+    resolved = getattr(session.merger, "resolved_blocks", None)
+    if resolved is None or OmegaConf.select(cfg, RESOLVED_BLOCKS) is not None:
+        return
+    OmegaConf.update(cfg, RESOLVED_BLOCKS, resolved, force_add=True)
+    path = Path(run_dir) / "config.yaml"
+    if path.is_file():
+        saved = OmegaConf.load(path)
+        OmegaConf.update(saved, RESOLVED_BLOCKS, resolved, force_add=True)
+        rundir.write_atomic(path, OmegaConf.to_yaml(saved))
+
+
 def run_stages(
     cfg: DictConfig, run_dir: Path, session: Session, executor: Any, stages: list[Stage], seed: int, ref_point: Any,
     on_ready: Callable[[], None] | None = None,
@@ -60,6 +77,8 @@ def run_stages(
     loop: SearchLoop | None = None
     for i, stage in enumerate(stages):
         space = build_space(cfg, session.merger, list(session.experts), stage.genome)
+        if i == 0:
+            record_blocks(cfg, run_dir, session)
         strategy = build_strategy(cfg, space, stage.algorithm)
         initial, labels, aliases = None, [], {}
         if loop is not None:  # later stages start from the front found so far (hand-made merges included)

@@ -10,6 +10,8 @@ import sys
 class EvomergeError(Exception):
     """A problem caused by user input (bad path, bad config, incompatible models)."""
 
+    exit_code = 2  # the CLI's exit status for it (a finding such as a failed verification: 1)
+
 
 class MergeError(EvomergeError):
     """A recipe cannot be applied to a model pool."""
@@ -31,7 +33,7 @@ def raise_user_errors(fn):
             return fn(*args, **kwargs)
         except EvomergeError as exc:
             print(f"evomerge: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(exc.exit_code) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise

@@ -39,7 +39,9 @@ SAMPLE = 1 << 20
 MODEL_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken"}
 
 # on resume these may change: they do not alter any evaluated candidate
-SAFE_RESUME_KEYS = ("search.max_evals", "search.progress", "search.retry_failed", "fitness.test_rescore_searched")
+SAFE_RESUME_KEYS = ("search.max_evals", "search.progress", "search.retry_failed", "fitness.test_rescore_searched",
+                    # how the final front is chosen after the search: no archived record depends on them
+                    "fitness.final_front", "fitness.confirm_z", "fitness.confirm_max_points")
 SAFE_RESUME_PREFIXES = ("report.", "executor.", "progress.")
 # the executor is how this invocation evaluates, not what the run is: taken from the command line
 IGNORED_RESUME_KEYS = ("resume", "force", "executor")

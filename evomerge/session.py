@@ -44,11 +44,12 @@ def config_value(cfg: DictConfig, key: str, kind: type, positive: bool = False) 
 
 
 def table_size(cfg: DictConfig) -> int | None:
-    """``merger.table_size``: slots of the sampled magnitude table the search uses (default
-    4096; null = exact, as exports and the test re-score always are)."""
-    from evomerge.merge.groups import DEFAULT_TABLE_SIZE
+    """``merger.table_size``: null (the default) = exact thresholds, as exports and the test
+    re-score; a number = slots of a sampled magnitude table. A run's config without the key is
+    from before it existed, when the search used the 4096-slot table: it resumes with it."""
+    from evomerge.merge.groups import LEGACY_TABLE_SIZE
 
-    value = OmegaConf.select(cfg, "merger.table_size", default=DEFAULT_TABLE_SIZE)
+    value = OmegaConf.select(cfg, "merger.table_size", default=LEGACY_TABLE_SIZE)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -71,18 +72,7 @@ def build_pool(cfg: DictConfig) -> tuple[ModelPool, dict[str, str], str]:
     """The model pool named by ``cfg.modelpool`` (the toy zoo is built on first use)."""
     kind = OmegaConf.select(cfg, "modelpool.kind")
     if kind == "toy_zoo":
-        from evomerge.zoo.build import TINY, ZooConfig, default_cache_dir
-        from evomerge.zoo.k3 import build_zoo_with
-
-        size = OmegaConf.select(cfg, "modelpool.size") or "default"
-        if size not in ("default", "tiny"):
-            raise ConfigError(f"modelpool.size must be default or tiny, got {size!r}")
-        names = OmegaConf.select(cfg, "modelpool.experts")  # null: the zoo's own two experts
-        if names is not None and not OmegaConf.is_list(names):
-            raise ConfigError(f"modelpool.experts of the toy zoo must be a list of expert names, e.g. [math, lang, rev], got {names!r}")
-        cache = OmegaConf.select(cfg, "modelpool.cache_dir") or default_cache_dir()
-        print(f"toy zoo: building or reusing in {cache} ...", file=sys.stderr, flush=True)
-        zoo = build_zoo_with(cache, TINY if size == "tiny" else ZooConfig(), None if names is None else list(names))
+        zoo = toy_zoo(cfg)
         experts = {k: str(v) for k, v in zoo.experts.items()}
         base = str(zoo.base)
     elif kind == "paths":
@@ -96,6 +86,34 @@ def build_pool(cfg: DictConfig) -> tuple[ModelPool, dict[str, str], str]:
     else:
         raise ConfigError(f"modelpool.kind must be toy_zoo or paths, got {kind!r}")
     return ModelPool(base, experts, dtype=resolve_dtype(OmegaConf.select(cfg, "dtype"), OmegaConf.select(cfg, "device"))), experts, str(base)
+
+
+def toy_zoo(cfg: DictConfig):
+    """The toy zoo of ``cfg.modelpool``: the shipped one (``source: shipped``, the default: the
+    same weights on every machine) or one trained into the cache (``source: built``)."""
+    from evomerge.zoo.build import default_cache_dir
+    from evomerge.zoo.k3 import build_zoo_with
+    from evomerge.zoo.shipped import SIZES, matches_config, read_record, shipped_zoo
+
+    size = OmegaConf.select(cfg, "modelpool.size") or "default"
+    if size not in SIZES:
+        raise ConfigError(f"modelpool.size must be {' or '.join(SIZES)}, got {size!r}")
+    source = OmegaConf.select(cfg, "modelpool.source") or "shipped"
+    if source not in ("shipped", "built"):
+        raise ConfigError(f"modelpool.source must be shipped or built, got {source!r}")
+    names = OmegaConf.select(cfg, "modelpool.experts")  # null: the zoo's own two experts
+    if names is not None and not OmegaConf.is_list(names):
+        raise ConfigError(f"modelpool.experts of the toy zoo must be a list of expert names, e.g. [math, lang, rev], got {names!r}")
+    names = None if names is None else [str(n) for n in names]
+    if source == "shipped" and matches_config(size, SIZES[size]):
+        zoo = shipped_zoo(size, names)
+        print(f"toy zoo: the shipped {size} zoo, digest {str((read_record(size) or {}).get('digest'))[:12]} ({zoo.root})", file=sys.stderr, flush=True)
+        return zoo
+    cache = OmegaConf.select(cfg, "modelpool.cache_dir") or default_cache_dir()
+    why = "modelpool.source=built" if source == "built" else "the zoo config differs from the shipped zoo's"
+    print(f"toy zoo: {why}: building or reusing a zoo trained on this machine in {cache} (it differs from the shipped zoo and by machine) ...",
+          file=sys.stderr, flush=True)
+    return build_zoo_with(cache, SIZES[size], names)
 
 
 def resolve_dtype(dtype: str | None, device: str | None) -> str:
@@ -118,7 +136,10 @@ def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome
     unknown = set(g) - allowed
     if unknown:
         raise ConfigError(f"unknown genome option {sorted(unknown)[0]!r}; known: {', '.join(sorted(allowed))}")
-    layer_ranges = genome_layer_ranges(g, merger)
+    budget = OmegaConf.select(cfg, "search.max_evals")
+    recorded = OmegaConf.select(cfg, RESOLVED_BLOCKS)
+    recorded = OmegaConf.to_container(recorded, resolve=True) if isinstance(recorded, DictConfig) else None
+    layer_ranges = genome_layer_ranges(g, merger, budget if isinstance(budget, int) else None, recorded)
     try:
         return GenomeSpace(
             n_experts=merger.n_experts,
@@ -138,10 +159,15 @@ def build_space(cfg: DictConfig, merger: Merger, expert_names: list[str], genome
         raise ConfigError(f"invalid genome config: {exc}") from None
 
 
-def genome_layer_ranges(g: dict, merger: Merger) -> list[tuple[int, int]] | None:
+RESOLVED_BLOCKS = "resolved_blocks"  # config.yaml: the adaptive blocks a run uses, written at its first start
+
+
+def genome_layer_ranges(g: dict, merger: Merger, budget: int | None = None, recorded: Any = None) -> list[tuple[int, int]] | None:
     """Explicit layer blocks of a genome config: ``layer_ranges`` as given, or with
     ``blocks: adaptive`` the ``n_blocks`` blocks segmented from the experts' per-layer
-    task-vector norms (evomerge.search.blocks); None for uniform ``layer_groups``."""
+    task-vector norms (evomerge.search.blocks; ``n_blocks: auto`` chooses the count from the
+    norms and ``budget``); None for uniform ``layer_groups``. ``recorded``: the run's
+    ``resolved_blocks`` from its config.yaml, used as they are (a resume keeps its genome)."""
     blocks = g.get("blocks") or "uniform"
     if blocks not in ("uniform", "adaptive"):
         raise ConfigError(f"genome.blocks must be uniform or adaptive, got {blocks!r}")
@@ -152,19 +178,46 @@ def genome_layer_ranges(g: dict, merger: Merger) -> list[tuple[int, int]] | None
             raise ConfigError(f"genome.layer_ranges must be a list of [first, last] layer pairs, got {g['layer_ranges']!r}") from None
     if blocks == "uniform":
         return None
-    from evomerge.search.blocks import adaptive_blocks
+    from evomerge.search.blocks import adaptive_blocks, auto_block_count
 
-    n_blocks = g.get("n_blocks", 4)
-    if not isinstance(n_blocks, int) or isinstance(n_blocks, bool):
-        raise ConfigError(f"genome.n_blocks must be an integer, got {n_blocks!r}")
-    ranges = adaptive_blocks(merger.layer_task_vector_norms(), min(n_blocks, merger.n_layers))
+    n_blocks = check_n_blocks(g.get("n_blocks", "auto"), merger.n_layers)
+    norms = merger.layer_task_vector_norms()
+    if isinstance(recorded, dict) and recorded.get("setting") == n_blocks and recorded.get("blocks"):
+        kept = [(int(a), int(b)) for a, b in recorded["blocks"]]
+        if adaptive_blocks(norms, len(kept)) != kept and not getattr(merger, "_warned_blocks", False):
+            merger._warned_blocks = True
+            print(f"warning: this evomerge cuts the pool's layers into other blocks than the run recorded ({kept}); the run keeps its recorded blocks",
+                  file=sys.stderr, flush=True)
+        return kept
+    why: dict[str, Any] = {}
+    if n_blocks == "auto":
+        if budget is None:
+            raise ConfigError("genome.n_blocks=auto needs the budget (search.max_evals)")
+        count, why = auto_block_count(norms, budget)
+    else:
+        count = n_blocks
+    ranges = adaptive_blocks(norms, count)
+    merger.resolved_blocks = {"setting": n_blocks, "n_blocks": len(ranges), "blocks": [list(r) for r in ranges], **({"auto": why} if why else {})}
     if getattr(merger, "_announced_blocks", None) != ranges:  # once per run, not per stage/check
         merger._announced_blocks = ranges
         unused = g.get("layer_groups", 1)
         # a preset's or user's layer_groups does nothing here: say so rather than ignore it silently
         note = f" (genome.layer_groups={unused} is not used: genome.blocks=uniform for equal blocks)" if unused not in (None, 1) else ""
-        print(f"adaptive blocks ({len(ranges)}): " + ", ".join(f"layers {a}-{b}" for a, b in ranges) + note, file=sys.stderr, flush=True)
+        chosen = f", chosen automatically from {why['max_blocks']} at most" if why else ""
+        print(f"adaptive blocks ({len(ranges)}{chosen}): " + ", ".join(f"layers {a}-{b}" for a, b in ranges) + note, file=sys.stderr, flush=True)
     return ranges
+
+
+def check_n_blocks(value: Any, n_layers: int | None = None) -> int | str:
+    """``genome.n_blocks``: ``auto`` or a block count from 1 to the model's layers."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"genome.n_blocks must be auto or an integer, got {value!r}")
+    if value < 1 or (n_layers is not None and value > n_layers):
+        limit = f"the model's {n_layers} layers" if n_layers is not None else "the model's layer count"
+        raise ConfigError(f"genome.n_blocks must be between 1 and {limit}, got {value}")
+    return value
 
 
 def build_strategy(cfg: DictConfig, space: GenomeSpace, algorithm: dict | None = None):

@@ -63,22 +63,34 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], rand
     return Verification(len(ours), max_diff, beyond, random)
 
 
-def mergekit_yaml_text(recipe: Recipe, base: str, experts: list[str]) -> str:
-    """The YAML a user would hand to ``mergekit-yaml`` (a one-line error where it cannot be written)."""
+def mergekit_yaml_text(recipe: Recipe, base: str, experts: list[str], verified: Verification | None = None) -> str:
+    """The YAML a user would hand to ``mergekit-yaml`` (a one-line error where it cannot be
+    written); with ``verified``, one header line saying what the verification found instead of
+    the export's "not verified here"."""
     try:
-        return recipe.to_mergekit_yaml(base=base, experts=experts)
+        text = recipe.to_mergekit_yaml(base=base, experts=experts)
     except MergeError as exc:
         raise ConfigError(f"cannot verify: {exc}") from None
+    if verified is None:
+        return text
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    return f"# exported by evomerge; verified here: {verified.line()}\n{body}\n"
+
+
+def require_mergekit() -> None:
+    try:
+        import mergekit.merge  # noqa: F401
+    except ImportError:
+        raise ConfigError("verify=true needs mergekit (pip install mergekit==0.1.5); nothing was exported") from None
 
 
 def verify_export(folder: Path, recipe: Recipe, base: str, experts: list[str]) -> Verification:
     """Run mergekit (in-process, on the CPU) on ``recipe``'s YAML and compare with ``folder``."""
-    try:
-        from mergekit.config import MergeConfiguration
-        from mergekit.merge import run_merge
-        from mergekit.options import MergeOptions
-    except ImportError:
-        raise ConfigError("verify=true needs mergekit (pip install mergekit==0.1.5)") from None
+    require_mergekit()
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
     text = mergekit_yaml_text(recipe, base, experts)
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
     with tempfile.TemporaryDirectory(prefix="evomerge-verify-") as tmp:

@@ -56,14 +56,23 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+# The test zoo is data (tests/data/test_zoo, made once by tests/data/make_test_zoo.py): a zoo
+# trained in the test session differed by machine (threads, AVX2 vs AVX512), and so did every
+# threshold a test drew from it.
+TEST_ZOO_DIR = Path(__file__).resolve().parent / "data" / "test_zoo"
+
+
 @pytest.fixture(scope="session")
-def test_zoo(tmp_path_factory):
-    from evomerge.zoo.build import ZooConfig, build_zoo
+def test_zoo():
+    import json
 
-    return build_zoo(tmp_path_factory.mktemp("zoo"), ZooConfig(**TEST_ZOO_SETTINGS))
+    from evomerge.zoo.build import Zoo, ZooConfig
+    from evomerge.zoo.shipped import check_model
 
-
-@pytest.fixture(scope="session")
-def zoo_cache(test_zoo) -> Path:
-    """The cache folder holding the test zoo (for CLI runs with modelpool.cache_dir)."""
-    return test_zoo.root.parent
+    record = json.loads((TEST_ZOO_DIR / "zoo.json").read_text())
+    if record["config_key"] != ZooConfig(**TEST_ZOO_SETTINGS).key():
+        pytest.fail("tests/data/test_zoo was trained with other settings than TEST_ZOO_SETTINGS: run python tests/data/make_test_zoo.py")
+    zoo = Zoo(TEST_ZOO_DIR, TEST_ZOO_DIR / "base", {n: TEST_ZOO_DIR / f"expert_{n}" for n in ("math", "lang")}, TEST_ZOO_DIR / "base")
+    for role, folder in {"base": zoo.base, **{f"expert:{n}": p for n, p in zoo.experts.items()}}.items():
+        check_model(folder, record["weights_digest"][role], role)
+    return zoo

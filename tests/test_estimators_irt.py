@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -104,7 +105,12 @@ def test_irt_estimates_the_experts_own_accuracies_within_their_standard_error(me
         s = est()
         for name in ("math", "lang"):
             exact = est.models[name].calibration[label]  # its score on all 200 items
-            assert 0 < s.stderr[name] < 0.15
+            # the reported error is the blend's cross-validated error over the calibration
+            # models (at least one item's worth); no tighter bound is promised: docs/estimators.md
+            # measures it at about half the observed error on the toy zoo
+            model = est.models[name]
+            assert s.stderr[name] == pytest.approx(max(math.sqrt(model.cv_mse), 1.0 / model.n_items))
+            assert 0 < s.stderr[name] <= 0.5
             assert abs(s[name] - exact) <= s.stderr[name], (label, name, s[name], exact, s.stderr[name])
             assert s.fidelity[name] == 15
             checked += 1

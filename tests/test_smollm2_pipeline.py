@@ -33,6 +33,17 @@ def test_roman_numerals():
     assert [prepare.to_roman(n) for n in (1, 4, 9, 14, 40, 90, 99, 120)] == ["I", "IV", "IX", "XIV", "XL", "XC", "XCIX", "CXX"]
 
 
+def test_prepared_models_are_compared_with_the_readme_digests(tmp_path):
+    prepare = load_prepare()
+    reference = tmp_path / "sources.json"
+    reference.write_text(json.dumps({"weights_digest": {"base": "a" * 64, "expert:math": "b" * 64}}))
+    same = prepare.compare_with_reference({"base": "a" * 64, "expert:math": "b" * 64}, reference)
+    assert same == ["base: aaaaaaaaaaaa, the same weights as the README's", "expert:math: bbbbbbbbbbbb, the same weights as the README's"]
+    other = prepare.compare_with_reference({"base": "a" * 64, "expert:math": "c" * 64}, reference)
+    assert other[1] == "expert:math: cccccccccccc DIFFERS from the README's bbbbbbbbbbbb" and "do not apply as they are" in other[-1]
+    assert "unreadable" in prepare.compare_with_reference({"base": "a"}, tmp_path / "missing.json")[0]
+
+
 def test_gguf_to_hf_round_trip(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,11 +66,14 @@ def test_gguf_to_hf_round_trip(tmp_path_factory):
 def test_prepare_and_search_cpu_sized(tiny_models, tmp_path):
     out = tmp_path / "smollm2"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run(
+    prepared = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "smollm2" / "prepare.py"), "--out", str(out), "--base-hf", str(tiny_models["base"]),
          "--steps", "2", "--batch", "2", "--n-eval", "6", "--n-test", "0", "--lr", "1e-3"],
         check=True, env=env, capture_output=True, text=True,
     )
+    # a tiny base is not SmolLM2: prepare says plainly that the README's numbers do not apply
+    assert "prepare: base: " in prepared.stdout and "DIFFERS from the README's" in prepared.stdout
+    assert "its numbers do not apply as they are" in prepared.stdout
     sources = json.loads((out / "sources.json").read_text())
     assert set(sources["scores"]) >= {"base", "expert:math", "expert:roman"}
     assert all(0.0 <= v <= 1.0 for s in sources["scores"].values() for split in s.values() for v in split.values())

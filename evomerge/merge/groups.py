@@ -28,7 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-DEFAULT_TABLE_SIZE = 4096
+# exact thresholds by default: the merge a search scores is the one exports write (issue 35);
+# a sampled magnitude table of this many ranks per tensor is what runs made before 2026-12-07
+# used when their config named no table size
+DEFAULT_TABLE_SIZE: int | None = None
+LEGACY_TABLE_SIZE = 4096
 
 
 def keep_counts(density: Tensor, sizes: Tensor) -> Tensor:

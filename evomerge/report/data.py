@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -142,13 +142,37 @@ class RunData:
         return np.array([p.losses for p in points], dtype=float) if points else np.zeros((0, len(self.objectives)))
 
     def front(self) -> list[Point]:
-        """Non-dominated search candidates, sorted by the first objective's score (high first)."""
+        """The run's final front (a finished run's summary.json: chosen on fresh validation items,
+        with those scores), else the non-dominated search candidates; sorted along the losses."""
         cached = self._front_cache.get(self.budget)
         if cached is None:
-            ok = self.evaluated
-            idx = nondominated(self.losses(ok)) if ok else []
-            cached = self._front_cache[self.budget] = sorted((ok[i] for i in idx), key=lambda p: p.losses)
+            final = self.final_front() if self.budget is None else None
+            if final is not None:
+                cached = self._front_cache[self.budget] = final
+            else:
+                ok = self.evaluated
+                idx = nondominated(self.losses(ok)) if ok else []
+                cached = self._front_cache[self.budget] = sorted((ok[i] for i in idx), key=lambda p: p.losses)
         return list(cached)
+
+    def final_front(self) -> list[Point] | None:
+        """summary.json's front with the scores each point was chosen on; None before the run
+        ends or for runs whose summary names no final-front estimate."""
+        if not (self.summary.get("final_front") or {}).get("estimate"):
+            return None
+        by_id = {p.id: p for p in self.evaluated}
+        out = []
+        for entry in self.summary.get("front") or []:
+            point = by_id.get(entry.get("id")) if isinstance(entry, dict) else None
+            if point is None or not isinstance(entry.get("scores"), dict):
+                return None  # a summary that does not match the archive: fall back to the archive's front
+            scores = {**point.scores, **{k: float(v) for k, v in entry["scores"].items() if isinstance(v, (int, float))}}
+            out.append(replace(point, scores=scores, losses=[1.0 - scores.get(o, 0.0) for o in self.objectives]))
+        return sorted(out, key=lambda p: p.losses)
+
+    def chosen_by(self) -> str:
+        """Which estimate chose the front: 'confirmation' or 'search scores'."""
+        return str((self.summary.get("final_front") or {}).get("estimate") or "search scores")
 
     def hypervolume(self) -> float:
         return hypervolume(self.losses([p for p in self.front()]), self.ref_point)

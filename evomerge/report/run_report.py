@@ -400,7 +400,10 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
     sections.append(("fronts", "Fronts", '<p class="note">Every objective pair; the front is over all objectives. Hover a point for its '
                      "scores and methods; click a front point to show its recipe in the next section. Stars: base and experts; grey: dominated candidates."
                      + (f" Error bars: ±1 standard error; open circles: front points within {SEPARATION_Z:g} standard errors of another front point on every objective."
-                        if any(p.stderr for p in front) else "") + "</p>" + fronts))
+                        if any(p.stderr for p in front) else "")
+                     + (" The front was chosen on fresh validation items outside the search's subset (the final front, docs/concepts.md): "
+                        "its points show those scores, the grey candidates their search scores." if run.chosen_by() == "confirmation" else "")
+                     + "</p>" + fronts))
     if front:
         with_density = has_density(recipes.values())
         figs = {str(p.id): recipe_figure(p, run.expert_names, with_density) for p in front}

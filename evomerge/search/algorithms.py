@@ -65,9 +65,23 @@ class Strategy:
 # crowding, reference directions, CMA-ES's covariance update, DE's one-to-one replacement)
 # is defined over a whole offspring population; telling them one individual at a time
 # would be a different algorithm (a steady-state variant pymoo does not provide), not the
-# one configured. Random, grid and hand-made points never depend on results: their ask
-# order is the same in both modes, so the same seed gives the same candidates.
-ASYNC_ALGORITHMS = ("random", "grid", "hand_made")
+# one configured. Random, Sobol, grid and hand-made points never depend on results: their ask
+# order is the same in both modes, so the same seed gives the same candidates; bo proposes
+# with the running candidates as pending points.
+
+
+def async_algorithms() -> list[str]:
+    """Names of the strategies that serve the steady-state loop, from the strategy classes
+    themselves (so a new one is listed without editing this)."""
+    import evomerge.search.bayes  # noqa: F401 -- defines its strategy classes
+
+    names, todo = set(), [Strategy]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if getattr(sub, "supports_async", False):
+                names.add(sub.name)
+    return sorted(names)
 
 
 def require_async(strategy: Strategy) -> None:
@@ -75,7 +89,7 @@ def require_async(strategy: Strategy) -> None:
     if not getattr(strategy, "supports_async", False):
         raise ConfigError(
             f"executor.mode=async: algorithm {strategy.name} is generational only (its selection needs whole generations); "
-            f"use executor.mode=generational, or an algorithm that supports async: {', '.join(ASYNC_ALGORITHMS)}"
+            f"use executor.mode=generational, or an algorithm that supports async: {', '.join(async_algorithms())}"
         )
 
 
@@ -189,6 +203,36 @@ class RandomStrategy(Strategy):
         return self.rng.random(self.n_var)
 
 
+class SobolStrategy(RandomStrategy):
+    """A scrambled Sobol sequence over the unit cube: space-filling like a grid, but spends any
+    budget (a full grid has points_per_axis ** genes points) and no warm start is needed."""
+
+    name = "sobol"
+
+    def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
+        super().setup(n_var, n_obj, max_evals, seed, initial)
+        self.seed, self.drawn = int(seed), 0  # the sampler is rebuilt from these (checkpoints hold plain numbers)
+
+    def _next(self, n: int) -> np.ndarray:
+        from scipy.stats import qmc
+
+        sampler = qmc.Sobol(self.n_var, scramble=True, seed=self.seed)
+        if self.drawn:
+            sampler.fast_forward(self.drawn)
+        self.drawn += n
+        return sampler.random(n)
+
+    def ask(self) -> np.ndarray:
+        seeds, self.initial = self.initial[: self.pop_size], self.initial[self.pop_size :]
+        return np.vstack([seeds, self._next(self.pop_size - len(seeds))]) if len(seeds) < self.pop_size else seeds
+
+    def ask_one(self) -> np.ndarray:
+        if len(self.initial):
+            x, self.initial = self.initial[0], self.initial[1:]
+            return x
+        return self._next(1)[0]
+
+
 class GridStrategy(Strategy):
     """A full grid over the unit cube with as many points per axis as the budget allows
     (use with a small genome, e.g. model-wise task-arithmetic weights)."""
@@ -286,6 +330,10 @@ def mixed_ga(space, pop_size: int = 16) -> Strategy:
 
 def random_search(pop_size: int = 16) -> Strategy:
     return RandomStrategy(pop_size)
+
+
+def sobol(pop_size: int = 16) -> Strategy:
+    return SobolStrategy(pop_size)
 
 
 def grid(pop_size: int = 16, points_per_axis: int | None = None) -> Strategy:

@@ -105,3 +105,48 @@ def adaptive_blocks(norms: np.ndarray, n_blocks: int, balance: float = 1.0) -> l
     """Blocks of layers from per-layer task-vector norms (layers x experts)."""
     norms = np.asarray(norms, dtype=float)
     return segment_layers(layer_features(norms), norms.sum(axis=1), n_blocks, balance)
+
+
+# genes a search may have per evaluation of its budget: "well under the budget", so a model
+# (a GP per objective) sees several evaluations per gene
+GENES_PER_EVALUATION = 1 / 6
+# the block count explains this share of the layer profile's spread (its elbow)
+EXPLAINED_SHARE = 0.9
+
+
+def segmentation_costs(norms: np.ndarray, max_blocks: int) -> list[float]:
+    """Least within-block spread (standardised features, the balance term left out so counts
+    compare) of the best segmentation into 1..``max_blocks`` blocks."""
+    norms = np.asarray(norms, dtype=float)
+    features = layer_features(norms)
+    mass = norms.sum(axis=1)
+    costs = []
+    for k in range(1, max_blocks + 1):
+        blocks = segment_layers(features, mass, k, balance=0.0)
+        costs.append(total_cost(blocks, features, mass, k, balance=0.0))
+    return costs
+
+
+def auto_block_count(norms: np.ndarray, budget: int, explained: float = EXPLAINED_SHARE,
+                     genes_per_evaluation: float = GENES_PER_EVALUATION) -> tuple[int, dict]:
+    """``genome.n_blocks: auto``: the fewest blocks that explain ``explained`` of the spread of
+    the experts' per-layer profile (the elbow of the segmentation's cost curve), never more
+    blocks than layers nor more genes (blocks x experts) than ``genes_per_evaluation`` x the
+    budget. Returns the count and how it was chosen (recorded in config.yaml)."""
+    norms = np.asarray(norms, dtype=float)
+    n_layers, n_experts = norms.shape
+    by_budget = max(1, int(budget * genes_per_evaluation) // max(n_experts, 1))
+    max_blocks = max(1, min(n_layers, by_budget))
+    costs = segmentation_costs(norms, max_blocks)
+    spread = costs[0]
+    count = 1
+    if spread > 1e-12:
+        count = next((k for k, c in enumerate(costs, start=1) if 1.0 - c / spread >= explained - 1e-12), max_blocks)
+    why = {
+        "n_blocks": count,
+        "max_blocks": max_blocks,
+        "limited_by": "layers" if n_layers <= by_budget else "budget",
+        "explained": [round(float(1.0 - c / spread), 4) if spread > 1e-12 else 1.0 for c in costs],
+        "rule": f"fewest blocks explaining >= {explained:g} of the layer profile's spread; <= {genes_per_evaluation:.3g} genes per evaluation",
+    }
+    return count, why

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import logging
@@ -14,6 +15,7 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.dfs.path import LayerPath, candidate_from_dict, pool_paths
 from evomerge.search.archive import Archive, Record
+from evomerge.search.confirm import SEARCH_SCORES, FinalFront
 from evomerge.search.pareto import hypervolume, knee_point, nondominated
 
 log = logging.getLogger(__name__)
@@ -43,17 +45,36 @@ def separable_from_neighbours(pareto: Sequence[Record], objectives: Sequence[str
     return out
 
 
-def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_point: np.ndarray) -> dict[str, Any]:
+def final_records(archive: Archive, final: FinalFront | None) -> list[Record]:
+    """The final front's records, each carrying the scores (and errors) it was chosen on,
+    ordered along the losses; without ``final``, the front of the search scores."""
+    if final is None:
+        return sorted(front(archive.search_records()), key=lambda r: r.losses)
+    by_id = {r.id: r for r in archive.records}
+    out = []
+    for i in final.ids:
+        r, chosen_on = by_id[i], final.scores.get(i) or {}  # objective -> score, in the objectives' order
+        losses = [1.0 - v for v in chosen_on.values()] if chosen_on else r.losses
+        out.append(dataclasses.replace(r, scores={**r.scores, **chosen_on}, stderr={**r.stderr, **final.stderr.get(i, {})}, losses=losses))
+    return sorted(out, key=lambda r: r.losses)
+
+
+def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_point: np.ndarray, final: FinalFront | None = None) -> dict[str, Any]:
+    """pareto_front.csv/json of the final front: its scores are those it was chosen on (the
+    confirmation's fresh items, or the search's scores), next to the search scores."""
     search = archive.search_records()
-    pareto = sorted(front(search), key=lambda r: r.losses)
+    pareto = final_records(archive, final)
+    raw = {r.id: r for r in archive.records}
+    estimate = final.estimate if final is not None else SEARCH_SCORES
     extras = sorted({k for r in archive.records for k in r.scores} - set(objectives))
     with (run_dir / "pareto_front.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", *objectives, *extras, "methods"])
+        w.writerow(["id", *objectives, *extras, "methods", "chosen_by", *(f"search_{o}" for o in objectives)])
         for r in pareto:
             methods = sorted({g["method"] for g in r.recipe.get("groups") or []}) or [str(r.recipe.get("kind", ""))]
-            w.writerow([r.id, *(r.scores[o] for o in objectives), *(r.scores.get(e, "") for e in extras), "+".join(methods)])
-    F = np.array([r.losses for r in pareto]) if pareto else np.zeros((0, len(objectives)))
+            w.writerow([r.id, *(r.scores[o] for o in objectives), *(r.scores.get(e, "") for e in extras), "+".join(methods), estimate,
+                        *(raw[r.id].scores[o] for o in objectives)])
+    F = np.array([[1.0 - r.scores[o] for o in objectives] for r in pareto]) if pareto else np.zeros((0, len(objectives)))
     separable = separable_from_neighbours(pareto, objectives)
     summary: dict[str, Any] = {
         "objectives": list(objectives),
@@ -61,22 +82,34 @@ def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_
         "hypervolume": hypervolume(F, ref_point),
         "n_evaluated": len(search),
         "n_failed": sum(r.error is not None for r in search),
-        "front": [{"id": r.id, "scores": r.scores} for r in pareto],
+        # scores: those the point was chosen on (chosen_by); search_scores: the search's subset
+        "front": [{"id": r.id, "scores": {o: r.scores[o] for o in r.scores}, "search_scores": raw[r.id].scores, "chosen_by": estimate} for r in pareto],
         # standard errors, items per score, and whether a front neighbour is within 2 SE
         "front_uncertainty": [
             {"id": r.id, "stderr": r.stderr, "fidelity": r.fidelity, "separable": sep} for r, sep in zip(pareto, separable)
         ],
         "references": {r.label: r.scores for r in archive.records if r.kind == "reference"},
+        "final_front": {
+            "estimate": estimate,
+            "note": final.note if final is not None else "",
+            "items": final.items if final is not None else {},
+            "candidates": final.candidates if final is not None else [],
+            # the front of the search's own scores, for the before/after comparison
+            "search_front": [r.id for r in sorted(front(search), key=lambda r: r.losses)],
+        },
     }
     (run_dir / "pareto_front.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, base: str, experts: dict[str, str]) -> dict[str, int]:
-    """best_<objective>.yaml and knee.yaml (+ .mergekit.yaml where mergekit can express it)."""
+def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, base: str, experts: dict[str, str],
+                  final: FinalFront | None = None) -> dict[str, int]:
+    """best_<objective>.yaml and knee.yaml of the final front (+ .mergekit.yaml where mergekit
+    can express it), chosen on the scores the front was chosen on."""
     out = run_dir / "recipes"
     out.mkdir(exist_ok=True)
-    pareto = front(archive.search_records())
+    pareto = final_records(archive, final)
+    estimate = final.estimate if final is not None else SEARCH_SCORES
     chosen: dict[str, int] = {}
     if not pareto:
         return chosen
@@ -87,7 +120,8 @@ def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, ba
     for name, rid in chosen.items():
         recipe = candidate_from_dict(by_id[rid].recipe)  # a Recipe, or a LayerPath (evomerge/dfs)
         recipe.base, recipe.experts = base, list(experts)
-        recipe.metadata = {"archive_id": rid, "scores": by_id[rid].scores}
+        chosen_on = next(r for r in pareto if r.id == rid)
+        recipe.metadata = {"archive_id": rid, "scores": chosen_on.scores, "search_scores": by_id[rid].scores, "chosen_by": estimate}
         recipe.save(out / f"{name}.yaml")
         try:
             if isinstance(recipe, LayerPath):

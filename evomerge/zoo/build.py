@@ -1,8 +1,10 @@
-"""Build the embedded toy zoo: a character tokenizer, a tiny pre-trained Llama base and
-two experts fine-tuned from it on distinct skills. Deterministic for a given config and
-cached on disk, so the default experiment needs no hub access.
+"""Train the toy zoo: a character tokenizer, a tiny pre-trained Llama base and two experts
+fine-tuned from it on distinct skills, cached on disk. Training rounds differently by CPU
+kernel family and thread count, so the zoo ``python3 -m evomerge`` uses is the one shipped
+with the package (evomerge.zoo.shipped); this module rebuilds it for a changed config.
 
-    python -m evomerge.zoo [--out DIR] [--tiny]
+    python -m evomerge.zoo [--tiny]                      # check and show the shipped zoo
+    python -m evomerge.zoo --rebuild [--out DIR] [--tiny] # train one into the cache
 """
 
 from __future__ import annotations
@@ -298,14 +300,35 @@ def default_cache_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the evomerge toy zoo")
-    parser.add_argument("--out", default=str(default_cache_dir()), help="cache folder")
+    parser = argparse.ArgumentParser(
+        description="The evomerge toy zoo. Without --rebuild: check and show the shipped zoo (what python3 -m evomerge uses). "
+        "--rebuild: train one from scratch into the cache (for a changed zoo config; modelpool.source=built uses it)."
+    )
+    parser.add_argument("--out", default=str(default_cache_dir()), help="cache folder for --rebuild")
     parser.add_argument("--tiny", action="store_true", help="the tiny test-sized zoo")
-    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--rebuild", action="store_true", help="train from scratch into the cache (replaces a cached build)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    zoo = build_zoo(args.out, TINY if args.tiny else ZooConfig(), force=args.force)
+    if not args.rebuild:
+        from evomerge.errors import ConfigError
+        from evomerge.zoo.shipped import SHIPPED_EXPERTS, read_record, shipped_zoo
+
+        size = "tiny" if args.tiny else "default"
+        try:
+            zoo = shipped_zoo(size, SHIPPED_EXPERTS)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+        digest = (read_record(size) or {}).get("digest", "?")
+        print(f"shipped toy zoo ({size}): {zoo.root}, digest {digest[:12]}, weights ok")
+        return
+    zoo = build_zoo(args.out, TINY if args.tiny else ZooConfig(), force=True)
+    digest = json.loads((zoo.root / "zoo.json").read_text())["digest"]
     print(zoo.root)
+    print(
+        f"rebuilt zoo digest {digest[:12]} (threads {torch.get_num_threads()}, {cpu_capability()}): training rounds differently on other "
+        "CPUs and thread counts, so this zoo differs from the shipped one and the toy numbers in the docs do not apply to it. "
+        "Use it with modelpool.source=built" + ("" if args.out == str(default_cache_dir()) else f" modelpool.cache_dir={args.out}") + "."
+    )
 
 
 if __name__ == "__main__":

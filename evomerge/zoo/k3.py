@@ -3,10 +3,11 @@ on further skills (``rev``: writing digits backwards), each fine-tuned from that
 same way and cached on its own. The 2-expert zoo (its cache key, files and weights) is not
 touched: a 3-expert zoo is ``build_zoo(cfg)`` + one separately cached expert.
 
-    python -m evomerge.zoo.k3 [--out DIR] [--tiny] [--experts math,lang,rev] [--scores]
+    python -m evomerge.zoo.k3 [--tiny] [--experts math,lang,rev] [--scores] [--built [--out DIR]]
 
 ``--scores`` prints the table of docs/three-experts.md: base, each expert and uniform task
-arithmetic of all experts, scored on the full test split of every expert's task.
+arithmetic of all experts, scored on the full test split of every expert's task, on the
+shipped zoo (``--built``: a zoo trained on this machine into the cache instead).
 """
 
 from __future__ import annotations
@@ -154,11 +155,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(default_cache_dir()), help="cache folder")
     parser.add_argument("--tiny", action="store_true", help="the tiny test-sized zoo")
     parser.add_argument("--experts", default=",".join(K3_EXPERTS), help="comma-separated expert names")
-    parser.add_argument("--force", action="store_true", help="rebuild the added experts even if cached")
+    parser.add_argument("--force", action="store_true", help="with --built: retrain the added experts even if cached")
+    parser.add_argument("--built", action="store_true", help="a zoo trained on this machine (cache) instead of the shipped one")
     parser.add_argument("--scores", action="store_true", help="print base/expert/task-arithmetic scores on the full test splits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    zoo = build_zoo_with(args.out, TINY if args.tiny else ZooConfig(), args.experts.split(","), force=args.force)
+    if args.built:
+        zoo = build_zoo_with(args.out, TINY if args.tiny else ZooConfig(), args.experts.split(","), force=args.force)
+    else:
+        from evomerge.zoo.shipped import shipped_zoo
+
+        zoo = shipped_zoo("tiny" if args.tiny else "default", args.experts.split(","))
     for name, path in zoo.experts.items():
         print(f"{name}: {path}")
     if args.scores:

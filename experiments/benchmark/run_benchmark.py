@@ -54,6 +54,16 @@ SEARCHES: dict[str, list[str]] = {
     # the default before 2026-12-05 (NSGA-II over the mixed-method layer-wise genome); a
     # setting may add its own keys (SETTINGS[...]["search_overrides"]: what its preset used to set)
     "nsga2": ["algorithm=nsga2", "genome=layerwise_mixed"],
+    # issue 34 (declared in PROTOCOL.md before any run): the anchors' own searches, and a
+    # model-wise task-arithmetic baseline that spends the whole budget
+    # Sakana / mergekit-evolve: CMA-ES (sigma 1/6, x0 = 0.5, default population) over layer-wise
+    # DARE-TIES weights and densities, one objective (the mean), no warm start
+    "sakana_cmaes": ["algorithm=cmaes", "genome=layerwise_dare_ties", "genome.layer_groups=4", "genome.split_attn_mlp=false",
+                     "genome.separate_embed_head=false", "search.seed_with_references=false"],
+    # Mergenetic: NSGA-II over model-wise TIES weights and densities, no warm start
+    "mergenetic_nsga2": ["algorithm=nsga2", "genome=modelwise_ties", "genome.layer_groups=1", "search.seed_with_references=false"],
+    # Sobol points over the grid's own weights: every evaluation of the budget spent
+    "sobol_ta": ["algorithm=sobol", "genome=modelwise_ta", "genome.layer_groups=1", "search.seed_with_references=false"],
 }
 # Levers: run only when named with --searches; reported next to the protocol's searches.
 LEVERS: dict[str, list[str]] = {
@@ -65,13 +75,14 @@ LEVERS: dict[str, list[str]] = {
     "modelwise_nsga": ["algorithm=nsga2", "genome=modelwise_ta", "genome.layer_groups=1"],
 }
 SETTINGS: dict[str, dict[str, Any]] = {
-    "toy": {"overrides": [], "budgets": [48, 144]},
+    # the stretch objective only on the test re-score (PROTOCOL.md 2026-12-07: a cost cut, no measure changes)
+    "toy": {"overrides": ["fitness.extra_in_search=false"], "budgets": [48, 144, 480]},
     # the stretch objective (target) is scored on the test re-score only: a third less time per candidate
     "smollm2": {"overrides": ["+experiment=smollm2", "fitness.extra_in_search=false"], "budgets": [24, 48],
                 # what the smollm2 preset set for NSGA-II before 2026-12-05
                 "search_overrides": {"nsga2": ["genome.layer_groups=3", "algorithm.pop_size=12"], "modelwise_nsga": ["algorithm.pop_size=12"]}},
     # three experts, three objectives (issue 23): where a hand-made grid thins out
-    "toy_k3": {"overrides": ["+experiment=toy_k3"], "budgets": [48, 96, 192]},
+    "toy_k3": {"overrides": ["+experiment=toy_k3", "fitness.extra_in_search=false"], "budgets": [48, 96, 192]},
     # no stretch objective: its test re-scores are a quarter of the setting's time (PROTOCOL.md, 2026-12-05)
     # test_rescore_searched=false: the PROTOCOL amendment of 2026-12-05 (a cost cut, no measure changes)
     "smollm2_k3": {"overrides": ["+experiment=smollm2_k3", "fitness.extra=[]", "fitness.test_rescore_searched=false"], "budgets": [48, 96]},
@@ -81,16 +92,19 @@ SEEDS = [0, 1, 2, 3, 4]
 # continues a copy of the finished smaller-budget run (``resume=`` with a larger
 # ``search.max_evals``) instead of repeating its evaluations. Checked on the toy zoo: the
 # fresh budget-48 archives of both are exact prefixes of the fresh budget-144 ones.
-EXTENDABLE = {"default", "random", "default_mf", "modelwise_nsga", "bo", "bo_blocks", "map", "nsga2"}
+EXTENDABLE = {"default", "random", "default_mf", "modelwise_nsga", "bo", "bo_blocks", "map", "nsga2", "sakana_cmaes", "mergenetic_nsga2", "sobol_ta"}
 # the searches each setting runs by default (the 2026-12 protocol: random and ties_default
 # are left out on smollm2 to buy the five seeds; see PROTOCOL.md). Since 2026-12-05 the
 # default search of toy and smollm2 is bo_blocks's configuration, and nsga2 the former default;
 # on toy, bo_blocks is left out (the same runs as default)
+# issue 34's table (PROTOCOL.md, 2026-12-07): the default, the grid, the anchors' searches and
+# sobol_ta in every setting; bo_blocks next to the k3 presets (the candidate k3 default)
+ANCHORS = ["sakana_cmaes", "mergenetic_nsga2", "map", "sobol_ta"]
 DEFAULT_SEARCHES = {
-    "toy": ["default", "grid_ta", "nsga2", "ties_default", "random", "bo", "map"],
-    "smollm2": ["default", "grid_ta", "bo", "bo_blocks", "map", "nsga2"],
-    "toy_k3": ["default", "grid_ta", "ties_default", "random", "bo", "bo_blocks", "map"],
-    "smollm2_k3": ["default", "grid_ta", "ties_default", "random", "bo", "bo_blocks", "map"],
+    "toy": ["default", "grid_ta", *ANCHORS],
+    "smollm2": ["default", "grid_ta", *ANCHORS],
+    "toy_k3": ["default", "grid_ta", "bo_blocks", *ANCHORS],
+    "smollm2_k3": ["default", "grid_ta", "bo_blocks", *ANCHORS],
 }
 
 
@@ -136,23 +150,62 @@ def hv(points: np.ndarray) -> float:
     return hypervolume(1.0 - points, np.ones(points.shape[1])) if len(points) else 0.0
 
 
+def front_hvs(summary: dict[str, Any], ids: list[int], scores_of: dict[int, dict[str, float]], target: Path) -> tuple[float, float]:
+    """(validation HV, test HV) of the points ``ids`` plus the base and experts; validation
+    scores from ``scores_of`` (id -> scores), test scores from the run's re-score."""
+    objectives, test = summary["objectives"], summary.get("test", {})
+    val_points, test_points = [], []
+    for name in [f"front:{i}" for i in ids] + sorted(summary["references"]):
+        if name not in test:
+            raise SystemExit(f"[benchmark] {target}: {name} was not re-scored on the test split")
+        val = summary["references"][name] if name in summary["references"] else scores_of[int(name.split(":")[1])]
+        val_points.append([val[o] for o in objectives])
+        test_points.append([test[name]["scores"][o] for o in objectives])
+    return round(hv(np.array(val_points)), 6), round(hv(np.array(test_points)), 6)
+
+
+def search_label(target: Path) -> str:
+    """The run's search by its full configuration (what `default` meant at that version)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(target / "config.yaml")
+    algo = str(OmegaConf.select(cfg, "algorithm._target_") or "?").rsplit(".", 1)[-1]
+    genome = OmegaConf.select(cfg, "genome") or {}
+    methods = "+".join(genome.get("methods") or [])
+    blocks = OmegaConf.select(cfg, "resolved_blocks.n_blocks")
+    layout = f"{blocks} adaptive blocks" if blocks else f"{genome.get('layer_groups', 1)} layer groups"
+    pop = OmegaConf.select(cfg, "algorithm.pop_size")
+    warm = "warm start" if OmegaConf.select(cfg, "search.seed_with_references") else "no warm start"
+    final = OmegaConf.select(cfg, "fitness.final_front") or "search_scores"
+    return f"{algo} (pop {pop}) over {methods}, {layout}, {warm}, final front: {final}"
+
+
 def measure(target: Path) -> dict[str, Any]:
-    """val/test hypervolume of the run's final front plus the base and experts."""
+    """val/test hypervolume of the run's final front plus the base and experts; the same for
+    the front of the search's own scores (before the final front's confirmation)."""
     summary = json.loads((target / "summary.json").read_text())
     objectives = summary["objectives"]
     test = summary.get("test", {})
-    val_points, test_points = [], []
-    names = [f"front:{p['id']}" for p in summary["front"]] + sorted(summary["references"])
-    for name in names:
-        if name not in test:
-            raise SystemExit(f"[benchmark] {target}: {name} was not re-scored on the test split")
-        val = summary["references"][name] if name in summary["references"] else next(p["scores"] for p in summary["front"] if f"front:{p['id']}" == name)
-        val_points.append([val[o] for o in objectives])
-        test_points.append([test[name]["scores"][o] for o in objectives])
+    final_ids = [p["id"] for p in summary["front"]]
+    val_hv, test_hv = front_hvs(summary, final_ids, {p["id"]: p["scores"] for p in summary["front"]}, target)
+    search_front = (summary.get("final_front") or {}).get("search_front", final_ids)
+    search_scores = {p["id"]: p.get("search_scores", p["scores"]) for p in summary["front"]}
+    if any(i not in search_scores for i in search_front):
+        from evomerge.search.archive import Archive
+
+        search_scores.update({r.id: r.scores for r in Archive(target / "archive.jsonl").records if r.id in search_front})
+    search_val_hv, search_test_hv = front_hvs(summary, search_front, search_scores, target)
     extras = sorted({k for t in test.values() for k in t["scores"]} - set(objectives))
+    env = json.loads((target / "environment.json").read_text()) if (target / "environment.json").is_file() else {}
     return {
-        "val_hv": round(hv(np.array(val_points)), 6),
-        "test_hv": round(hv(np.array(test_points)), 6),
+        "val_hv": val_hv,
+        "test_hv": test_hv,
+        # the front of the search's own (noisy) scores: before the final-front step
+        "search_val_hv": search_val_hv,
+        "search_test_hv": search_test_hv,
+        "chosen_by": (summary.get("final_front") or {}).get("estimate", "search scores"),
+        "pool_digest": ((env.get("models") or {}).get("pool_digest") or "")[:12] or None,
+        "config": search_label(target),
         "evals": int(summary["n_evaluated"]),
         "front_size": len(summary["front"]),
         # the stretch objective(s): best test score of any front point, e.g. the target task
@@ -204,32 +257,75 @@ def paired_differences(rows: list[dict], grid: list[dict], key: str = "test_hv",
     return {"mean": float(diffs.mean()), "ci95": [float(lo), float(hi)], "n": int(len(diffs)), "wins": int((diffs > 0).sum())}
 
 
+def _cell(rows: list[dict], key: str) -> str:
+    vals = np.array([r[key] for r in rows if r.get(key) is not None])
+    return f"{vals.mean():.4f} ± {vals.std():.4f} (n={len(vals)})" if len(vals) else "–"
+
+
+def _diff_cell(d: dict | None) -> str:
+    return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({d['wins']}/{d['n']})" if d else "–"
+
+
+def paired_within(rows: list[dict], key_a: str, key_b: str) -> dict[str, Any] | None:
+    """Paired difference of two measures of the same runs (e.g. final front vs search front)."""
+    both = [r for r in rows if r.get(key_a) is not None and r.get(key_b) is not None]
+    return paired_differences([{"seed": r["seed"], "x": r[key_a]} for r in both], [{"seed": r["seed"], "x": r[key_b]} for r in both], key="x")
+
+
+def decision(by_search: dict, budgets: list[int], baselines: list[str]) -> list[str]:
+    """The issue-34 rule: the default's mean test HV >= the grid's and every anchor's in every
+    budget, and non-decreasing in budget."""
+    default = by_search.get("default", {})
+    lines, failing = [], []
+    means = {}
+    for b in budgets:
+        rows = default.get(str(b), [])
+        if not rows:
+            continue
+        means[b] = float(np.mean([r["test_hv"] for r in rows]))
+        for other in baselines:
+            orow = by_search.get(other, {}).get(str(b), [])
+            if orow and float(np.mean([r["test_hv"] for r in orow])) > means[b]:
+                failing.append(f"budget {b}: behind {other}")
+    ordered = [means[b] for b in budgets if b in means]
+    if any(later < earlier for earlier, later in zip(ordered, ordered[1:])):
+        failing.append("mean test HV falls as the budget grows (" + " -> ".join(f"{m:.4f}" for m in ordered) + ")")
+    if means:
+        lines.append("Decision rule (PROTOCOL.md, issue 34): " + ("met in every budget run so far." if not failing else "NOT met: " + "; ".join(failing) + "."))
+    return lines
+
+
 def write_report(results: dict, out: Path) -> None:
     lines = [
         "# Benchmark results (generated by run_benchmark.py; do not edit)",
         "",
         "Hypervolume (reference: score 0 per objective) of each search's final front plus the base and experts:",
-        "`val` on the validation subset the search saw, `test` the same points re-scored on the full held-out test split.",
-        "Mean ± std over seeds (n = number of seeds).",
+        "`val` on the validation items the front was chosen on, `test` the same points re-scored on the full held-out test split.",
+        "Mean ± std over seeds (n = number of seeds). Each setting names the pool digest its runs were measured on.",
         "",
     ]
     for setting, by_search in results.items():
         budgets = sorted({int(b) for s in by_search.values() for b in s})
-        lines += [f"## {setting}", "", "| search | " + " | ".join(f"budget {b}: val HV | budget {b}: test HV" for b in budgets) + " |"]
+        digests = sorted({r.get("pool_digest") or "not recorded" for s in by_search.values() for rows in s.values() for r in rows})
+        lines += [f"## {setting}", "", f"Pool digest(s): {', '.join(f'`{d}`' for d in digests)}.", ""]
+        labels = {search: sorted({r.get("config") for rows in by.values() for r in rows if r.get("config")}) for search, by in by_search.items()}
+        if any(labels.values()):
+            lines += ["| search | configuration (from its runs' config.yaml) |", "|---|---|"]
+            lines += [f"| {search} | {'; '.join(label) or 'not recorded'} |" for search, label in labels.items()]
+            lines.append("")
+        lines += ["| search | " + " | ".join(f"budget {b}: val HV | budget {b}: test HV" for b in budgets) + " |"]
         lines.append("|---|" + "---|---|" * len(budgets))
         for search, by_budget in by_search.items():
             cells = []
             for b in budgets:
                 rows = by_budget.get(str(b), [])
-                for key in ("val_hv", "test_hv"):
-                    vals = np.array([r[key] for r in rows])
-                    cells.append(f"{vals.mean():.4f} ± {vals.std():.4f} (n={len(vals)})" if len(vals) else "–")
+                cells += [_cell(rows, "val_hv"), _cell(rows, "test_hv")]
             lines.append(f"| {search} | " + " | ".join(cells) + " |")
         lines.append("")
         grid = by_search.get("grid_ta")
         if grid:
             lines += [
-                f"Paired difference to `grid_ta` in test HV (same seed = same validation subset): mean [bootstrap 95% interval], seeds ahead of the grid / seeds.",
+                "Paired difference to `grid_ta` in test HV (same seed = same validation subset): mean [bootstrap 95% interval], seeds ahead of the grid / seeds.",
                 "",
                 "| search | " + " | ".join(f"budget {b}" for b in budgets) + " |",
                 "|---|" + "---|" * len(budgets),
@@ -237,12 +333,42 @@ def write_report(results: dict, out: Path) -> None:
             for search, by_budget in by_search.items():
                 if search == "grid_ta":
                     continue
+                lines.append(f"| {search} | " + " | ".join(_diff_cell(paired_differences(by_budget.get(str(b), []), grid.get(str(b), []))) for b in budgets) + " |")
+            lines.append("")
+        default = by_search.get("default")
+        others = [s for s in by_search if s not in ("default", "grid_ta")]
+        if default and others:
+            lines += [
+                "Paired difference `default` minus each other search in test HV: mean [bootstrap 95% interval], seeds the default is ahead / seeds.",
+                "",
+                "| default minus | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+                "|---|" + "---|" * len(budgets),
+            ]
+            for search in others:
+                lines.append(f"| {search} | " + " | ".join(_diff_cell(paired_differences(default.get(str(b), []), by_search[search].get(str(b), []))) for b in budgets) + " |")
+            lines.append("")
+        if any(r.get("search_test_hv") is not None for s in by_search.values() for rows in s.values() for r in rows):
+            lines += [
+                "Winner's curse: the val-test gap (val HV minus test HV, mean over seeds) of the final front and of the front of the search's own",
+                "scores, and the final front's paired gain in test HV over the search-score front (the same runs).",
+                "",
+                "| search | " + " | ".join(f"budget {b}: gap final / search front | budget {b}: test HV final minus search front" for b in budgets) + " |",
+                "|---|" + "---|---|" * len(budgets),
+            ]
+            for search, by_budget in by_search.items():
                 cells = []
                 for b in budgets:
-                    d = paired_differences(by_budget.get(str(b), []), grid.get(str(b), []))
-                    cells.append(f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({d['wins']}/{d['n']})" if d else "–")
+                    rows = [r for r in by_budget.get(str(b), []) if r.get("search_test_hv") is not None]
+                    if not rows:
+                        cells += ["–", "–"]
+                        continue
+                    gap = np.mean([r["val_hv"] - r["test_hv"] for r in rows])
+                    raw_gap = np.mean([r["search_val_hv"] - r["search_test_hv"] for r in rows])
+                    cells += [f"{gap:+.4f} / {raw_gap:+.4f}", _diff_cell(paired_within(rows, "test_hv", "search_test_hv"))]
                 lines.append(f"| {search} | " + " | ".join(cells) + " |")
             lines.append("")
+        if default:
+            lines += decision(by_search, budgets, ["grid_ta", *[s for s in ANCHORS if s in by_search]]) + [""]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / "results.png")
 

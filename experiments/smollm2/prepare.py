@@ -247,6 +247,32 @@ def score_sources(out: Path, device: str, batch_size: int) -> dict:
     return result
 
 
+REFERENCE = Path(__file__).resolve().parent / "sources.json"
+
+
+def compare_with_reference(digests: dict[str, str | None], reference: Path = REFERENCE) -> list[str]:
+    """One line per model: whether it is, weight for weight, the model behind the numbers in
+    this folder's README (the digests in the committed sources.json). Fine-tuning rounds
+    differently by CPU kernels and threads, so experts made elsewhere usually differ."""
+    try:
+        recorded = json.loads(reference.read_text()).get("weights_digest") or {}
+    except (OSError, ValueError, AttributeError):
+        return [f"no reference digests ({reference} unreadable): cannot tell whether these models are the README's"]
+    lines = []
+    for role, digest in digests.items():
+        want = recorded.get(role)
+        if want is None:
+            lines.append(f"{role}: {str(digest)[:12]}, no reference digest recorded")
+        elif digest == want:
+            lines.append(f"{role}: {str(digest)[:12]}, the same weights as the README's")
+        else:
+            lines.append(f"{role}: {str(digest)[:12]} DIFFERS from the README's {want[:12]}")
+    if any("DIFFERS" in line for line in lines):
+        lines.append("these models are not the ones behind experiments/smollm2/README.md: its numbers do not apply as they are "
+                     "(fine-tuning rounds differently on other CPUs and thread counts); quote your own with these digests")
+    return lines
+
+
 def default_out() -> Path:
     from evomerge.zoo.build import default_cache_dir
 
@@ -307,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "finetune_seconds": timings,
                "built_with": library_versions(), "weights_digest": provenance["weights_digest"],
                "pool_digest": pool_digest(two), "pool_digest_k3": provenance["pool_digest"]}
+    for line in compare_with_reference(provenance["weights_digest"]):
+        print(f"prepare: {line}")
     if not args.skip_scores:
         summary["scores"] = score_sources(out, args.device, batch_size=32)
     (out / "sources.json").write_text(json.dumps(summary, indent=2))
