@@ -29,12 +29,6 @@ def check_config(cfg: DictConfig) -> None:
     dtype = OmegaConf.select(cfg, "dtype") or "float32"
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    pop = OmegaConf.select(cfg, "algorithm.pop_size")
-    if pop is not None:
-        if isinstance(pop, bool) or not isinstance(pop, int):
-            raise ConfigError(f"algorithm.pop_size must be an integer, got {pop!r}")
-        if pop < 2:
-            raise ConfigError(f"algorithm.pop_size must be at least 2 (a population of {pop} cannot evolve), got {pop}")
     searched = OmegaConf.select(cfg, "fitness.test_rescore_searched")
     if searched is not None and not isinstance(searched, bool):
         raise ConfigError(f"fitness.test_rescore_searched must be true or false, got {searched!r}")
@@ -96,11 +90,16 @@ def check_numbers(cfg: DictConfig) -> None:
     pops = [("algorithm.pop_size", OmegaConf.select(cfg, "algorithm.pop_size"))]
     for i, stage in enumerate(list(stages) if OmegaConf.is_list(stages) else []):
         pops.append((f"search.stages[{i}].algorithm.pop_size", OmegaConf.select(stage, "algorithm.pop_size") if isinstance(stage, DictConfig) else None))
+    model_based = is_model_based(OmegaConf.select(cfg, "algorithm._target_"))
     for key, pop in pops:
         if pop is None:
             continue
-        if isinstance(pop, bool) or not isinstance(pop, int) or pop < 2:
-            raise ConfigError(f"{key} must be an integer of at least 2, got {pop!r}")
+        # a model-based search proposes pop_size candidates per round from its model: 1 is a
+        # valid round; an evolutionary population of 1 cannot recombine
+        least = 1 if model_based and key == "algorithm.pop_size" else 2
+        if isinstance(pop, bool) or not isinstance(pop, int) or pop < least:
+            why = "candidates per round of the model" if least == 1 else "a population smaller than 2 cannot evolve"
+            raise ConfigError(f"{key} must be an integer of at least {least} ({why}), got {pop!r}")
         if pop > MAX_POP_SIZE:
             raise ConfigError(
                 f"{key}={pop} is too large (at most {MAX_POP_SIZE}: the algorithm keeps pop_size² distances in memory)"
@@ -109,6 +108,8 @@ def check_numbers(cfg: DictConfig) -> None:
         if max_evals is not None and pop > max_evals and key == "algorithm.pop_size" and n_stages == 1:
             print(f"note: {key}={pop} is larger than search.max_evals={max_evals}: only the first {max_evals} candidates of the first "
                   "generation are evaluated (raise the budget on resume to continue)", file=sys.stderr, flush=True)
+    if model_based:
+        check_model_based(cfg, max_evals)
     ref = OmegaConf.select(cfg, "search.ref_point")
     if ref is not None:
         values = OmegaConf.to_container(ref) if OmegaConf.is_list(ref) else ref
@@ -117,6 +118,39 @@ def check_numbers(cfg: DictConfig) -> None:
         n_obj = len(OmegaConf.select(cfg, "fitness.objectives") or [])
         if n_obj and len(values) != n_obj:
             raise ConfigError(f"search.ref_point has {len(values)} values for {n_obj} objectives")
+
+
+# the model-based strategies (their factories' import paths) and their integer settings
+MODEL_BASED_TARGETS = ("evomerge.search.bayes.bo", "evomerge.search.surrogate.map_search")
+MODEL_INTEGERS = {"num_restarts": 1, "raw_samples": 1, "mc_samples": 1, "maxiter": 1, "nsga_pop": 2, "nsga_gen": 1}
+
+
+def is_model_based(target: Any) -> bool:
+    return isinstance(target, str) and target in MODEL_BASED_TARGETS
+
+
+def check_model_based(cfg: DictConfig, max_evals: int | None) -> None:
+    """``algorithm.n_init`` and the acquisition settings of bo / map, before any model loads."""
+    n_init = OmegaConf.select(cfg, "algorithm.n_init")
+    if n_init is not None or OmegaConf.select(cfg, "algorithm._target_") == MODEL_BASED_TARGETS[0]:
+        value = integer(cfg, "algorithm.n_init", 0, optional=True)
+        if value is not None and max_evals is not None and value > max_evals:
+            raise ConfigError(
+                f"algorithm.n_init={value} is larger than the budget (search.max_evals={max_evals}): every candidate would be a "
+                "space-filling point and the model would never propose one; lower n_init or raise the budget"
+            )
+    for key, least in MODEL_INTEGERS.items():
+        if OmegaConf.select(cfg, f"algorithm.{key}") is not None:
+            integer(cfg, f"algorithm.{key}", least)
+    acquisition = OmegaConf.select(cfg, "algorithm.acquisition")
+    if acquisition is not None:
+        from evomerge.search.bayes import ACQUISITIONS
+
+        if acquisition not in ACQUISITIONS:
+            raise ConfigError(f"algorithm.acquisition must be one of {', '.join(ACQUISITIONS)}, got {acquisition!r}")
+    alpha = OmegaConf.select(cfg, "algorithm.partitioning_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) < 1.0):
+        raise ConfigError(f"algorithm.partitioning_alpha must be a number in [0, 1) or null, got {alpha!r}")
 
 
 def check_device(device: Any) -> None:

@@ -202,10 +202,7 @@ def record_run_environment(run_dir: str | Path, env: Mapping[str, Any]) -> dict[
     """Write ``environment.json``: the first start's environment, plus each resume whose
     environment differs under ``resumes``. Returns what was written."""
     path = Path(run_dir) / ENVIRONMENT_FILE
-    try:
-        current = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        current = None  # unreadable: start again rather than fail the run
+    current = read_json_object(path, "its environment is recorded anew")  # unreadable: start again rather than fail the run
     if current is None:
         record = dict(env)
     else:
@@ -220,11 +217,25 @@ def record_run_environment(run_dir: str | Path, env: Mapping[str, Any]) -> dict[
 
 
 def read_environment(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / ENVIRONMENT_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+    return read_json_object(Path(run_dir) / ENVIRONMENT_FILE, "the environment is reported as not recorded")
+
+
+def read_json_object(path: Path, consequence: str) -> dict[str, Any] | None:
+    """A run directory's JSON file that must hold an object: None when it is missing, and
+    None with one warning line (the file named, why, and ``consequence``) when it cannot be
+    read, is not JSON or holds another type -- never a traceback."""
+    if not path.is_file():
         return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        why = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+    else:
+        if isinstance(data, dict):
+            return data
+        why = f"holds a JSON {type(data).__name__}, not an object"
+    print(f"warning: skipped {path}: {why}; {consequence}", file=sys.stderr, flush=True)
+    return None
 
 
 LINE_PACKAGES = ("torch", "transformers", "numpy", "lm-eval", "python", "evomerge")

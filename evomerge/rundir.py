@@ -362,6 +362,8 @@ def check_fingerprints(run_dir: Path, current: Mapping[str, Any], force: bool, a
     try:
         saved = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
         raise RunDirError(f"{path} is damaged; pass force=true to {action} without checking the models") from None
     problems = compare_fingerprints(saved, current)
     if not problems:

@@ -78,6 +78,9 @@ class ScoreCache:
         except (OSError, ValueError) as exc:
             _warn(f"score cache not used: {fingerprint_file} is unreadable ({str(exc).splitlines()[0][:80]})")
             return None
+        if not isinstance(fingerprints, dict):
+            _warn(f"score cache not used: {fingerprint_file} holds a JSON {type(fingerprints).__name__}, not an object")
+            return None
         return cls(folder, fingerprints, settings)
 
     def _inputs(self, recipe: dict[str, Any]) -> dict[str, Any]:

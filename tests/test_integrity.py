@@ -411,8 +411,22 @@ def cfg_with(**kw):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"algorithm__pop_size": 0}, "algorithm.pop_size must be at least 2 (a population of 0 cannot evolve), got 0"),
-        ({"algorithm__pop_size": 1}, "algorithm.pop_size must be at least 2"),
+        ({"algorithm__pop_size": 0}, "algorithm.pop_size must be an integer of at least 2 (a population smaller than 2 cannot evolve), got 0"),
+        ({"algorithm__pop_size": 1}, "algorithm.pop_size must be an integer of at least 2"),
+        # model-based searches: a round of one is valid, zero is not (and says why in their terms)
+        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__pop_size": 0},
+         "algorithm.pop_size must be an integer of at least 1 (candidates per round of the model), got 0"),
+        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": "x"}, "algorithm.n_init must be an integer, got 'x'"),
+        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": 2.5}, "algorithm.n_init must be an integer, got 2.5"),
+        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": -1}, "algorithm.n_init must be at least 0, got -1"),
+        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": 50, "search__max_evals": 48},
+         "algorithm.n_init=50 is larger than the budget (search.max_evals=48)"),
+        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__acquisition": "ei"}, "algorithm.acquisition must be one of qlognehvi, qlognparego, got 'ei'"),
+        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__raw_samples": 0}, "algorithm.raw_samples must be at least 1, got 0"),
+        ({"genome__n_blocks": "many"}, "genome.n_blocks must be auto or an integer, got 'many'"),
+        ({"genome__n_blocks": 0}, "genome.n_blocks must be between 1 and the model's layer count, got 0"),
+        ({"fitness__final_front": "best"}, "fitness.final_front must be confirmation or search_scores, got 'best'"),
+        ({"fitness__confirm_max_points": 0}, "fitness.confirm_max_points must be a positive integer, got 0"),
         ({"dtype": "float8_e4m3fn"}, "dtype must be one of auto, float32, bfloat16, float16, got 'float8_e4m3fn'"),
         ({"fitness__test_rescore_searched": "no"}, "fitness.test_rescore_searched must be true or false, got 'no'"),
         ({"genome__ranges": {"density": [0.1, 1.5]}}, "genome.ranges.density=[0.1, 1.5] is outside what merge method 'ties' accepts ([0.0, 1.0])"),
@@ -424,6 +438,10 @@ def test_config_mistakes_are_caught_up_front(overrides, message):
     with pytest.raises(ConfigError) as exc:
         check_config(cfg_with(**overrides))
     assert message in str(exc.value)
+
+
+def test_a_model_based_round_of_one_is_accepted():
+    check_config(cfg_with(algorithm___target_="evomerge.search.bayes.bo", algorithm__pop_size=1, algorithm__n_init=4, search__max_evals=8))
 
 
 def _tasks_cfg(tmp_path, extra_metric="exact_match,first-number"):

@@ -39,6 +39,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 
 from evomerge.errors import ConfigError
+from evomerge.estimators.saved import read_saved
 from evomerge.estimators.base import FitnessContext, Scores
 from evomerge.estimators.lm_eval_fitness import LmEvalFitness, require_single_tasks
 from evomerge.merge.recipe import reference_recipes  # noqa: F401 (re-exported for callers)
@@ -268,7 +269,7 @@ class IrtEstimator:
         path = ctx.run_dir / IRT_FILE if ctx.run_dir is not None else None
         self.calibration_s = 0.0
         if path is not None and path.exists():
-            saved = json.loads(path.read_text())
+            saved = read_saved(path, "models")
             self.models = {name: TaskModel(**m) for name, m in saved["models"].items()}
         else:
             self.models = self._calibrate(ctx, int(n_anchors), int(n_probes), calibration)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.estimators.saved import read_saved
 from evomerge.estimators.base import FitnessContext, Scores
 from evomerge.estimators.lm_eval_fitness import choose_subset, require_single_tasks
 from evomerge.search.promotion import Promoter
@@ -61,7 +62,7 @@ class MultiFidelityEstimator:
         n_docs = dict(self.fitness.scorer.n_docs)
         path = ctx.run_dir / FIDELITY_FILE if ctx.run_dir is not None else None
         if path is not None and path.exists():
-            saved = json.loads(path.read_text())
+            saved = read_saved(path, "order")
             self.order = {t: [int(i) for i in v] for t, v in saved["order"].items()}
             self.levels = {t: [int(n) for n in v] for t, v in saved["levels"].items()}
         else:
