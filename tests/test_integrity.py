@@ -213,6 +213,38 @@ def test_damaged_or_missing_checkpoint_resumes_exactly_from_the_archive(tmp_path
     assert counting.calls == 18  # only the three generations never evaluated
 
 
+def test_a_checkpoint_changed_by_a_bit_flip_is_named_and_the_run_still_ends_identical(tmp_path, full_run, capsys):
+    """A flipped bit inside a pickled number still unpickles: only the checksum tells."""
+    import dill
+
+    from evomerge.search.loop import CHECKPOINT_MAGIC
+
+    run = tmp_path / "run"
+    _stopped_run(run, 2)
+    data = bytearray((run / "checkpoint.pkl").read_bytes())
+    assert data.startswith(CHECKPOINT_MAGIC)
+    start = len(CHECKPOINT_MAGIC) + 32
+    # flip the lowest bit of a byte of the pickle that still unpickles to a LoopState
+    for i in range(len(data) - 40, start, -1):
+        flipped = bytearray(data)
+        flipped[i] ^= 1
+        try:
+            if type(dill.loads(bytes(flipped[start:]))).__name__ == "LoopState":
+                break
+        except Exception:  # noqa: BLE001 -- this byte does not unpickle: try another
+            continue
+    else:
+        pytest.fail("no byte of the checkpoint unpickles when flipped")
+    (run / "checkpoint.pkl").write_bytes(bytes(flipped))
+    counting = Counting()
+    resumed = loop(run)
+    err = capsys.readouterr().err
+    assert "checkpoint.pkl is damaged (its contents changed since it was written: checksum mismatch)" in err
+    resumed.run(counting)
+    assert result(run) == result(full_run)
+    assert counting.calls == 18
+
+
 # ---------------------------------------------------------------- budgets and failures
 
 

@@ -289,3 +289,20 @@ def test_della_linear_export_puts_epsilon_where_mergekit_reads_it(models, tmp_pa
     options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
     with pytest.raises(ValueError, match="Epsilon must be chosen"):
         run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "m"), options)
+
+
+def test_model_paths_with_at_or_plus_are_exported_so_mergekit_reads_them(tmp_path):
+    """mergekit reads ``path@revision`` and ``model+lora`` in its string form: such paths are
+    written in the structured form, which it reads back as the same path."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    from evomerge.merge.recipe import Recipe
+
+    recipe = Recipe.uniform("task_arithmetic", {"weight": [0.5, 0.5]}, 2)
+    base, experts = str(tmp_path / "base@v1"), [str(tmp_path / "math+x"), str(tmp_path / "plain")]
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe.to_mergekit_yaml(base=base, experts=experts)))
+    assert config.base_model.model.path == base and config.base_model.model.revision is None
+    paths = [src.model.model.path for s in config.slices for src in s.sources]
+    assert set(paths) == {base, *experts}
+    assert all(src.model.lora is None for s in config.slices for src in s.sources)

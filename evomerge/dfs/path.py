@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.errors import ConfigError, MergeError
+from evomerge.merge.recipe import mergekit_model
 
 KIND = "dfs"
 INCLUDE_THRESHOLD = 0.5
@@ -154,10 +155,10 @@ def passthrough_yaml(path: LayerPath, paths: dict[str, str]) -> str:
     slices = []
     for s in path.slots:
         last = slices[-1]["sources"][0] if slices else None
-        if last is not None and last["model"] == paths[s.model] and last["layer_range"][1] == s.layer:
+        if last is not None and last["model"] == mergekit_model(paths[s.model]) and last["layer_range"][1] == s.layer:
             last["layer_range"][1] = s.layer + 1
         else:
-            slices.append({"sources": [{"model": paths[s.model], "layer_range": [s.layer, s.layer + 1]}]})
+            slices.append({"sources": [{"model": mergekit_model(paths[s.model]), "layer_range": [s.layer, s.layer + 1]}]})
     body = yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": slices}, sort_keys=False)
     return f"# evomerge layer path {path.describe()}: exact (every input scale is 1)\n" + body
 

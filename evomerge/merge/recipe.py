@@ -211,7 +211,7 @@ class Recipe:
             roles.append((None, attn))  # norms of the layer follow its attention group
             slice_: dict[str, Any] = {"sources": []}
             for key, model in sources:
-                src: dict[str, Any] = {"model": model, "layer_range": [a, b]}
+                src: dict[str, Any] = {"model": mergekit_model(model), "layer_range": [a, b]}
                 params = _settings([(f, translated[id(g)][1].get(key, {})) for f, g in roles])
                 if params:
                     src["parameters"] = params
@@ -222,7 +222,7 @@ class Recipe:
             slices.append(slice_)
         cfg: dict[str, Any] = {"merge_method": spec.method}
         if spec.sources in ("base+experts", "pair"):  # the base model is the first source
-            cfg["base_model"] = sources[0][1]
+            cfg["base_model"] = mergekit_model(sources[0][1])
         cfg.update({"slices": slices, "dtype": "float32"})
         return _plain(cfg)
 
@@ -268,6 +268,13 @@ def default_mergekit_translation(method: MergeMethod):
 
 
 _BOOLEAN_PARAMS = {"normalize", "rescale", "normalize_weights", "flatten", "row_wise"}
+
+
+def mergekit_model(path: str) -> Any:
+    """A model path as mergekit reads it: plain, or (where mergekit's string form would split
+    it: ``path@revision``, ``model+lora``) its structured form ``{model: {path: ...}}``."""
+    path = str(path)
+    return {"model": {"path": path}} if ("@" in path or "+" in path) else path
 
 
 def _mergekit_sources(layout: str, base: str, experts: list[str]) -> list[tuple[Any, str]]:

@@ -20,6 +20,7 @@ archived, which a resume dispatches again before asking anything new.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -51,6 +52,13 @@ class Evaluator(Protocol):
     """Merges a recipe into the live model and scores it: (scores, merge_s, eval_s)."""
 
     def __call__(self, recipe: Any) -> tuple[dict[str, float], float, float]: ...
+
+
+CHECKPOINT_MAGIC = b"EVOMERGE-CHECKPOINT-1\n"  # then the SHA-256 of the pickle, then the pickle
+
+
+class ChecksumError(ValueError):
+    """A checkpoint whose pickle does not match its checksum."""
 
 
 @dataclass
@@ -156,9 +164,12 @@ class SearchLoop:
         self.state.archive_count = len(self.archive.records)
         self.state.archive_digest = self.archive.digest()
         tmp = self.checkpoint_path.with_suffix(".tmp")
+        payload = dill.dumps(self.state)
         try:
             with tmp.open("wb") as f:
-                dill.dump(self.state, f)
+                # a checksum of the pickle: a changed number that still unpickles (a bit flip)
+                # is caught on resume instead of proposing other candidates than the run would
+                f.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.checkpoint_path)
@@ -172,14 +183,20 @@ class SearchLoop:
         import dill
 
         try:
-            with self.checkpoint_path.open("rb") as f:
-                state: LoopState = dill.load(f)
+            data = self.checkpoint_path.read_bytes()
+            if data.startswith(CHECKPOINT_MAGIC):  # checkpoints written before the checksum have no magic
+                digest, payload = data[len(CHECKPOINT_MAGIC) : len(CHECKPOINT_MAGIC) + 32], data[len(CHECKPOINT_MAGIC) + 32 :]
+                if hashlib.sha256(payload).digest() != digest:
+                    raise ChecksumError("its contents changed since it was written: checksum mismatch")
+                data = payload
+            state: LoopState = dill.loads(data)
             if not isinstance(state, LoopState):
                 raise TypeError(f"holds a {type(state).__name__}")
         except Exception as exc:  # noqa: BLE001 -- any unpickling failure means a damaged file
-            aside = self.checkpoint_path.with_name("checkpoint.pkl.damaged")
+            aside = self.checkpoint_path.with_name(self.checkpoint_path.name + ".damaged")
             os.replace(self.checkpoint_path, aside)
-            _warn(f"{self.checkpoint_path} is damaged ({type(exc).__name__}); moved to {aside.name}; replaying the search from the archive (exact, only lost candidates are evaluated)")
+            why = str(exc) if isinstance(exc, ChecksumError) else type(exc).__name__
+            _warn(f"{self.checkpoint_path} is damaged ({why}); moved to {aside.name}; replaying the search from the archive (exact, only lost candidates are evaluated)")
             return None
         count, digest = getattr(state, "archive_count", None), getattr(state, "archive_digest", None)
         if count is not None and (len(self.archive.records) < count or self.archive.digest(count) != digest):
