@@ -47,17 +47,20 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
         raise ConfigError(f"no point {point!r} in {run}: use an archive id, knee, best_<objective> or a reference label")
     if record.error:
         raise ConfigError(f"point {point} failed during the search ({record.error}); nothing to export")
+    recipe = candidate_from_dict(record.recipe)
+    if verify:  # checked before anything is loaded, merged or written: a retry needs no force=true
+        if isinstance(recipe, LayerPath):
+            raise ConfigError("verify=true checks recipe exports; this point is a data-flow (layer path) merge")
+        from evomerge.verify import require_mergekit
+
+        require_mergekit()
     cfg = OmegaConf.load(run / CONFIG_FILE)
     assert isinstance(cfg, DictConfig)
     quiet_libraries()
     pool, experts, base = build_pool(cfg)
-    recipe = candidate_from_dict(record.recipe)
-    if verify:  # checked before anything is merged or written: a retry needs no force=true
-        if isinstance(recipe, LayerPath):
-            raise ConfigError("verify=true checks recipe exports; this point is a data-flow (layer path) merge")
-        from evomerge.verify import mergekit_yaml_text, require_mergekit
+    if verify:
+        from evomerge.verify import mergekit_yaml_text
 
-        require_mergekit()
         mergekit_yaml_text(recipe, base, list(experts.values()))  # one line when mergekit cannot express the recipe
     target = Path(out) if out else run / "exports" / f"point-{record.id}"
     rundir.check_export_target(target, [base, *experts.values()], force)
