@@ -12,8 +12,11 @@ trap 'rm -rf "$work"' EXIT
 say() { echo "check_wheel: $*" >&2; }
 
 say "building the wheel"
+had_build=$([ -d "$repo/build" ] && echo yes || echo no)
 "$PY" -m pip wheel --quiet --no-deps --wheel-dir "$work/dist" "$repo"
 wheel=$(ls "$work"/dist/evomerge-*.whl)
+if [ "$had_build" = no ] && [ -d "$repo/build" ]; then say "pip wheel left build/ in the source tree"; exit 1; fi
+say "wheel: $(du -k "$wheel" | cut -f1) KB"
 
 say "checking its contents"
 "$PY" - "$wheel" "$repo" <<'PYEOF'
@@ -25,6 +28,8 @@ names = set(zipfile.ZipFile(wheel).namelist())
 expected = [f"evomerge/{p.relative_to(repo / 'evomerge').as_posix()}" for p in (repo / "evomerge").rglob("*.py") if "__pycache__" not in p.parts]
 for src, dst in (("configs", "evomerge/configs"), ("fitness", "evomerge/fitness_tasks")):
     expected += [f"{dst}/{p.relative_to(repo / src).as_posix()}" for p in (repo / src).rglob("*") if p.suffix in (".py", ".yaml", ".jsonl")]
+# the shipped toy zoo: every weight, config and tokenizer file
+expected += [f"evomerge/{p.relative_to(repo / 'evomerge').as_posix()}" for p in (repo / "evomerge" / "zoo" / "shipped").rglob("*") if p.is_file()]
 missing = sorted(set(expected) - names)
 if missing:
     sys.exit(f"check_wheel: the wheel lacks {len(missing)} files, e.g. {missing[:5]}")
@@ -53,4 +58,7 @@ EVOMERGE_CACHE="$work/cache" "$V/evomerge" modelpool.size=tiny search.max_evals=
 grep -q "^done: 4 candidates" run.txt || { cat run.txt; exit 1; }
 for f in summary.json environment.json report.html; do test -s "run/$f" || { say "run/$f missing"; exit 1; }; done
 "$V/python" -c "import json; e = json.load(open('run/environment.json')); assert e['zoo']['digest'] and e['versions']['torch'], e"
+# the shipped zoo, from site-packages, with no training: nothing was built in the cache
+test ! -e "$work/cache" || { say "the installed evomerge trained a zoo into $work/cache instead of using the shipped one"; exit 1; }
+grep -q "site-packages/evomerge/zoo/shipped/tiny" run/environment.json || { say "the run did not use the shipped zoo"; exit 1; }
 say "ok: the wheel installs and runs (${SECONDS} s in all)"
