@@ -14,9 +14,9 @@ _logger = logging.getLogger("evomerge.progress")
 _logger.propagate = False  # never printed twice: the console got the print
 
 
-def say(message: str) -> None:
-    """Print ``message`` to stderr and append it to run.log (when a run log is open)."""
-    print(message, file=sys.stderr, flush=True)
+def say(message: str, stream=None) -> None:
+    """Print ``message`` to stderr (or ``stream``) and append it to run.log (when a run log is open)."""
+    print(message, file=stream or sys.stderr, flush=True)
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     if not files:
         return

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from evomerge.confirmation import confirm_front
 from evomerge.driver import build_executor, check_async, run_stages
 from evomerge.errors import ConfigError, EvomergeError, raise_user_errors  # noqa: F401 -- re-exported for callers
 from evomerge.estimators.lm_eval_fitness import quiet_libraries
+from evomerge.progress import say
 from evomerge.report import refresh_report
 from evomerge.search.loop import SearchLoop
 from evomerge.search.report import plot_run, write_front, write_recipes
@@ -90,6 +92,8 @@ def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoo
     if search:
         summary["mean_merge_s"] = float(np.mean([r.merge_s for r in search]))
         summary["mean_eval_s"] = float(np.mean([r.eval_s for r in search]))
+    # where the search's time went: merging, scoring, and waiting for the algorithm's proposals
+    summary["time_s"] = search_times(search, loop.state.history)
     summary["hypervolume_history"] = [{"n_evals": h["n_evals"], "hypervolume": h["hypervolume"]} for h in loop.state.history]
     rescore = OmegaConf.select(cfg, "fitness.test_rescore")
     if rescore:
@@ -108,6 +112,16 @@ def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoo
     return summary
 
 
+def search_times(search: list, history: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds spent merging and scoring the search candidates, and waiting for the algorithm
+    to propose (``proposal_wait_s``: the loop asks and waits, so every proposal second is waited)."""
+    merge, evaluate = float(sum(r.merge_s for r in search)), float(sum(r.eval_s for r in search))
+    wait = float(sum(h.get("propose_s") or 0.0 for h in history))
+    total = merge + evaluate + wait
+    return {"merge_s": round(merge, 3), "eval_s": round(evaluate, 3), "proposal_wait_s": round(wait, 3),
+            "proposal_wait_share": round(wait / total, 4) if total > 0 else 0.0}
+
+
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     served = (summary.get("budget") or {}).get("served_from_archive") or 0
     final = summary.get("final_front") or {}
@@ -116,12 +130,16 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         + (f" ({served} repeats served from the archive, not counted)" if served else ""),
         f"  front chosen by {final.get('estimate', 'search scores')}" + (f": {final['note']}" if final.get("note") else ""),
     ]
+    times = summary.get("time_s") or {}
+    if times:
+        lines.append(f"  time: merging {times['merge_s']:.0f}s, scoring {times['eval_s']:.0f}s, waiting for proposals {times['proposal_wait_s']:.0f}s "
+                     f"({100 * times['proposal_wait_share']:.0f}%)")
     for name, scores in summary["references"].items():
         lines.append(f"  {name:>16}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     for p in summary["front"][:12]:
         lines.append(f"  front #{p['id']:<9}: " + ", ".join(f"{k}={v:.3f}" for k, v in p["scores"].items()))
     lines.append(f"outputs in {run_dir} (report.html, pareto_front.csv, front.png, progress.png, recipes/)")
-    print("\n".join(lines))
+    say("\n".join(lines), stream=sys.stdout)  # on stdout, and in run.log with the progress lines
 
 
 # the rooms the re-score and the export moved to, under their old names for callers
