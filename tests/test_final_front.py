@@ -1,0 +1,117 @@
+"""The final front (confirmation on fresh validation items) and the automatic block count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.search.blocks import auto_block_count, segmentation_costs
+from evomerge.search.confirm import ConfirmSettings, confirmation_candidates, final_front, noise_margin
+from evomerge.session import check_n_blocks, genome_layer_ranges
+
+
+@dataclass
+class Rec:
+    id: int
+    scores: dict
+    stderr: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- confirmation
+
+
+def test_noise_margin_is_how_clearly_another_candidate_beats_one_on_every_objective():
+    scores = np.array([[0.9, 0.5], [0.5, 0.9], [0.4, 0.4], [0.88, 0.49]])
+    stderr = np.full_like(scores, 0.05)
+    margin = noise_margin(scores, stderr)
+    assert margin[0] < 0 and margin[1] < 0  # the front: nothing beats them on both
+    # #2 is beaten by #0 by (0.5, 0.1) -> 0.1 / (0.05 * sqrt 2) on its weaker objective
+    assert margin[2] == pytest.approx(0.1 / (0.05 * np.sqrt(2)))
+    assert margin[3] == pytest.approx(0.01 / (0.05 * np.sqrt(2)))  # within noise of #0
+
+
+def test_candidates_are_the_front_and_those_within_z_standard_errors_least_dominated_first():
+    recs = [Rec(0, {"a": 0.9, "b": 0.5}), Rec(1, {"a": 0.5, "b": 0.9}), Rec(2, {"a": 0.4, "b": 0.4}),
+            Rec(3, {"a": 0.88, "b": 0.49}), Rec(4, {"a": 0.87, "b": 0.45}), Rec(5, {"a": 0.99, "b": 0.99}, error="failed")]
+    for r in recs:
+        r.stderr = {"a": 0.05, "b": 0.05}
+    chosen = [r.id for r in confirmation_candidates(recs, ["a", "b"], ConfirmSettings(z=1.0, max_points=16))]
+    assert set(chosen[:2]) == {0, 1} and chosen[2:] == [3, 4]  # the front first; #2 clearly dominated, the failed one never
+    assert [r.id for r in confirmation_candidates(recs, ["a", "b"], ConfirmSettings(z=1.0, max_points=3))][2:] == [3]
+    assert {r.id for r in confirmation_candidates(recs, ["a", "b"], ConfirmSettings(z=0.0, max_points=16))} == {0, 1}
+
+
+def test_without_standard_errors_only_the_front_is_confirmed():
+    recs = [Rec(0, {"a": 0.9, "b": 0.5}), Rec(1, {"a": 0.5, "b": 0.9}), Rec(2, {"a": 0.89, "b": 0.49})]
+    assert [r.id for r in confirmation_candidates(recs, ["a", "b"], ConfirmSettings())] == [0, 1]
+
+
+def test_the_final_front_is_chosen_on_the_fresh_scores_only():
+    recs = [Rec(0, {"a": 0.9, "b": 0.5}), Rec(1, {"a": 0.5, "b": 0.9}), Rec(3, {"a": 0.88, "b": 0.49})]
+    # fresh items: #0 was lucky on its subset, #3 is better on both
+    fresh = {0: {"a": 0.80, "b": 0.45}, 1: {"a": 0.5, "b": 0.88}, 3: {"a": 0.86, "b": 0.50}}
+    assert final_front(recs, fresh, ["a", "b"]) == [1, 3]
+
+
+# ---------------------------------------------------------------- automatic blocks
+
+
+def two_regimes(n_layers: int = 8) -> np.ndarray:
+    half = n_layers // 2
+    return np.array([[1.0, 0.05]] * half + [[0.05, 1.0]] * (n_layers - half))
+
+
+def test_a_flat_profile_is_one_block():
+    count, why = auto_block_count(np.ones((8, 2)), budget=480)
+    assert count == 1 and why["explained"][0] == 1.0
+
+
+def test_two_regimes_are_two_blocks_and_three_are_three():
+    assert auto_block_count(two_regimes(8), budget=480)[0] == 2
+    three = np.array([[1.0, 0.05, 0.05]] * 4 + [[0.05, 1.0, 0.05]] * 4 + [[0.05, 0.05, 1.0]] * 4)
+    count, why = auto_block_count(three, budget=480)
+    assert count == 3 and why["explained"][2] >= 0.9 > why["explained"][1]
+
+
+def test_the_budget_caps_the_genes_and_the_layers_cap_the_blocks():
+    three = np.array([[1.0, 0.05]] * 3 + [[0.05, 1.0]] * 3 + [[1.0, 1.0]] * 3 + [[0.3, 0.1]] * 3)
+    capped, why = auto_block_count(three, budget=12)  # 12 / 6 = 2 genes: one block of 2 experts
+    assert capped == 1 and why["limited_by"] == "budget" and why["max_blocks"] == 1
+    small = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    count, why = auto_block_count(small, budget=10_000)
+    assert count <= 3 and why["max_blocks"] == 3 and why["limited_by"] == "layers"
+    costs = segmentation_costs(small, 3)
+    assert costs[-1] == pytest.approx(0.0) and all(a >= b - 1e-12 for a, b in zip(costs, costs[1:]))
+
+
+class FakeMerger:
+    def __init__(self, norms):
+        self.norms, self.n_layers = np.asarray(norms), len(norms)
+
+    def layer_task_vector_norms(self):
+        return self.norms
+
+
+def test_auto_blocks_are_recorded_and_a_resume_keeps_the_recorded_ones(capsys):
+    merger = FakeMerger(two_regimes(8))
+    ranges = genome_layer_ranges({"blocks": "adaptive", "n_blocks": "auto"}, merger, budget=48)
+    assert ranges == [(0, 3), (4, 7)]
+    assert merger.resolved_blocks["n_blocks"] == 2 and merger.resolved_blocks["setting"] == "auto"
+    assert merger.resolved_blocks["auto"]["rule"].startswith("fewest blocks explaining")
+    # a resume uses what config.yaml recorded (even if this version would cut elsewhere), and says so
+    recorded = {"setting": "auto", "n_blocks": 2, "blocks": [[0, 2], [3, 7]]}
+    other = FakeMerger(two_regimes(8))
+    assert genome_layer_ranges({"blocks": "adaptive", "n_blocks": "auto"}, other, budget=48, recorded=recorded) == [(0, 2), (3, 7)]
+    assert "the run keeps its recorded blocks" in capsys.readouterr().err
+    # a recorded set for another setting is not used
+    assert genome_layer_ranges({"blocks": "adaptive", "n_blocks": 4}, FakeMerger(two_regimes(8)), budget=48, recorded=recorded) != [(0, 2), (3, 7)]
+
+
+def test_n_blocks_above_the_layer_count_is_refused_not_capped():
+    with pytest.raises(ConfigError, match="genome.n_blocks must be between 1 and the model's 8 layers, got 9"):
+        genome_layer_ranges({"blocks": "adaptive", "n_blocks": 9}, FakeMerger(two_regimes(8)), budget=48)
+    assert check_n_blocks("auto") == "auto" and check_n_blocks(3, 8) == 3
