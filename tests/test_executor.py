@@ -261,7 +261,7 @@ def test_async_refuses_generational_algorithms_and_unknown_modes(tmp_path, capsy
         loop.run(StreamingFake(_score_or_fail))
     assert str(err.value) == (
         "executor.mode=async: algorithm nsga2 is generational only (its selection needs whole generations); "
-        "use executor.mode=generational, or an algorithm that supports async: random, grid, hand_made"
+        "use executor.mode=generational, or an algorithm that supports async: bo, grid, hand_made, random, sobol"
     )
     with pytest.raises(ConfigError, match="executor.mode must be one of generational, async, got 'steady'"):
         check_mode("steady")
