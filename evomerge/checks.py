@@ -267,7 +267,21 @@ def check_tasks(cfg: DictConfig) -> dict[str, list[Path]]:
                         f"(it has: {', '.join(leaf.splits()) or 'none'}); {fix} or add the split to the task's YAML"
                     )
         files[d.name] = list(d.files)
+    check_registry_data(catalog, found, include, splits[0])
     return files
+
+
+def check_registry_data(catalog: Any, found: dict[str, Any], include: list[str], split: str) -> None:
+    """Tasks from lm-eval's registry (not the user's folders, not the packaged toy tasks) load
+    their data now, before any model: a dataset that cannot be loaded (offline, not cached, a
+    gated hub dataset) is one line here instead of after the models loaded. Local tasks' data
+    are files the checks above already found."""
+    from evomerge.estimators.tasks import _is_under, packaged_task_dir
+
+    roots = [Path(p).expanduser().resolve() for p in include] + [packaged_task_dir().resolve()]
+    registry = sorted(n for n, d in found.items() if d.path is None or not any(_is_under(Path(d.path).resolve(), r) for r in roots))
+    if registry:
+        catalog.load(registry, split)  # ConfigError: one line naming the task, the dataset and the fix
 
 
 def _check_metric(where: str, entry: dict[str, Any], d: Any) -> None:

@@ -106,8 +106,8 @@ def run_stages(
         )
         if i == 0 and on_ready is not None:
             on_ready()
-        if labels:
-            used = int(getattr(loop.state.strategy, "initial_used", len(labels)))
+        used = int(getattr(loop.state.strategy, "initial_used", len(labels))) if labels else 0
+        if used:  # an algorithm that takes no warm start (hand_made: only its named points) gets no line
             note = "" if used >= len(labels) else f" ({used} of {len(labels)} hand-made merges: the first population holds {used}; left out: {', '.join(labels[used:])})"
             say(f"warm start: {', '.join(labels[:used])}{note}; base and experts served from the references")
         if hasattr(session.fitness, "attach"):  # multi-fidelity promotion reads the live front

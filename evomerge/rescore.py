@@ -44,6 +44,21 @@ def rescore_on_test(cfg: DictConfig, session: Session, archive: Archive, chosen:
 
 
 def exact_rescore(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreCache | None = None, score_searched: bool = True) -> dict[str, Any]:
+    """``_rescore_points`` with each archived point scored once, however many names it has (a
+    knee that is also best_<objective> and a front point): every name gets the same entry."""
+    names_of: dict[int, list[str]] = {}
+    for name, rec in targets.items():
+        names_of.setdefault(rec.id, []).append(name)
+    unique = {", ".join(names): targets[names[0]] for names in names_of.values()}
+    scored = _rescore_points(merger, unique, test, cache, score_searched)
+    out: dict[str, Any] = {}
+    for joined, entry in scored.items():
+        for name in joined.split(", "):
+            out[name] = dict(entry)
+    return {name: out[name] for name in targets}
+
+
+def _rescore_points(merger: Any, targets: dict[str, Any], test: Any, cache: ScoreCache | None = None, score_searched: bool = True) -> dict[str, Any]:
     """Test scores of the exact merges (``Merger.exact_thresholds``: the weights the export
     writes and mergekit computes). Where a point's exact merge differs from the one the
     search scored (sampled magnitude table), the point is marked ``exact_differs`` and, with

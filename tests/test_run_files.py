@@ -66,3 +66,21 @@ def test_report_and_resume_of_a_run_with_odd_json_files(tmp_path):
     resume = subprocess.run([*base, f"resume={run}"], capture_output=True, text=True, timeout=300)
     assert resume.returncode == 2 and "Traceback" not in resume.stderr
     assert resume.stderr.strip().splitlines()[-1].startswith("evomerge: error:") and "fingerprints.json is damaged" in resume.stderr
+
+
+def test_a_registry_task_whose_data_cannot_load_is_reported_before_any_model_loads(monkeypatch):
+    """lm-eval's registry task with a hub dataset, offline and not cached: one line from the
+    up-front task checks (before the pool is built), not after the models loaded."""
+    from omegaconf import OmegaConf
+
+    from evomerge.checks import check_tasks
+    from evomerge.errors import ConfigError
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", "/nonexistent/evomerge-test-cache")
+    cfg = OmegaConf.create({"fitness": {"objectives": [{"name": "arc", "task": "arc_easy", "metric": "acc,none"}], "test_rescore": False}})
+    with pytest.raises(ConfigError) as exc:
+        check_tasks(cfg)
+    text = str(exc.value)
+    assert "arc_easy" in text and "\n" not in text and "HF_DATASETS_OFFLINE" in text

@@ -77,3 +77,40 @@ def test_rescore_progress_bounds_the_time_left():
     assert time_left([60.0], 0) == ""
     assert time_left([50.0, 70.0], 3) == ", at most ~3m 00s left"
     assert time_left([400.0], 12) == ", at most ~1h 20m left"
+
+
+def test_a_point_chosen_under_several_names_is_rescored_once():
+    """The knee that is also best_<objective> and a front point: one test score, every name."""
+    from types import SimpleNamespace
+
+    from evomerge.rescore import exact_rescore
+
+    class Merger:
+        def __init__(self):
+            self.current = None
+
+        def apply(self, recipe):
+            self.current = recipe
+
+        def fingerprint(self):
+            return (repr(self.current),)
+
+    calls = []
+
+    def test():
+        calls.append(1)
+        return {"math": 0.5}
+
+    rec = SimpleNamespace(id=7, recipe={"kind": "recipe", "groups": []})
+    other = SimpleNamespace(id=8, recipe={"kind": "recipe", "groups": [], "x": 1})
+    import evomerge.rescore as rescore
+
+    original = rescore.candidate_from_dict
+    rescore.candidate_from_dict = lambda d: dict(d)
+    try:
+        out = exact_rescore(Merger(), {"knee": rec, "best_math": rec, "front:7": rec, "front:8": other}, test)
+    finally:
+        rescore.candidate_from_dict = original
+    assert len(calls) == 2  # points 7 and 8, once each
+    assert list(out) == ["knee", "best_math", "front:7", "front:8"]
+    assert out["knee"] == out["best_math"] == out["front:7"] == {"id": 7, "scores": {"math": 0.5}}

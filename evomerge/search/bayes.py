@@ -237,11 +237,13 @@ class _quiet_numerics(warnings.catch_warnings):
     small noisy data and already handled by retrying; on a user's console they read as faults."""
 
     def __enter__(self):
-        from botorch.exceptions.warnings import BadInitialCandidatesWarning, NumericsWarning, OptimizationWarning
+        from botorch.exceptions.warnings import BadInitialCandidatesWarning, InputDataWarning, NumericsWarning, OptimizationWarning
         from linear_operator.utils.warnings import NumericalWarning
 
         out = super().__enter__()
-        for category in (NumericalWarning, NumericsWarning, OptimizationWarning, BadInitialCandidatesWarning):
+        # InputDataWarning: an objective that is constant so far (every candidate scores 0, say)
+        # cannot be standardised; the GP then models it as flat, which is what it is
+        for category in (NumericalWarning, NumericsWarning, OptimizationWarning, BadInitialCandidatesWarning, InputDataWarning):
             warnings.simplefilter("ignore", category)
         warnings.filterwarnings("ignore", message="Optimization failed", category=RuntimeWarning)
         return out

@@ -173,7 +173,7 @@ def plot_run(run_dir: Path, objectives: Sequence[str], archive: Archive, history
         ax.set_xlabel(f"{xi} (higher is better)")
         ax.set_ylabel(f"{yj} (higher is better)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="lower left")  # scores rise up and right: the front is away from it ("best" warns it is slow)
     fig.suptitle(f"{run_dir.name}: {len(search)} candidates")
     fig.tight_layout()
     fig.savefig(run_dir / "front.png", dpi=110)
@@ -194,7 +194,7 @@ def plot_run(run_dir: Path, objectives: Sequence[str], archive: Archive, history
                 a2.axhline(r.scores[o], ls=":", lw=0.8, c="gray")
         a2.set_xlabel("evaluations")
         a2.set_ylabel("best so far (dotted: base/experts)")
-        a2.legend(fontsize=8)
+        a2.legend(fontsize=8, loc="lower right")  # best-so-far rises: its start is low left
         a2.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(run_dir / "progress.png", dpi=110)
