@@ -134,11 +134,11 @@ def check_model_based(cfg: DictConfig, max_evals: int | None) -> None:
     n_init = OmegaConf.select(cfg, "algorithm.n_init")
     if n_init is not None or OmegaConf.select(cfg, "algorithm._target_") == MODEL_BASED_TARGETS[0]:
         value = integer(cfg, "algorithm.n_init", 0, optional=True)
-        if value is not None and max_evals is not None and value > max_evals:
-            raise ConfigError(
-                f"algorithm.n_init={value} is larger than the budget (search.max_evals={max_evals}): every candidate would be a "
-                "space-filling point and the model would never propose one; lower n_init or raise the budget"
-            )
+        if value is not None and max_evals is not None and value >= max_evals:
+            # a note, not an error: small test budgets with the default n_init are legitimate
+            print(f"note: algorithm.n_init={value} is at least the budget (search.max_evals={max_evals}): every candidate is a "
+                  "space-filling (Sobol) point and the model proposes none; lower n_init or raise the budget for a model-based search",
+                  file=sys.stderr, flush=True)
     for key, least in MODEL_INTEGERS.items():
         if OmegaConf.select(cfg, f"algorithm.{key}") is not None:
             integer(cfg, f"algorithm.{key}", least)

@@ -451,8 +451,6 @@ def cfg_with(**kw):
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": "x"}, "algorithm.n_init must be an integer, got 'x'"),
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": 2.5}, "algorithm.n_init must be an integer, got 2.5"),
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": -1}, "algorithm.n_init must be at least 0, got -1"),
-        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": 50, "search__max_evals": 48},
-         "algorithm.n_init=50 is larger than the budget (search.max_evals=48)"),
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__acquisition": "ei"}, "algorithm.acquisition must be one of qlognehvi, qlognparego, got 'ei'"),
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__raw_samples": 0}, "algorithm.raw_samples must be at least 1, got 0"),
         ({"genome__n_blocks": "many"}, "genome.n_blocks must be auto or an integer, got 'many'"),
@@ -470,6 +468,12 @@ def test_config_mistakes_are_caught_up_front(overrides, message):
     with pytest.raises(ConfigError) as exc:
         check_config(cfg_with(**overrides))
     assert message in str(exc.value)
+
+
+def test_n_init_at_least_the_budget_is_said_not_silent(capsys):
+    check_config(cfg_with(algorithm___target_="evomerge.search.bayes.bo", algorithm__n_init=50, search__max_evals=48))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "algorithm.n_init=50 is at least the budget (search.max_evals=48)" in err and "the model proposes none" in err
 
 
 def test_a_model_based_round_of_one_is_accepted():
