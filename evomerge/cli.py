@@ -39,14 +39,15 @@ def search_main(cfg: DictConfig) -> None:
 
 @raise_user_errors
 def export_main(argv: list[str]) -> None:
-    usage = "evomerge export run=<run dir> [point=<id|knee|best_<objective>>] [out=<folder>] [force=true] [verify=true]"
-    args = _key_values(argv, {"run", "point", "out", "force", "verify"}, {"run"}, usage)
+    usage = "evomerge export run=<run dir> [point=<id|knee|best_<objective>>] [out=<folder>] [force=true] [verify=true] [push_to_hub=<user>/<repo>]"
+    args = _key_values(argv, {"run", "point", "out", "force", "verify", "push_to_hub"}, {"run"}, usage)
     flags = [args.get(f, "false").lower() for f in ("force", "verify")]
     if any(f not in ("true", "false") for f in flags):
         raise ConfigError(f"usage: {usage}")
     from evomerge.run import export_point
 
-    target = export_point(args["run"], args.get("point", "knee"), args.get("out"), force=flags[0] == "true", verify=flags[1] == "true")
+    target = export_point(args["run"], args.get("point", "knee"), args.get("out"), force=flags[0] == "true", verify=flags[1] == "true",
+                          push_to_hub=args.get("push_to_hub"))
     print(f"exported to {target}")
 
 

@@ -20,7 +20,8 @@ from evomerge.session import build_pool
 CONFIG_FILE = "config.yaml"
 
 
-def export_point(run_dir: str | Path, point: str, out: str | Path | None = None, force: bool = False, verify: bool = False) -> Path:
+def export_point(run_dir: str | Path, point: str, out: str | Path | None = None, force: bool = False, verify: bool = False,
+                 push_to_hub: str | None = None) -> Path:
     """Write archive point ``point`` (an id, ``knee`` or ``best_<objective>``) of a run as an HF folder.
     Refuses a non-empty target (unless ``force``), a pool model's folder, and changed models.
     The merge is exact (mergekit's choice among tied magnitudes, no sampled table). With
@@ -48,6 +49,8 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
     if record.error:
         raise ConfigError(f"point {point} failed during the search ({record.error}); nothing to export")
     recipe = candidate_from_dict(record.recipe)
+    if push_to_hub:
+        check_repo_id(push_to_hub)
     if verify:  # checked before anything is loaded, merged or written: a retry needs no force=true
         if isinstance(recipe, LayerPath):
             raise ConfigError("verify=true checks recipe exports; this point is a data-flow (layer path) merge")
@@ -74,6 +77,7 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
     merger.apply(recipe)
     recipe.base, recipe.experts = base, list(experts)
     merger.save(target, recipe)
+    write_hub_files(run, target, record, recipe, base, experts)
     if verify:
         from evomerge.verify import mergekit_yaml_text, verify_export
 
@@ -83,7 +87,45 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
         print(result.line())
         if not result.same:
             raise VerifyDiffers(f"{target}: {result.line()}")
+    if push_to_hub:
+        push_folder(target, push_to_hub)
     return target
+
+
+def check_repo_id(repo_id: str) -> None:
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")) or any(c.isspace() for c in repo_id):
+        raise ConfigError(f"push_to_hub must be a Hub repo id '<user or org>/<name>', got {repo_id!r}")
+
+
+def push_folder(folder: Path, repo_id: str) -> str:
+    """Upload an exported folder to the Hub with huggingface_hub (your token: ``hf auth login``
+    or ``HF_TOKEN``); creates the model repo if it does not exist. Returns the commit URL."""
+    import huggingface_hub
+
+    check_repo_id(repo_id)
+    try:
+        huggingface_hub.create_repo(repo_id, repo_type="model", exist_ok=True)
+        info = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                             commit_message=f"evomerge export of {folder.name}")
+    except Exception as exc:  # noqa: BLE001 -- auth, network, permissions: one line, the folder stays
+        raise ConfigError(f"push_to_hub={repo_id}: the upload failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          f"the exported folder {folder} is complete; upload it again later") from None
+    url = str(getattr(info, "commit_url", info))
+    print(f"pushed to https://huggingface.co/{repo_id} ({url})")
+    return url
+
+
+def write_hub_files(run: Path, target: Path, record, recipe: Recipe, base: str, experts: dict[str, str]) -> None:
+    """README.md (a Hub model card), results.json (lm-eval's format) and front.png (this point
+    marked) next to the weights (evomerge/model_card.py)."""
+    from evomerge.errors import MergeError
+    from evomerge.model_card import front_plot, write_card
+
+    try:
+        mergekit_text = recipe.to_mergekit_yaml(base=base, experts=list(experts.values()))
+    except MergeError:
+        mergekit_text = None
+    write_card(target, run, record, recipe, base, experts, mergekit_text, front_plot(run, record.id, target))
 
 
 class VerifyDiffers(EvomergeError):

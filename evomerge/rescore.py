@@ -84,12 +84,14 @@ def _rescore_points(merger: Any, targets: dict[str, Any], test: Any, cache: Scor
             if scores is None or name in searched:
                 merger.apply(candidate_from_dict(rec.recipe))
                 merged = True
+            stderr = None
             if scores is None:
-                scores = dict(test())
+                result = test()
+                scores, stderr = dict(result), dict(getattr(result, "stderr", {}) or {})
                 scoring_s.append(time.time() - point_started)
                 if cache:
                     cache.put(rec.recipe, scores)
-            out[name] = {"id": rec.id, "scores": scores}
+            out[name] = {"id": rec.id, "scores": scores, **({"stderr": stderr} if stderr else {})}
             if merged and name in searched and merger.fingerprint() != searched[name]:
                 differs.append(name)
     for name in differs:
