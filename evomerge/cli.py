@@ -133,7 +133,20 @@ def main() -> None:
         SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
         return
     check_resume_argument(sys.argv[1:])
+    add_plugin_configs(sys.argv)
     search_main()
+
+
+def add_plugin_configs(argv: list[str]) -> None:
+    """Config groups of installed plugins (entry point group ``evomerge.configs``) join Hydra's
+    search path, unless the command line sets ``hydra.searchpath`` itself."""
+    if any(a.lstrip("+").startswith("hydra.searchpath=") for a in argv[1:]):
+        return
+    from evomerge.plugins import config_search_path
+
+    paths = config_search_path()
+    if paths:
+        argv.append(f"hydra.searchpath=[{','.join(paths)}]")
 
 
 if __name__ == "__main__":

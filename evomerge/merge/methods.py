@@ -147,6 +147,10 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 def get_method(name: str) -> MergeMethod:
+    if name not in REGISTRY:
+        from evomerge.plugins import load_methods
+
+        load_methods()  # methods of installed packages (entry point group evomerge.methods)
     try:
         return REGISTRY[name]
     except KeyError:
@@ -601,7 +605,9 @@ def apply_method(
     result = method.fn(group, params, out)
     if out is not None and result is not out:
         out.copy_(result)
-    return result
+        return out
+    # a method computing in float64 (its parameters are float64 tensors) still merges in the pool's dtype
+    return result if result.dtype == group.base.dtype else result.to(group.base.dtype)
 
 # more methods (mergekit's extra set, SVD family) register themselves on import
 from evomerge.merge import methods_extra, svd  # noqa: E402,F401
