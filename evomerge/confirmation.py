@@ -71,6 +71,16 @@ def _read_cache(path: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """A kill mid-write leaves a last line without its newline: cut it, so the next line starts clean."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def confirm_front(cfg: DictConfig, session: Any, archive: Archive, run_dir: Path | None) -> FinalFront:
     """The run's final front: confirmed on fresh validation items, or (``search_scores``, or
     nothing left to confirm on) the raw front of the search scores."""
@@ -93,6 +103,8 @@ def confirm_front(cfg: DictConfig, session: Any, archive: Archive, run_dir: Path
     scorer = _confirmation_scorer(cfg, session, fresh, objectives)
     cache_path = run_dir / CONFIRM_FILE if run_dir is not None else None
     cache = _read_cache(cache_path) if cache_path is not None else {}
+    if cache_path is not None:
+        _drop_torn_tail(cache_path)
     confirmed: dict[int, dict[str, float]] = {}
     stderr: dict[int, dict[str, float]] = {}
     started = time.time()

@@ -115,3 +115,32 @@ def test_n_blocks_above_the_layer_count_is_refused_not_capped():
     with pytest.raises(ConfigError, match="genome.n_blocks must be between 1 and the model's 8 layers, got 9"):
         genome_layer_ranges({"blocks": "adaptive", "n_blocks": 9}, FakeMerger(two_regimes(8)), budget=48)
     assert check_n_blocks("auto") == "auto" and check_n_blocks(3, 8) == 3
+
+
+@pytest.mark.slow
+def test_a_run_stopped_while_confirming_resumes_to_the_same_final_front(tmp_path):
+    """The state a kill inside the final-front confirmation leaves (the search done, some
+    candidates confirmed, the last line torn, no summary): the resume keeps what was confirmed,
+    scores the rest, and ends with the uninterrupted run's front (three objectives)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "evomerge", "+experiment=toy_k3", "modelpool.size=tiny", "device=cpu", "algorithm=random",
+            "genome=blocks_ta", "algorithm.pop_size=4", "search.max_evals=12", "fitness.subset_size=6", "fitness.batch_size=8",
+            "fitness.test_rescore=false", "report.html=false", "report.plots=false", "search.progress=false"]
+    reference = tmp_path / "uninterrupted"
+    subprocess.run([*args, f"hydra.run.dir={reference}"], check=True, capture_output=True, timeout=900)
+    confirmed = (reference / "confirmation.jsonl").read_text().splitlines()
+    assert len(confirmed) >= 2, "the run should confirm more than one candidate"
+
+    run = tmp_path / "stopped"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("run.lock", "summary.json", "pareto_front.*", "recipes"))
+    (run / "confirmation.jsonl").write_text(confirmed[0] + "\n" + confirmed[1][: len(confirmed[1]) // 2])  # one done, one torn
+    proc = subprocess.run([sys.executable, "-m", "evomerge", f"resume={run}"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("final front: confirming") == len(confirmed) - 1  # the first one was kept
+    a, b = json.loads((reference / "summary.json").read_text()), json.loads((run / "summary.json").read_text())
+    assert a["front"] == b["front"] and a["final_front"] == b["final_front"] and a["chosen"] == b["chosen"]
+    assert (run / "confirmation.jsonl").read_text().splitlines() == confirmed  # the torn line cut, nothing twice
