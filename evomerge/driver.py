@@ -49,6 +49,23 @@ def build_executor(cfg: DictConfig, session: Session, run_dir: Path):
         raise ConfigError(f"invalid executor option: {exc}") from None
 
 
+def generation_hook(run_dir: Path, html: bool, tracker: Any, objectives: list[str]) -> Callable[[SearchLoop], None] | None:
+    """After each generation: the live report and the tracker's new points (either may be off)."""
+    if not html and tracker is None:
+        return None
+
+    def hook(loop: SearchLoop) -> None:
+        if html:
+            refresh_report(run_dir, live=True)
+        if tracker is not None:
+            from evomerge.trackers import round_entry
+
+            tracker.log_candidates(loop.archive.search_records(), objectives)
+            tracker.log_generation(round_entry(loop))
+
+    return hook
+
+
 def record_blocks(cfg: DictConfig, run_dir: Path, session: Session) -> None:
     """The adaptive blocks of a run's genome (and how many were chosen, for ``n_blocks: auto``)
     go into its config.yaml at the first start, so a resume decodes genomes on the same blocks."""
@@ -68,7 +85,7 @@ def record_blocks(cfg: DictConfig, run_dir: Path, session: Session) -> None:
 
 def run_stages(
     cfg: DictConfig, run_dir: Path, session: Session, executor: Any, stages: list[Stage], seed: int, ref_point: Any,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None, tracker: Any = None,
 ) -> SearchLoop:
     """``on_ready``: called once the first stage's loop accepted the run's state (budget,
     checkpoint), before anything is evaluated (a resume writes its config changes then)."""
@@ -126,7 +143,7 @@ def run_stages(
                 if rec.error:  # the references are plain merges: if they fail, every candidate would
                     raise ConfigError(f"reference {label} failed, so every candidate would: {rec.error}")
                 say(f"reference {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items()))
-        loop.run(executor, on_generation=(lambda _: refresh_report(run_dir, live=True)) if html else None)
+        loop.run(executor, on_generation=generation_hook(run_dir, html, tracker, session.objectives))
         history += loop.state.history
     assert loop is not None, "plan_stages returns at least one stage"
     loop.state.history = history

@@ -24,6 +24,7 @@ from evomerge.report import refresh_report
 from evomerge.search.loop import SearchLoop
 from evomerge.search.report import plot_run, write_front, write_recipes
 from evomerge.search.stages import plan_stages
+from evomerge.trackers import build_tracker
 from evomerge.session import Session, config_value, open_session
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,17 @@ def _search(cfg: DictConfig, run_dir: Path, on_ready: Callable[[], None] | None 
     stages_cfg = OmegaConf.select(cfg, "search.stages")
     stages = plan_stages(genome_cfg, OmegaConf.to_container(stages_cfg) if stages_cfg is not None else None, max_evals)
     check_async(cfg, session, stages)
+    tracker = build_tracker(cfg)  # a missing tracker library is one line, before anything is evaluated
     executor = build_executor(cfg, session, run_dir)
+    tracker.start(run_dir, OmegaConf.to_container(cfg, resolve=True))
     try:
-        loop = run_stages(cfg, run_dir, session, executor, stages, seed, ref_point, on_ready=on_ready)
+        loop = run_stages(cfg, run_dir, session, executor, stages, seed, ref_point, on_ready=on_ready, tracker=tracker)
     finally:  # also on Ctrl-C: workers stopped, a Ray started here shut down
         executor.close()
-    return finish_run(cfg, run_dir, session, loop)
+    summary = finish_run(cfg, run_dir, session, loop)
+    tracker.log_candidates(loop.archive.search_records(), session.objectives)
+    tracker.finish(run_dir, summary)
+    return summary
 
 
 def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoop) -> dict[str, Any]:
