@@ -592,8 +592,12 @@ def test_cli_resume_refuses_while_locked_and_refuses_unsafe_overrides(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["algorithm.pop_size=0"], "algorithm.pop_size must be at least 2"),
-        (["algorithm.pop_size=1"], "algorithm.pop_size must be at least 2"),
+        (["algorithm.pop_size=0"], "algorithm.pop_size must be an integer of at least 1 (candidates per round of the model), got 0"),
+        (["algorithm=nsga2", "algorithm.pop_size=1"], "algorithm.pop_size must be an integer of at least 2 (a population smaller than 2 cannot evolve)"),
+        (["algorithm.n_init=x"], "algorithm.n_init must be an integer, got 'x'"),
+        (["algorithm.n_init=2.5"], "algorithm.n_init must be an integer, got 2.5"),
+        (["genome.n_blocks=9"], "genome.n_blocks must be between 1 and the model's 4 layers, got 9"),
+        (["executor=ray", "executor.mode=async", "algorithm=nsga2"], "supports async: bo, grid, hand_made, random, sobol"),
         (["dtype=float8_e4m3fn"], "dtype must be one of auto, float32, bfloat16, float16"),
         (["genome=layerwise_ties", "genome.ranges.density=[0.1,1.5]"], "genome.ranges.density=[0.1, 1.5] is outside what merge method"),
         (['fitness.extra=[{name: t, task: toy_target, metric: "acc,none"}]'], "fitness.extra: task 'toy_target' has no metric 'acc,none'"),
@@ -602,6 +606,7 @@ def test_cli_resume_refuses_while_locked_and_refuses_unsafe_overrides(tmp_path):
 )
 def test_cli_config_mistakes_are_one_line_errors(overrides, message, tmp_path):
     one_line_error(cli(*overrides, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, timeout=120), message)
+    assert not (tmp_path / "r").exists()  # a mistake leaves no run folder behind
 
 
 def _copy_zoo(zoo, dest: Path) -> dict[str, Path]:
