@@ -12,16 +12,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.dfs.path import candidate_from_dict
 from evomerge.errors import ConfigError
 from evomerge.progress import say
 from evomerge.search.archive import Archive
-from evomerge.search.confirm import CONFIRMATION, SEARCH_SCORES, ConfirmSettings, FinalFront, confirmation_candidates, final_front
+from evomerge.search.confirm import (
+    CONFIRMATION,
+    POOLED,
+    SEARCH_SCORES,
+    ConfirmSettings,
+    FinalFront,
+    confirmation_candidates,
+    final_front,
+    pooled_scores,
+)
 
 CONFIRM_FILE = "confirmation.jsonl"
-MODES = (CONFIRMATION, "search_scores")
+MODES = (CONFIRMATION, POOLED, "search_scores")
 
 
 def confirm_settings(cfg: DictConfig) -> ConfirmSettings:
@@ -29,14 +39,14 @@ def confirm_settings(cfg: DictConfig) -> ConfirmSettings:
     ``fitness.confirm_max_points``, checked before any model loads."""
     mode = OmegaConf.select(cfg, "fitness.final_front", default=CONFIRMATION)
     if mode not in MODES:
-        raise ConfigError(f"fitness.final_front must be {' or '.join(MODES)}, got {mode!r}")
+        raise ConfigError(f"fitness.final_front must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {mode!r}")
     z = OmegaConf.select(cfg, "fitness.confirm_z", default=1.0)
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0:
         raise ConfigError(f"fitness.confirm_z must be a number >= 0, got {z!r}")
     points = OmegaConf.select(cfg, "fitness.confirm_max_points", default=16)
     if isinstance(points, bool) or not isinstance(points, int) or points < 1:
         raise ConfigError(f"fitness.confirm_max_points must be a positive integer, got {points!r}")
-    return ConfirmSettings(mode=CONFIRMATION if mode == CONFIRMATION else SEARCH_SCORES, z=float(z), max_points=points)
+    return ConfirmSettings(mode=SEARCH_SCORES if mode == "search_scores" else mode, z=float(z), max_points=points)
 
 
 def _fresh_items(fitness: Any, tasks: list[str]) -> dict[str, list[int]] | None:
@@ -122,11 +132,16 @@ def confirm_front(cfg: DictConfig, session: Any, archive: Archive, run_dir: Path
                     os.fsync(f.fileno())
         confirmed[rec.id] = {o: float(row["scores"][o]) for o in objectives}
         stderr[rec.id] = {o: float(row.get("stderr", {}).get(o, 0.0)) for o in objectives}
-    ids = final_front(candidates, confirmed, objectives)
     items = {o: len(fresh[task_of.get(o, o)]) for o in objectives}
-    return FinalFront(ids, CONFIRMATION, note=f"{len(candidates)} candidates within {settings.z:g} s.e. of the search front, "
-                      f"confirmed on {', '.join(f'{n} {o}' for o, n in items.items())} fresh validation items",
-                      scores={i: confirmed[i] for i in ids}, stderr={i: stderr[i] for i in ids}, items=items,
+    note = (f"{len(candidates)} candidates within {settings.z:g} s.e. of the search front, "
+            f"confirmed on {', '.join(f'{n} {o}' for o, n in items.items())} fresh validation items")
+    if settings.mode == POOLED:  # chosen on the search's and the fresh items together
+        by_id = {r.id: r for r in candidates}
+        confirmed = {i: pooled_scores(by_id[i], confirmed[i], objectives, items) for i in confirmed}
+        stderr = {i: {o: float(np.hypot(by_id[i].stderr.get(o, 0.0), stderr[i][o])) / 2 for o in objectives} for i in stderr}
+        note += ", front chosen on the search's and the fresh items pooled"
+    ids = final_front(candidates, confirmed, objectives)
+    return FinalFront(ids, settings.mode, note=note, scores={i: confirmed[i] for i in ids}, stderr={i: stderr[i] for i in ids}, items=items,
                       candidates=[r.id for r in candidates])
 
 

@@ -455,7 +455,7 @@ def cfg_with(**kw):
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__raw_samples": 0}, "algorithm.raw_samples must be at least 1, got 0"),
         ({"genome__n_blocks": "many"}, "genome.n_blocks must be auto or an integer, got 'many'"),
         ({"genome__n_blocks": 0}, "genome.n_blocks must be between 1 and the model's layer count, got 0"),
-        ({"fitness__final_front": "best"}, "fitness.final_front must be confirmation or search_scores, got 'best'"),
+        ({"fitness__final_front": "best"}, "fitness.final_front must be confirmation, pooled or search_scores, got 'best'"),
         ({"fitness__confirm_max_points": 0}, "fitness.confirm_max_points must be a positive integer, got 0"),
         ({"dtype": "float8_e4m3fn"}, "dtype must be one of auto, float32, bfloat16, float16, got 'float8_e4m3fn'"),
         ({"fitness__test_rescore_searched": "no"}, "fitness.test_rescore_searched must be true or false, got 'no'"),

@@ -5,6 +5,8 @@ it scores, the more of its front is made of candidates whose subset score was lu
 winner's curse): their validation scores rise with the budget while their test scores do
 not. So the front a run reports, exports and re-scores on test is chosen in a second step:
 
+(``pooled``: step 3 on each candidate's search and fresh items together.)
+
 1. **Candidates**: every search candidate that no other candidate *clearly* dominates, i.e.
    beats by more than ``z`` combined standard errors on every objective (``noise_margin``),
    the least dominated first, at most ``max_points`` of them (the raw front always first).
@@ -26,13 +28,14 @@ from evomerge.search.pareto import nondominated
 
 SEARCH_SCORES = "search scores"
 CONFIRMATION = "confirmation"
+POOLED = "pooled"
 
 
 @dataclass(frozen=True)
 class ConfirmSettings:
     """``fitness.final_front`` and its knobs (docs/concepts.md, "The final front")."""
 
-    mode: str = CONFIRMATION  # "confirmation" | "search scores"
+    mode: str = CONFIRMATION  # "confirmation" | "pooled" | "search scores"
     z: float = 1.0
     max_points: int = 16
 
@@ -81,6 +84,18 @@ def confirmation_candidates(records: Sequence[Any], objectives: Sequence[str], s
     order = sorted(range(len(ok)), key=lambda i: (i not in raw, margin[i], ok[i].id))
     chosen = [i for i in order if i in raw or margin[i] <= settings.z]
     return [ok[i] for i in chosen[: max(settings.max_points, 1)]]
+
+
+def pooled_scores(record: Any, fresh: Mapping[str, float], objectives: Sequence[str], fresh_items: Mapping[str, int]) -> dict[str, float]:
+    """A candidate's score over the search's items and the fresh ones together (weighted by
+    their item counts): half the noise of either, part of the selection bias of the first."""
+    out = {}
+    for o in objectives:
+        n_search = int((record.fidelity or {}).get(o, 0) or 0)
+        n_fresh = int(fresh_items.get(o, 0))
+        total = n_search + n_fresh
+        out[o] = float(fresh[o]) if total == 0 or n_search == 0 else (n_search * float(record.scores[o]) + n_fresh * float(fresh[o])) / total
+    return out
 
 
 def final_front(candidates: Sequence[Any], confirmed: Mapping[int, Mapping[str, float]], objectives: Sequence[str]) -> list[int]:
