@@ -417,7 +417,7 @@ def test_async_with_a_generational_algorithm_is_refused_before_ray_starts(test_z
         raise AssertionError("Ray started before the refusal")
 
     monkeypatch.setattr(ray_executor, "RayExecutor", no_ray)
-    with pytest.raises(ConfigError, match=r"^executor.mode=async: algorithm nsga2 is generational only .* random, grid, hand_made$"):
+    with pytest.raises(ConfigError, match=r"^executor.mode=async: algorithm nsga2 is generational only .* bo, grid, hand_made, random, sobol$"):
         _run([*_pool_args(test_zoo), *NSGA2, "search.max_evals=8", "search.progress=false", "executor=ray", "executor.mode=async"], tmp_path / "run")
 
 

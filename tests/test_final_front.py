@@ -144,3 +144,34 @@ def test_a_run_stopped_while_confirming_resumes_to_the_same_final_front(tmp_path
     a, b = json.loads((reference / "summary.json").read_text()), json.loads((run / "summary.json").read_text())
     assert a["front"] == b["front"] and a["final_front"] == b["final_front"] and a["chosen"] == b["chosen"]
     assert (run / "confirmation.jsonl").read_text().splitlines() == confirmed  # the torn line cut, nothing twice
+
+
+@pytest.mark.slow
+def test_a_finished_run_can_be_finished_again_with_another_final_front(tmp_path):
+    """experiments/benchmark/refinish.py: the same search, finished with fitness.final_front=pooled
+    in a copy: nothing of the search or the confirmation is evaluated again."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "runs"
+    run = root / "toy" / "default" / "8" / "seed-0"
+    subprocess.run([sys.executable, "-m", "evomerge", "modelpool.size=tiny", "device=cpu", "algorithm=random", "algorithm.pop_size=4",
+                    "genome=modelwise_ta", "search.max_evals=8", "fitness.subset_size=6", "fitness.extra=[]", "fitness.test_rescore=front",
+                    "report.html=false", "report.plots=false", "search.progress=false", f"hydra.run.dir={run}"], check=True, capture_output=True, timeout=900)
+    script = Path(__file__).resolve().parents[1] / "experiments" / "benchmark" / "refinish.py"
+    spec = importlib.util.spec_from_file_location("refinish", script)
+    refinish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refinish)
+    (copy,) = refinish.refinish(root, "pooled", ["toy"], None, None)
+    assert copy == tmp_path / "runs-pooled" / "toy" / "default" / "8" / "seed-0"
+    assert (copy / "archive.jsonl").read_text() == (run / "archive.jsonl").read_text()
+    assert (copy / "confirmation.jsonl").read_text() == (run / "confirmation.jsonl").read_text()
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["final_front"]["estimate"] == "pooled" and all(p["chosen_by"] == "pooled" for p in summary["front"])
+    assert all(f"front:{p['id']}" in summary["test"] for p in summary["front"])
+    original = json.loads((run / "summary.json").read_text())
+    assert original["final_front"]["search_front"] == summary["final_front"]["search_front"]
+    assert refinish.refinish(root, "pooled", ["toy"], None, None) == [copy]  # finished copies are skipped
