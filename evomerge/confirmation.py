@@ -35,9 +35,9 @@ MODES = (CONFIRMATION, POOLED, "search_scores")
 
 
 def confirm_settings(cfg: DictConfig) -> ConfirmSettings:
-    """``fitness.final_front`` (confirmation | search_scores), ``fitness.confirm_z``,
+    """``fitness.final_front`` (pooled | confirmation | search_scores), ``fitness.confirm_z``,
     ``fitness.confirm_max_points``, checked before any model loads."""
-    mode = OmegaConf.select(cfg, "fitness.final_front", default=CONFIRMATION)
+    mode = OmegaConf.select(cfg, "fitness.final_front", default=POOLED)
     if mode not in MODES:
         raise ConfigError(f"fitness.final_front must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {mode!r}")
     z = OmegaConf.select(cfg, "fitness.confirm_z", default=1.0)

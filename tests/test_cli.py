@@ -64,7 +64,7 @@ def test_search_end_to_end_and_export(test_zoo, tmp_path):
     assert "test re-score 1/" in proc.stderr and "references: scoring base" in proc.stderr
     log = (run / "run.log").read_text()  # the progress lines are in the run's log too
     assert "| evals   24/24" in log and "warm start:" in log and "test re-score 1/" in log
-    assert "done: 24 candidates" in log and "front chosen by confirmation" in log  # the final summary too
+    assert "done: 24 candidates" in log and "front chosen by pooled" in log  # the final summary too
     for name in ("config.yaml", "archive.jsonl", "checkpoint.pkl", "subset.json", "pareto_front.csv", "pareto_front.json", "summary.json", "front.png", "progress.png",
                  "environment.json"):
         assert (run / name).is_file(), name
@@ -83,8 +83,8 @@ def test_search_end_to_end_and_export(test_zoo, tmp_path):
     times = summary["time_s"]
     assert times["eval_s"] > 0 and times["proposal_wait_s"] > 0 and 0 < times["proposal_wait_share"] < 1
     # the final front: chosen on fresh validation items, each point saying so
-    assert summary["final_front"]["estimate"] == "confirmation" and summary["final_front"]["search_front"]
-    assert all(p["chosen_by"] == "confirmation" and "search_scores" in p for p in summary["front"])
+    assert summary["final_front"]["estimate"] == "pooled" and summary["final_front"]["search_front"]
+    assert all(p["chosen_by"] == "pooled" and "search_scores" in p for p in summary["front"])
     assert len(summary["hypervolume_history"]) >= 3
     hv = [h["hypervolume"] for h in summary["hypervolume_history"]]
     assert hv == sorted(hv)  # the archive front never loses volume

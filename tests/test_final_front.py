@@ -14,11 +14,12 @@ from evomerge.session import check_n_blocks, genome_layer_ranges
 
 
 @dataclass
-class Rec:
+class Rec:  # an archive record as the final front reads it
     id: int
     scores: dict
     stderr: dict = field(default_factory=dict)
     error: str | None = None
+    fidelity: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- confirmation
@@ -175,3 +176,34 @@ def test_a_finished_run_can_be_finished_again_with_another_final_front(tmp_path)
     original = json.loads((run / "summary.json").read_text())
     assert original["final_front"]["search_front"] == summary["final_front"]["search_front"]
     assert refinish.refinish(root, "pooled", ["toy"], None, None) == [copy]  # finished copies are skipped
+
+
+def test_pooled_scores_weigh_the_search_and_fresh_items_by_their_counts():
+    from evomerge.search.confirm import pooled_scores
+
+    rec = Rec(1, {"a": 0.9, "b": 0.5})
+    rec.fidelity = {"a": 100, "b": 40}
+    fresh = {"a": 0.8, "b": 0.8}
+    pooled = pooled_scores(rec, fresh, ["a", "b"], {"a": 100, "b": 60})
+    assert pooled["a"] == pytest.approx(0.85) and pooled["b"] == pytest.approx((40 * 0.5 + 60 * 0.8) / 100)
+    rec.fidelity = {}
+    assert pooled_scores(rec, fresh, ["a", "b"], {"a": 100, "b": 60}) == {"a": 0.8, "b": 0.8}  # no count: the fresh score
+
+
+def test_the_seed_4_collapse_is_what_pooling_avoids():
+    """Candidates whose first objective differs by noise only: on 100 fresh items one candidate
+    dominates all but one; on the 200 pooled items the trade-off front stays (the shape of the
+    benchmark's seed 4, PROTOCOL.md amendment of 2026-12-07)."""
+    from evomerge.search.confirm import pooled_scores
+
+    search = {15: (0.91, 1.0), 46: (0.96, 0.80), 41: (0.95, 0.85), 21: (1.0, 0.25)}
+    fresh = {15: (0.94, 0.98), 46: (0.94, 0.76), 41: (0.93, 0.83), 21: (0.97, 0.30)}
+    recs = []
+    for i, (a, b) in search.items():
+        r = Rec(i, {"math": a, "lang": b})
+        r.fidelity = {"math": 100, "lang": 100}
+        recs.append(r)
+    by_fresh = {i: {"math": a, "lang": b} for i, (a, b) in fresh.items()}
+    assert sorted(final_front(recs, by_fresh, ["math", "lang"])) == [15, 21]
+    pooled = {r.id: pooled_scores(r, by_fresh[r.id], ["math", "lang"], {"math": 100, "lang": 100}) for r in recs}
+    assert sorted(final_front(recs, pooled, ["math", "lang"])) == [15, 21, 41, 46]

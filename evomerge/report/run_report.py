@@ -401,8 +401,9 @@ def build_report(run: RunData, run_arg: str | None = None, live: bool = False) -
                      "scores and methods; click a front point to show its recipe in the next section. Stars: base and experts; grey: dominated candidates."
                      + (f" Error bars: ±1 standard error; open circles: front points within {SEPARATION_Z:g} standard errors of another front point on every objective."
                         if any(p.stderr for p in front) else "")
-                     + (" The front was chosen on fresh validation items outside the search's subset (the final front, docs/concepts.md): "
-                        "its points show those scores, the grey candidates their search scores." if run.chosen_by() == "confirmation" else "")
+                     + (" The front was chosen with validation items outside the search's subset (the final front, docs/concepts.md: "
+                        f"{run.chosen_by()}): its points show those scores, the grey candidates their search scores."
+                        if run.chosen_by() in ("confirmation", "pooled") else "")
                      + "</p>" + fronts))
     if front:
         with_density = has_density(recipes.values())

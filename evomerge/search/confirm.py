@@ -35,7 +35,7 @@ POOLED = "pooled"
 class ConfirmSettings:
     """``fitness.final_front`` and its knobs (docs/concepts.md, "The final front")."""
 
-    mode: str = CONFIRMATION  # "confirmation" | "pooled" | "search scores"
+    mode: str = POOLED  # "pooled" | "confirmation" | "search scores"
     z: float = 1.0
     max_points: int = 16
 
