@@ -14,6 +14,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.estimators.lm_eval_fitness import quiet_libraries
 from evomerge.merge.merger import Merger
 from evomerge.merge.recipe import Recipe
+from evomerge.pool import dtype_name
 from evomerge.search.archive import Archive
 from evomerge.session import build_pool
 
@@ -77,12 +78,12 @@ def export_point(run_dir: str | Path, point: str, out: str | Path | None = None,
     merger.apply(recipe)
     recipe.base, recipe.experts = base, list(experts)
     merger.save(target, recipe)
-    write_hub_files(run, target, record, recipe, base, experts)
+    write_hub_files(run, target, record, recipe, base, experts, dtype_name(pool))
     if verify:
         from evomerge.verify import mergekit_yaml_text, verify_export
 
-        result = verify_export(target, recipe, base, list(experts.values()))
-        text = mergekit_yaml_text(recipe, base, list(experts.values()), verified=result)
+        result = verify_export(target, recipe, base, list(experts.values()), dtype=dtype_name(pool))
+        text = mergekit_yaml_text(recipe, base, list(experts.values()), verified=result, dtype=dtype_name(pool))
         (target / "mergekit.yaml").write_text(text)
         print(result.line())
         if not result.same:
@@ -115,14 +116,14 @@ def push_folder(folder: Path, repo_id: str) -> str:
     return url
 
 
-def write_hub_files(run: Path, target: Path, record, recipe: Recipe, base: str, experts: dict[str, str]) -> None:
+def write_hub_files(run: Path, target: Path, record, recipe: Recipe, base: str, experts: dict[str, str], dtype: str = "float32") -> None:
     """README.md (a Hub model card), results.json (lm-eval's format) and front.png (this point
     marked) next to the weights (evomerge/model_card.py)."""
     from evomerge.errors import MergeError
     from evomerge.model_card import front_plot, write_card
 
     try:
-        mergekit_text = recipe.to_mergekit_yaml(base=base, experts=list(experts.values()))
+        mergekit_text = recipe.to_mergekit_yaml(base=base, experts=list(experts.values()), dtype=dtype)
     except MergeError:
         mergekit_text = None
     write_card(target, run, record, recipe, base, experts, mergekit_text, front_plot(run, record.id, target))

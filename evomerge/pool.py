@@ -235,3 +235,9 @@ def _check_tokenizer(ref: ModelRef, base_tokenizer: object) -> None:
     tok = load_tokenizer(ref)
     if tok.get_vocab() != base_tokenizer.get_vocab():  # type: ignore[attr-defined]
         raise PoolError(f"expert '{ref.name}' has a different tokenizer vocabulary than the base ({len(tok)} vs {len(base_tokenizer)} tokens)")  # type: ignore[arg-type]
+
+
+def dtype_name(pool: "ModelPool | InMemoryPool") -> str:
+    """The pool's dtype as mergekit's config writes it (``float32``, ``bfloat16``, ``float16``):
+    exported configs merge in the dtype the search merged in."""
+    return str(pool.dtype).removeprefix("torch.")

@@ -22,6 +22,7 @@ from evomerge.estimators.lm_eval_fitness import quiet_libraries
 from evomerge.progress import say
 from evomerge.report import refresh_report
 from evomerge.search.loop import SearchLoop
+from evomerge.pool import dtype_name
 from evomerge.search.report import plot_run, write_front, write_recipes
 from evomerge.search.stages import plan_stages
 from evomerge.trackers import build_tracker
@@ -91,7 +92,7 @@ def _search(cfg: DictConfig, run_dir: Path, on_ready: Callable[[], None] | None 
 def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoop) -> dict[str, Any]:
     final = confirm_front(cfg, session, loop.archive, run_dir)  # the front chosen on fresh items (or the search's scores)
     summary = write_front(run_dir, session.objectives, loop.archive, loop.ref_point, final)
-    chosen = write_recipes(run_dir, session.objectives, loop.archive, session.base, session.experts, final)
+    chosen = write_recipes(run_dir, session.objectives, loop.archive, session.base, session.experts, final, dtype_name(session.pool))
     summary["chosen"] = chosen
     summary["budget"] = {"max_evals": loop.max_evals, "evaluated": loop.n_counted, "served_from_archive": loop.state.served, "ended_early": loop.exhausted}
     search = loop.archive.search_records()

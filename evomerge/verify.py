@@ -63,12 +63,12 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], rand
     return Verification(len(ours), max_diff, beyond, random)
 
 
-def mergekit_yaml_text(recipe: Recipe, base: str, experts: list[str], verified: Verification | None = None) -> str:
+def mergekit_yaml_text(recipe: Recipe, base: str, experts: list[str], verified: Verification | None = None, dtype: str = "float32") -> str:
     """The YAML a user would hand to ``mergekit-yaml`` (a one-line error where it cannot be
     written); with ``verified``, one header line saying what the verification found instead of
     the export's "not verified here"."""
     try:
-        text = recipe.to_mergekit_yaml(base=base, experts=experts)
+        text = recipe.to_mergekit_yaml(base=base, experts=experts, dtype=dtype)
     except MergeError as exc:
         raise ConfigError(f"cannot verify: {exc}") from None
     if verified is None:
@@ -84,14 +84,15 @@ def require_mergekit() -> None:
         raise ConfigError("verify=true needs mergekit (pip install mergekit==0.1.5); nothing was exported") from None
 
 
-def verify_export(folder: Path, recipe: Recipe, base: str, experts: list[str]) -> Verification:
-    """Run mergekit (in-process, on the CPU) on ``recipe``'s YAML and compare with ``folder``."""
+def verify_export(folder: Path, recipe: Recipe, base: str, experts: list[str], dtype: str = "float32") -> Verification:
+    """Run mergekit (in-process, on the CPU) on ``recipe``'s YAML (merged in ``dtype``, the
+    pool's) and compare with ``folder``."""
     require_mergekit()
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    text = mergekit_yaml_text(recipe, base, experts)
+    text = mergekit_yaml_text(recipe, base, experts, dtype=dtype)
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
     with tempfile.TemporaryDirectory(prefix="evomerge-verify-") as tmp:
         options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)

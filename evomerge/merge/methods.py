@@ -230,6 +230,30 @@ def _noise_threshold(keep_prob: Tensor) -> tuple[Tensor, Tensor]:
     return q - 32768, scale
 
 
+def mergekit_arithmetic(t: Tensor) -> bool:
+    """bfloat16 / float16 task vectors: every step rounds, so the torch paths follow mergekit's
+    own order of operations (``dtype:`` the pool's in the exported config) and give its bits;
+    float32 / float64 keep the fused forms (they agree with mergekit to float rounding)."""
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
+def weighted_sum(deltas: Tensor, weight: Tensor) -> Tensor:
+    """``sum_k w_k * deltas_k``: one matrix-vector product, or, in mergekit's arithmetic
+    (``mergekit_arithmetic``), each product rounded and then summed over the models, column
+    chunk by column chunk (a column's result depends only on its own entries)."""
+    w = weight.to(deltas.dtype)
+    if not mergekit_arithmetic(deltas):
+        return w @ deltas
+    out = torch.empty(deltas.shape[1:], dtype=deltas.dtype, device=deltas.device)
+    for a in range(0, deltas.shape[1], _SUM_CHUNK):
+        b = min(a + _SUM_CHUNK, deltas.shape[1])
+        torch.sum(deltas[:, a:b] * w[:, None], dim=0, out=out[a:b])
+    return out
+
+
+_SUM_CHUNK = 1 << 20  # columns per temporary [K, chunk] product in mergekit's arithmetic
+
+
 def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
     """TIES: elect a sign per element by total mass, keep agreeing entries, average them."""
     majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)  # ties go to +, as in mergekit
@@ -237,7 +261,11 @@ def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
     aligned = (weighted * majority).clamp_(min=0)
     merged = aligned.sum(0).mul_(majority)
     if normalize:
-        divisor = weight.to(weighted.dtype) @ (aligned > 0).to(weighted.dtype)
+        agree = (aligned > 0).to(weighted.dtype)
+        if mergekit_arithmetic(weighted):  # mergekit: (weights * mask).sum(0)
+            divisor = (weight.to(weighted.dtype)[:, None] * agree).sum(0)
+        else:
+            divisor = weight.to(weighted.dtype) @ agree
         merged = merged.div_(torch.where(divisor == 0, torch.ones_like(divisor), divisor))  # as mergekit
     return merged
 
@@ -245,14 +273,18 @@ def sign_consensus(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
 def _finish(g: DeltaGroup, merged_delta: Tensor, p: Params, out: Tensor | None = None) -> Tensor:
     """base + lambda * merged_delta, written into ``out`` when given (saves one pass)."""
     alpha = float(p.get("lambda", 1.0))
+    if mergekit_arithmetic(merged_delta):  # mergekit: delta *= lambda (when not 1), then base + delta
+        if alpha != 1:
+            merged_delta = merged_delta * alpha
+        alpha = 1.0
     if out is None:
         return torch.add(g.base, merged_delta, alpha=alpha)
     return torch.add(g.base, merged_delta, alpha=alpha, out=out)
 
 
 def _weighted_sum(g: DeltaGroup, weight: Tensor) -> Tensor:
-    """sum_i w_i * delta_i as one matrix-vector product (a single pass over the deltas)."""
-    return weight.to(g.deltas.dtype) @ g.deltas
+    """sum_i w_i * delta_i (``weighted_sum``)."""
+    return weighted_sum(g.deltas, weight)
 
 
 # ---------------------------------------------------------------- methods
@@ -267,6 +299,8 @@ def linear(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
 
 
 def task_arithmetic(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
+    if mergekit_arithmetic(g.deltas):
+        return _finish(g, _weighted_sum(g, p["weight"]), p, out)
     # one fused pass: out = base + deltas^T (lambda * w)
     scaled = (p["weight"] * float(p.get("lambda", 1.0))).to(g.deltas.dtype)
     if out is None:
@@ -300,7 +334,7 @@ def _dare(g: DeltaGroup, p: Params, out: Tensor | None, consensus: bool) -> Tens
         )
     kept = random_keep(g, p["density"][:, None], seed)
     if not consensus:
-        return _finish(g, w.to(kept.dtype) @ kept, p, out)
+        return _finish(g, weighted_sum(kept, w), p, out)
     return _finish(g, sign_consensus(_weighted(g, w, kept), w, bool(p["normalize"])), p, out)
 
 
@@ -344,7 +378,7 @@ def banded_merge(g: DeltaGroup, p: Params, out: Tensor | None, consensus: bool) 
         )
     kept = g.deltas * g.band_mask(top, target)
     if not consensus:
-        return _finish(g, w.to(kept.dtype) @ kept, p, out)
+        return _finish(g, weighted_sum(kept, w), p, out)
     return _finish(g, sign_consensus(kept.mul_(w.to(kept.dtype)[:, None]), w, normalize), p, out)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from evomerge.merge.groups import DeltaGroup
 from evomerge.merge.kernels import LEVEL_SCALE
-from evomerge.merge.methods import MergekitSpec, MergeMethod, Params, ParamSpec, banded_merge, della_check, register
+from evomerge.merge.methods import MergekitSpec, MergeMethod, Params, ParamSpec, banded_merge, della_check, mergekit_arithmetic, register
 from evomerge.merge.segments import cache_of, segment_layout
 
 _EPS = 1e-8
@@ -215,6 +215,10 @@ def sce(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
     is per element, so it runs chunk by chunk like the mixing."""
     topk = float(p["select_topk"])
     result = out if out is not None else torch.empty_like(g.base)
+    if mergekit_arithmetic(g.deltas):
+        for start, n, _ in segment_layout(g):
+            _sce_mergekit_order(g, start, n, topk, result)
+        return result
     for start, n, _ in segment_layout(g):
         selection = sce_selection(g, start, n, topk) if topk < 1 else None
         var = _variance_table(g, start, n)[0] if isinstance(selection, tuple) else None
@@ -244,6 +248,29 @@ def sce(g: DeltaGroup, p: Params, out: Tensor | None = None) -> Tensor:
             merged = _mix(aligned, coef).mul_(majority) / _mix((aligned > 0).to(tv.dtype), coef).clamp_(min=1e-6)
             _write(g, a, b, merged, 1.0, result)
     return result
+
+
+def _sce_mergekit_order(g: DeltaGroup, start: int, n: int, topk: float, result: Tensor) -> None:
+    """SCE on one tensor, step by step as mergekit computes it (bfloat16 / float16 pools: each
+    step rounds, so the same steps give mergekit's bits): selection mask, sign election, mean
+    squares over the whole tensor, weighted mean of the agreeing entries."""
+    tv = g.deltas[:, start : start + n]
+    if topk < 1:
+        selection = sce_selection(g, start, n, topk)
+        if isinstance(selection, tuple):  # the search's sampled table: threshold, ties by index
+            threshold, cut = selection
+            v = _variance_table(g, start, n)[0].float()
+            selection = (v > threshold) | ((v == threshold) & (torch.arange(n, device=v.device) < cut))
+        tv = tv * selection.to(tv.dtype)
+    tv = tv.contiguous()  # mergekit's stacked task vectors (a reduction's order follows the layout)
+    majority = (tv.sum(dim=0) >= 0).to(tv.dtype) * 2 - 1
+    erase = tv.sign() == majority
+    weights = tv.square().reshape(tv.shape[0], -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
+    erased = weights[:, None] * erase
+    merged = (tv * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+    torch.add(g.base[start : start + n], merged, out=result[start : start + n])
 
 
 # ---------------------------------------------------------------- spherical methods

@@ -158,8 +158,10 @@ class Recipe:
         return cls.from_yaml(p.read_text())
 
     # ---- mergekit export
-    def to_mergekit(self, base: str | None = None, experts: list[str] | None = None) -> dict[str, Any]:
-        """A mergekit (0.1.5) config that reproduces this recipe's weights.
+    def to_mergekit(self, base: str | None = None, experts: list[str] | None = None, dtype: str = "float32") -> dict[str, Any]:
+        """A mergekit (0.1.5) config that reproduces this recipe's weights, merged in ``dtype``
+        (the pool's: a bfloat16 pool merges in bfloat16 arithmetic, and so does mergekit with
+        ``dtype: bfloat16``).
 
         Every layer range where the groups change becomes one slice; attention/MLP splits
         and the embed/head groups become per-tensor ``filter`` conditions (Llama-style
@@ -223,12 +225,12 @@ class Recipe:
         cfg: dict[str, Any] = {"merge_method": spec.method}
         if spec.sources in ("base+experts", "pair"):  # the base model is the first source
             cfg["base_model"] = mergekit_model(sources[0][1])
-        cfg.update({"slices": slices, "dtype": "float32"})
+        cfg.update({"slices": slices, "dtype": dtype})
         return _plain(cfg)
 
-    def to_mergekit_yaml(self, base: str | None = None, experts: list[str] | None = None) -> str:
+    def to_mergekit_yaml(self, base: str | None = None, experts: list[str] | None = None, dtype: str = "float32") -> str:
         """``to_mergekit`` as YAML text, with a header saying what it reproduces."""
-        cfg = self.to_mergekit(base, experts)
+        cfg = self.to_mergekit(base, experts, dtype)
         spec = get_method(self.groups[0].method).mergekit
         note = (
             "# exported by evomerge for mergekit 0.1.5: deterministic method, meant to give evomerge's exact merge\n"

@@ -103,9 +103,9 @@ def write_front(run_dir: Path, objectives: Sequence[str], archive: Archive, ref_
 
 
 def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, base: str, experts: dict[str, str],
-                  final: FinalFront | None = None) -> dict[str, int]:
+                  final: FinalFront | None = None, dtype: str = "float32") -> dict[str, int]:
     """best_<objective>.yaml and knee.yaml of the final front (+ .mergekit.yaml where mergekit
-    can express it), chosen on the scores the front was chosen on."""
+    can express it, merged in ``dtype``: the pool's), chosen on the scores the front was chosen on."""
     out = run_dir / "recipes"
     out.mkdir(exist_ok=True)
     pareto = final_records(archive, final)
@@ -127,7 +127,7 @@ def write_recipes(run_dir: Path, objectives: Sequence[str], archive: Archive, ba
             if isinstance(recipe, LayerPath):
                 text = recipe.to_mergekit_yaml(pool_paths(base, experts))
             else:
-                text = recipe.to_mergekit_yaml(base=base, experts=list(experts.values()))
+                text = recipe.to_mergekit_yaml(base=base, experts=list(experts.values()), dtype=dtype)
             (out / f"{name}.mergekit.yaml").write_text(text)
         except EvomergeError as exc:
             (out / f"{name}.mergekit.txt").write_text(f"not exported: {exc}\n")
