@@ -470,3 +470,63 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+ASYNC_BO = ["algorithm=bo", "algorithm.pop_size=2", "algorithm.n_init=4", "executor=ray", "executor.workers=2", "executor.mode=async"]
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_async_bo_survives_a_killed_worker(test_zoo, local_ray, tmp_path, monkeypatch):
+    """Issue 35, item 7: the default algorithm on the steady-state Ray path. A worker killed
+    mid-evaluation is replaced and its candidate re-queued: the budget is met exactly, the
+    killed candidate is archived once, with scores, and nothing is archived twice."""
+    from evomerge.executors.ray_executor import RayExecutor
+
+    killed: list[str] = []
+    searched: list[str] = []
+
+    def kill_third(executor, slot, key):
+        if len(key) == 16 and not killed:  # a genome key (the references go out as "0", "1", ...)
+            searched.append(key)
+            if len(searched) == 3 and executor.pids[slot]:
+                os.kill(executor.pids[slot], signal.SIGKILL)  # the worker dies mid-evaluation
+                killed.append(key)
+
+    monkeypatch.setattr(RayExecutor, "on_submit", staticmethod(kill_third))
+    got = _run([*_pool_args(test_zoo), *ASYNC_BO, "search.max_evals=10", "search.progress=false"], tmp_path / "run")
+    assert len(killed) == 1
+    keys = [k for _, k, *_ in got]
+    assert len(keys) == len(set(keys)) == 3 + 10
+    assert not any(rec[6] for rec in got)  # no failure recorded
+    (redone,) = [rec for rec in got if rec[1] == killed[0]]
+    assert redone[4] and searched.count(killed[0]) == 1  # scored; counted once in what was sent before the kill
+
+
+@needs_ray
+@pytest.mark.slow
+def test_killed_async_bo_driver_resumes_to_the_budget(test_zoo, tmp_path):
+    """The driver of an async BO run killed (SIGKILL) after 4 search records, then resumed:
+    the run ends at exactly its budget, every candidate archived once, a done summary."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "evomerge", *_pool_args(test_zoo), *ASYNC_BO, "search.max_evals=10"]
+    proc = subprocess.Popen([*args, f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    archive = run / "archive.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0]
+    before = _archive(run)
+    assert 3 + 4 <= len(before) < 3 + 10, out
+    resumed = subprocess.run([sys.executable, "-m", "evomerge", f"resume={run}", *ASYNC_BO[3:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "done: 10 candidates" in resumed.stdout
+    after = _archive(run)
+    assert after[: len(before)] == before  # nothing rewritten
+    keys = [k for _, k, *_ in after]
+    assert len(keys) == len(set(keys)) == 3 + 10 and not any(rec[6] for rec in after)
