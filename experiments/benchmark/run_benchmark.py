@@ -177,7 +177,8 @@ def search_label(target: Path) -> str:
     pop = OmegaConf.select(cfg, "algorithm.pop_size")
     warm = "warm start" if OmegaConf.select(cfg, "search.seed_with_references") else "no warm start"
     final = OmegaConf.select(cfg, "fitness.final_front") or "search_scores"
-    return f"{algo} (pop {pop}) over {methods}, {layout}, {warm}, final front: {final}"
+    population = f"pop {pop}" if pop is not None else "its default population"
+    return f"{algo} ({population}) over {methods}, {layout}, {warm}, final front: {final}"
 
 
 def measure(target: Path) -> dict[str, Any]:
@@ -212,7 +213,18 @@ def measure(target: Path) -> dict[str, Any]:
         **{f"best_test_{e}": max(t["scores"].get(e, 0.0) for n, t in test.items() if n.startswith("front:") or n in summary["references"]) for e in extras},
         "seconds": round(float(summary.get("mean_merge_s", 0) + summary.get("mean_eval_s", 0)) * int(summary["n_evaluated"]), 1),
         "items_per_candidate": items_per_candidate(target, objectives),
+        # the search's own cost (issue 36): seconds the loop waited for proposals, next to the
+        # candidates' merge and evaluation seconds, and the round size they were proposed in
+        "time_s": summary.get("time_s"),
+        "pop_size": _pop_size(target),
     }
+
+
+def _pop_size(target: Path) -> int | None:
+    from omegaconf import OmegaConf
+
+    pop = OmegaConf.select(OmegaConf.load(target / "config.yaml"), "algorithm.pop_size")
+    return int(pop) if isinstance(pop, int) else None
 
 
 def items_per_candidate(target: Path, objectives: list[str]) -> float | None:
@@ -367,10 +379,39 @@ def write_report(results: dict, out: Path) -> None:
                     cells += [f"{gap:+.4f} / {raw_gap:+.4f}", _diff_cell(paired_within(rows, "test_hv", "search_test_hv"))]
                 lines.append(f"| {search} | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += search_cost_table(by_search, budgets)
         if default:
             lines += decision(by_search, budgets, ["grid_ta", *[s for s in ANCHORS if s in by_search]]) + [""]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / "results.png")
+
+
+def search_cost_table(by_search: dict, budgets: list[int]) -> list[str]:
+    """The search's own cost per search and budget (rows with ``time_s``): seconds the loop
+    waited for proposals per round, a candidate's seconds (merge + evaluation), and the wait's
+    share of the search time (mean over seeds; the runs' own threads, see PROTOCOL.md)."""
+    if not any(r.get("time_s") for s in by_search.values() for rows in s.values() for r in rows):
+        return []
+    lines = [
+        "The search's own cost: proposal wait per round (seconds the loop waited for the next round's candidates) / seconds per candidate",
+        "(merge + evaluation) / the wait's share of the search time; mean over seeds.",
+        "",
+        "| search | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for search, by_budget in by_search.items():
+        cells = []
+        for b in budgets:
+            rows = [r for r in by_budget.get(str(b), []) if r.get("time_s") and r.get("evals")]
+            if not rows:
+                cells.append("–")
+                continue
+            per_round = np.mean([r["time_s"]["proposal_wait_s"] / max(1.0, r["evals"] / (r.get("pop_size") or 1)) for r in rows])
+            per_candidate = np.mean([(r["time_s"]["merge_s"] + r["time_s"]["eval_s"]) / r["evals"] for r in rows])
+            share = np.mean([r["time_s"]["proposal_wait_share"] for r in rows])
+            cells.append(f"{per_round:.2f} s / {per_candidate:.2f} s / {share:.0%}")
+        lines.append(f"| {search} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _plot(results: dict, path: Path) -> None:
