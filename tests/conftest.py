@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,15 @@ def test_zoo():
     for role, folder in {"base": zoo.base, **{f"expert:{n}": p for n, p in zoo.experts.items()}}.items():
         check_model(folder, record["weights_digest"][role], role)
     return zoo
+
+
+def kill_when_searched(proc: subprocess.Popen, run: Path, after: int, timeout: float = 400) -> None:
+    """SIGKILL ``proc`` (a search writing ``run``) once ``after`` search candidates are in its
+    archive, or when it ended or ``timeout`` seconds passed: a kill that lands mid-run."""
+    deadline = time.time() + timeout
+    archive = run / "archive.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= after:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)

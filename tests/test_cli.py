@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from evomerge.search.archive import Archive
+
+from conftest import kill_when_searched
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,7 @@ def pool_args(zoo) -> list[str]:
 def kill_mid_run(args: list[str], run: Path, cwd: Path, after: int, timeout: float = 240) -> None:
     """Start a search and SIGKILL it once ``after`` search candidates are archived (or it ended)."""
     proc = cli(*args, f"hydra.run.dir={run}", cwd=cwd, wait=False)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        archive = run / "archive.jsonl"
-        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= after:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    kill_when_searched(proc, run, after, timeout)
     proc.wait()
 
 

@@ -22,6 +22,7 @@ from evomerge.search.archive import Archive, genome_key
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.loop import SearchLoop
 from test_cli import pool_args  # the same tiny-zoo pool overrides as the CLI tests
+from conftest import kill_when_searched
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -377,13 +378,7 @@ def test_killed_ray_driver_resumes_to_the_same_archive(test_zoo, local_archive, 
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "evomerge", *_pool_args(test_zoo), *NSGA2, "search.max_evals=16", "executor=ray", "executor.workers=2"]
     proc = subprocess.Popen([*args, f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 400
-    archive = run / "archive.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    kill_when_searched(proc, run, 5, 400)
     out = proc.communicate()[0]
     before = _archive(run)
     assert 3 + 5 <= len(before) < 3 + 16, out
@@ -512,13 +507,7 @@ def test_killed_async_bo_driver_resumes_to_the_budget(test_zoo, tmp_path):
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "evomerge", *_pool_args(test_zoo), *ASYNC_BO, "search.max_evals=10"]
     proc = subprocess.Popen([*args, f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 400
-    archive = run / "archive.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    kill_when_searched(proc, run, 4, 400)
     out = proc.communicate()[0]
     before = _archive(run)
     assert 3 + 4 <= len(before) < 3 + 10, out

@@ -7,10 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,8 @@ from evomerge.search.archive import Archive
 from evomerge.zoo import k3
 from evomerge.zoo.build import TINY, ZooConfig, _pretrain_sampler, build_zoo
 from evomerge.zoo.tasks import SKILLS, fitness_records, held_out_prompts
+
+from conftest import kill_when_searched
 
 ROOT = Path(__file__).resolve().parents[1]
 # The CLI on this checkout's configs/ and fitness/ (an editable install of another checkout
@@ -176,13 +176,7 @@ def test_toy_k3_runs_resumes_exactly_and_reports_three_objectives(tiny_cache, tm
 
     run = tmp_path / "killed"
     proc = cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        archive = run / "archive.jsonl"
-        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= 14:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    kill_when_searched(proc, run, 14, 600)
     proc.wait()
     before = search_keys(run)
     assert 14 <= len(before) < 36, "the kill should land mid-run"

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from evomerge.search.archive import Archive
 from evomerge.trackers import wandb_offline_history
+
+from conftest import kill_when_searched
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,7 @@ def evomerge(*args: str, cwd: Path, check: bool = True, env: dict | None = None)
 def kill_after(args: list[str], run: Path, cwd: Path, after: int, env: dict | None = None) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "evomerge", *args, f"hydra.run.dir={run}"], cwd=cwd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        archive = run / "archive.jsonl"
-        if archive.exists() and sum('"kind": "search"' in line for line in archive.read_text().splitlines()) >= after:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    kill_when_searched(proc, run, after, 600)
     proc.wait()
 
 

@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -374,18 +374,13 @@ def write_report(results: dict, out: Path) -> None:
                 "| search | " + " | ".join(f"budget {b}: gap final / search front | budget {b}: test HV final minus search front" for b in budgets) + " |",
                 "|---|" + "---|---|" * len(budgets),
             ]
-            for search, by_budget in by_search.items():
-                cells = []
-                for b in budgets:
-                    rows = [r for r in by_budget.get(str(b), []) if r.get("search_test_hv") is not None]
-                    if not rows:
-                        cells += ["–", "–"]
-                        continue
-                    gap = np.mean([r["val_hv"] - r["test_hv"] for r in rows])
-                    raw_gap = np.mean([r["search_val_hv"] - r["search_test_hv"] for r in rows])
-                    cells += [f"{gap:+.4f} / {raw_gap:+.4f}", _diff_cell(paired_within(rows, "test_hv", "search_test_hv"))]
-                lines.append(f"| {search} | " + " | ".join(cells) + " |")
-            lines.append("")
+
+            def curse(rows: list[dict]) -> list[str]:
+                gap = np.mean([r["val_hv"] - r["test_hv"] for r in rows])
+                raw_gap = np.mean([r["search_val_hv"] - r["search_test_hv"] for r in rows])
+                return [f"{gap:+.4f} / {raw_gap:+.4f}", _diff_cell(paired_within(rows, "test_hv", "search_test_hv"))]
+
+            lines += search_rows(by_search, budgets, lambda r: r.get("search_test_hv") is not None, curse, width=2) + [""]
         lines += search_cost_table(by_search, budgets)
         if default:
             lines += decision(by_search, budgets, ["grid_ta", *ANCHORS]) + [""]
@@ -406,19 +401,27 @@ def search_cost_table(by_search: dict, budgets: list[int]) -> list[str]:
         "| search | " + " | ".join(f"budget {b}" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
     ]
+
+    def cost(rows: list[dict]) -> list[str]:
+        per_round = np.mean([r["time_s"]["proposal_wait_s"] / max(1.0, r["evals"] / (r.get("pop_size") or 1)) for r in rows])
+        per_candidate = np.mean([(r["time_s"]["merge_s"] + r["time_s"]["eval_s"]) / r["evals"] for r in rows])
+        share = np.mean([r["time_s"]["proposal_wait_share"] for r in rows])
+        return [f"{per_round:.2f} s / {per_candidate:.2f} s / {share:.0%}"]
+
+    return lines + search_rows(by_search, budgets, lambda r: bool(r.get("time_s") and r.get("evals")), cost, width=1) + [""]
+
+
+def search_rows(by_search: dict, budgets: list[int], keep: Callable[[dict], bool], cells: Callable[[list[dict]], list[str]], width: int) -> list[str]:
+    """One table line per search: ``cells`` of each budget's rows that ``keep`` accepts
+    (``width`` dashes where a budget has none)."""
+    lines = []
     for search, by_budget in by_search.items():
-        cells = []
+        row: list[str] = []
         for b in budgets:
-            rows = [r for r in by_budget.get(str(b), []) if r.get("time_s") and r.get("evals")]
-            if not rows:
-                cells.append("–")
-                continue
-            per_round = np.mean([r["time_s"]["proposal_wait_s"] / max(1.0, r["evals"] / (r.get("pop_size") or 1)) for r in rows])
-            per_candidate = np.mean([(r["time_s"]["merge_s"] + r["time_s"]["eval_s"]) / r["evals"] for r in rows])
-            share = np.mean([r["time_s"]["proposal_wait_share"] for r in rows])
-            cells.append(f"{per_round:.2f} s / {per_candidate:.2f} s / {share:.0%}")
-        lines.append(f"| {search} | " + " | ".join(cells) + " |")
-    return lines + [""]
+            rows = [r for r in by_budget.get(str(b), []) if keep(r)]
+            row += cells(rows) if rows else ["–"] * width
+        lines.append(f"| {search} | " + " | ".join(row) + " |")
+    return lines
 
 
 def _plot(results: dict, path: Path) -> None:
