@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -148,3 +149,25 @@ def run_stages(
     assert loop is not None, "plan_stages returns at least one stage"
     loop.state.history = history
     return loop
+
+
+@contextmanager
+def proposal_core_reserved(cfg: DictConfig) -> Iterator[None]:
+    """Scoring in this process on a CPU while BO proposes in its worker: one core fewer for
+    scoring during the run (entered before the session records its threads in environment.json)."""
+    import torch
+
+    from evomerge.search.proposals import scoring_threads
+
+    device = str(OmegaConf.select(cfg, "device") or "auto")
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    local = str(OmegaConf.select(cfg, "executor._target_") or "").endswith("local_executor")
+    overlapping = str(OmegaConf.select(cfg, "algorithm._target_") or "").endswith(".bo") and OmegaConf.select(cfg, "algorithm.overlap") is True
+    before = torch.get_num_threads()
+    threads = scoring_threads(before, on_cpu and local, overlapping)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

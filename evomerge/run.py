@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge import provenance, rundir
 from evomerge.checks import check_config
 from evomerge.confirmation import confirm_front
-from evomerge.driver import build_executor, check_async, run_stages
+from evomerge.driver import build_executor, check_async, proposal_core_reserved, run_stages
 from evomerge.errors import ConfigError, EvomergeError, raise_user_errors  # noqa: F401 -- re-exported for callers
 from evomerge.estimators.lm_eval_fitness import quiet_libraries
 from evomerge.progress import say
@@ -69,24 +69,25 @@ def _search(cfg: DictConfig, run_dir: Path, on_ready: Callable[[], None] | None 
     check_config(cfg)
     seed = config_value(cfg, "seed", int)
     max_evals = config_value(cfg, "search.max_evals", int, positive=True)
-    session = open_session(cfg, run_dir)
-    provenance.record_session(run_dir, session)  # environment.json: versions, device, weight digests
-    ref_point = OmegaConf.select(cfg, "search.ref_point")
-    genome_cfg = OmegaConf.to_container(cfg.genome, resolve=True)
-    stages_cfg = OmegaConf.select(cfg, "search.stages")
-    stages = plan_stages(genome_cfg, OmegaConf.to_container(stages_cfg) if stages_cfg is not None else None, max_evals)
-    check_async(cfg, session, stages)
-    tracker = build_tracker(cfg)  # a missing tracker library is one line, before anything is evaluated
-    executor = build_executor(cfg, session, run_dir)
-    tracker.start(run_dir, OmegaConf.to_container(cfg, resolve=True))
-    try:
-        loop = run_stages(cfg, run_dir, session, executor, stages, seed, ref_point, on_ready=on_ready, tracker=tracker)
-    finally:  # also on Ctrl-C: workers stopped, a Ray started here shut down
-        executor.close()
-    summary = finish_run(cfg, run_dir, session, loop)
-    tracker.log_candidates(loop.archive.search_records(), session.objectives)
-    tracker.finish(run_dir, summary)
-    return summary
+    with proposal_core_reserved(cfg):
+        session = open_session(cfg, run_dir)
+        provenance.record_session(run_dir, session)  # environment.json: versions, device, weight digests
+        ref_point = OmegaConf.select(cfg, "search.ref_point")
+        genome_cfg = OmegaConf.to_container(cfg.genome, resolve=True)
+        stages_cfg = OmegaConf.select(cfg, "search.stages")
+        stages = plan_stages(genome_cfg, OmegaConf.to_container(stages_cfg) if stages_cfg is not None else None, max_evals)
+        check_async(cfg, session, stages)
+        tracker = build_tracker(cfg)  # a missing tracker library is one line, before anything is evaluated
+        executor = build_executor(cfg, session, run_dir)
+        tracker.start(run_dir, OmegaConf.to_container(cfg, resolve=True))
+        try:
+            loop = run_stages(cfg, run_dir, session, executor, stages, seed, ref_point, on_ready=on_ready, tracker=tracker)
+        finally:  # also on Ctrl-C: workers stopped, a Ray started here shut down
+            executor.close()
+        summary = finish_run(cfg, run_dir, session, loop)
+        tracker.log_candidates(loop.archive.search_records(), session.objectives)
+        tracker.finish(run_dir, summary)
+        return summary
 
 
 def finish_run(cfg: DictConfig, run_dir: Path, session: Session, loop: SearchLoop) -> dict[str, Any]:

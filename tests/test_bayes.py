@@ -155,6 +155,76 @@ def test_bo_steady_state_keeps_running_candidates_pending():
     assert len(s.pending) == 1 and len(s.X) == 3
 
 
+# ---------------------------------------------------------------- overlapped rounds (evomerge/search/proposals.py)
+
+
+def _told_strategy(overlap: bool = True) -> tuple[BayesStrategy, np.ndarray]:
+    """A strategy past its design: returns it and the last batch it asked (not yet told)."""
+    s = BayesStrategy(pop_size=3, n_init=6, raw_samples=32, num_restarts=1, overlap=overlap)
+    s.setup(3, 2, 40, seed=2)
+    first = s.ask()
+    s.tell(first, two_bowls(first), np.full((3, 2), 0.01))
+    return s, s.ask()  # the design's last batch: the first model round is fixed now
+
+
+def test_overlapped_round_sees_the_data_before_its_pending_batch():
+    s, last = _told_strategy()
+    spec = s.next_round
+    assert spec is not None and spec.n_told == 3 and np.array_equal(spec.pending, last)
+    s.tell(last, two_bowls(last), np.full((3, 2), 0.01))
+    expected, _ = s.compute_round(spec)  # from the first 3 points, the last batch pending
+    got = s.ask()
+    assert np.array_equal(got, expected)
+    assert s.next_round.n_told == 6 and np.array_equal(s.next_round.pending, got)
+    # without overlap the round sees all 6 points and no pending batch: another batch
+    plain, last_plain = _told_strategy(overlap=False)
+    assert np.array_equal(last_plain, last) and getattr(plain, "next_round", None) is None
+    plain.tell(last_plain, two_bowls(last_plain), np.full((3, 2), 0.01))
+    assert not np.allclose(plain.ask(), got)
+
+
+def test_the_worker_proposes_exactly_what_the_process_would():
+    from evomerge.search import proposals
+
+    try:
+        s, last = _told_strategy()
+        assert proposals._running is not None and proposals._running[0] is s.next_round  # started in the worker
+        s.tell(last, two_bowls(last), np.full((3, 2), 0.01))
+        resumed = pickle.loads(pickle.dumps(s))  # a resumed run: no worker result for its round
+        from_worker = s.ask()
+        in_process = resumed.ask()
+        assert np.array_equal(from_worker, in_process)
+    finally:
+        proposals.shutdown()
+    assert proposals._pool is None
+
+
+def test_a_failed_worker_round_is_computed_in_process(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evomerge.search import proposals
+
+    def broken(strategy, spec):
+        raise RuntimeError("worker died")
+
+    monkeypatch.setattr(proposals, "_compute", broken)
+    monkeypatch.setattr(proposals, "_get_pool", lambda: ThreadPoolExecutor(1))
+    monkeypatch.setattr(proposals, "_broken", False)
+    s, last = _told_strategy()
+    s.tell(last, two_bowls(last), np.full((3, 2), 0.01))
+    expected, _ = s.compute_round(s.next_round)
+    assert np.array_equal(s.ask(), expected)
+    assert proposals._broken  # and later rounds are not sent to it again
+
+
+@pytest.mark.parametrize(("threads", "on_cpu", "overlap", "expected"), [(2, True, True, 1), (16, True, True, 15), (1, True, True, None),
+                                                                         (2, False, True, None), (2, True, False, None)])
+def test_scoring_leaves_the_worker_one_core_only_when_both_use_the_cpu(threads, on_cpu, overlap, expected):
+    from evomerge.search.proposals import scoring_threads
+
+    assert scoring_threads(threads, on_cpu, overlap) == expected
+
+
 # ---------------------------------------------------------------- MAP
 
 

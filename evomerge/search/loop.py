@@ -414,7 +414,14 @@ class SearchLoop:
         """``evaluate``: an executor, or a plain evaluate callable (run in process). Each
         generation is asked whole, dispatched at once and told back when complete; with an
         executor in ``async`` mode see ``_run_async``."""
-        executor = as_executor(evaluate)
+        from evomerge.search import proposals
+
+        try:
+            return self._run(as_executor(evaluate), on_generation)
+        finally:
+            proposals.shutdown()  # a model round computed ahead for a batch that will not come
+
+    def _run(self, executor: Any, on_generation: Callable[["SearchLoop"], None] | None) -> LoopState:
         started = time.time()
         evals_at_start = self.evaluated
         strategy = self.state.strategy
