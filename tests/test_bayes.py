@@ -199,6 +199,43 @@ def test_the_worker_proposes_exactly_what_the_process_would():
     assert proposals._pool is None
 
 
+def test_the_worker_stops_when_its_driver_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time\n"
+        "from evomerge.search import proposals\n"
+        "proposals.warm_up(); proposals._warming.result()\n"
+        "print(*proposals._pool._processes, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(driver.stdout.readline())
+    os.kill(driver.pid, signal.SIGKILL)  # no atexit, no shutdown: as a killed run
+    driver.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.2)
+    assert not _alive(worker), "the proposal worker outlived its killed driver"
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+    except OSError:
+        os.kill(pid, 0)
+        return True
+
+
 def test_a_failed_worker_round_is_computed_in_process(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 

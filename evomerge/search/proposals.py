@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,10 +53,23 @@ def _compute(strategy: Any, spec: NextRound) -> tuple[np.ndarray, float]:
     return strategy.compute_round(spec)
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(1)
+    # a driver killed outright (SIGKILL, OOM) cannot stop its worker: the worker stops itself
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    import os
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(0)
 
 
 def _get_pool() -> ProcessPoolExecutor | None:
@@ -63,7 +77,8 @@ def _get_pool() -> ProcessPoolExecutor | None:
     if _pool is None and not _broken:
         try:
             # spawn, not fork: the driver may hold torch threads (fork would copy their locks)
-            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_init, initargs=(os.getpid(),))
         except Exception as exc:  # noqa: BLE001 -- e.g. a daemonic process may not have children
             log.info("proposals in process: no worker (%s)", exc)
             _broken = True
