@@ -293,12 +293,15 @@ def test_map_proposes_points_on_the_surrogate_front():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["bo", "map"])
+@pytest.mark.parametrize("algorithm", ["bo", "bo_overlap", "map"])
 def test_model_based_search_resumes_exactly_after_a_kill(test_zoo, tmp_path, algorithm):
     from tests.test_cli import _search_keys, cli, kill_mid_run, pool_args
 
+    # bo_overlap: the next round proposed in the worker while a batch is scored, killed mid-round
+    overlap = ["algorithm.overlap=true"] if algorithm == "bo_overlap" else []
+    algorithm = algorithm.removesuffix("_overlap")
     args = [
-        *pool_args(test_zoo), f"algorithm={algorithm}", "genome=blocks_ta", "genome.n_blocks=2", "algorithm.pop_size=4",
+        *pool_args(test_zoo), f"algorithm={algorithm}", *overlap, "genome=blocks_ta", "genome.n_blocks=2", "algorithm.pop_size=4",
         "search.max_evals=16", "fitness.test_rescore=false", "report.plots=false", "report.html=false",
     ]
     args += ["algorithm.n_init=4", "algorithm.raw_samples=32", "algorithm.num_restarts=1"] if algorithm == "bo" else ["algorithm.nsga_pop=20", "algorithm.nsga_gen=20"]
