@@ -186,7 +186,11 @@ def search_label(target: Path) -> str:
     warm = "warm start" if OmegaConf.select(cfg, "search.seed_with_references") else "no warm start"
     final = OmegaConf.select(cfg, "fitness.final_front") or "search_scores"
     population = f"pop {pop}" if pop is not None else "its default population"
-    return f"{algo} ({population}) over {methods}, {layout}, {warm}, final front: {final}"
+    # bo's round timing (issue 36): rounds proposed while the previous batch is scored, L-BFGS tolerance
+    rounds = ", overlapped rounds" if OmegaConf.select(cfg, "algorithm.overlap") is True else ""
+    ftol = OmegaConf.select(cfg, "algorithm.ftol")
+    rounds += f", ftol {ftol:g}" if isinstance(ftol, (int, float)) and ftol > 0 else ""
+    return f"{algo} ({population}{rounds}) over {methods}, {layout}, {warm}, final front: {final}"
 
 
 def measure(target: Path) -> dict[str, Any]:
