@@ -375,13 +375,11 @@ def write_report(results: dict, out: Path) -> None:
                 lines.append(f"| {search} | " + " | ".join(_diff_cell(paired_differences(default.get(str(b), []), by_search[search].get(str(b), []))) for b in budgets) + " |")
             lines.append("")
         if any(r.get("search_test_hv") is not None for s in by_search.values() for rows in s.values() for r in rows):
-            lines += [
-                "Winner's curse: the val-test gap (val HV minus test HV, mean over seeds) of the final front and of the front of the search's own",
-                "scores, and the final front's paired gain in test HV over the search-score front (the same runs).",
-                "",
-                "| search | " + " | ".join(f"budget {b}: gap final / search front | budget {b}: test HV final minus search front" for b in budgets) + " |",
-                "|---|" + "---|---|" * len(budgets),
-            ]
+            lines += table_head(
+                ["Winner's curse: the val-test gap (val HV minus test HV, mean over seeds) of the final front and of the front of the search's own",
+                 "scores, and the final front's paired gain in test HV over the search-score front (the same runs)."],
+                [c for b in budgets for c in (f"budget {b}: gap final / search front", f"budget {b}: test HV final minus search front")],
+            )
 
             def curse(rows: list[dict]) -> list[str]:
                 gap = np.mean([r["val_hv"] - r["test_hv"] for r in rows])
@@ -396,19 +394,22 @@ def write_report(results: dict, out: Path) -> None:
     _plot(results, out / "results.png")
 
 
+def table_head(caption: list[str], columns: list[str]) -> list[str]:
+    """A caption, a blank line and the header of a per-search table with ``columns``."""
+    return [*caption, "", "| search | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+
+
 def search_cost_table(by_search: dict, budgets: list[int]) -> list[str]:
     """The search's own cost per search and budget (rows with ``time_s``): seconds the loop
     waited for proposals per round, a candidate's seconds (merge + evaluation), and the wait's
     share of the search time (mean over seeds; the runs' own threads, see PROTOCOL.md)."""
     if not any(r.get("time_s") for s in by_search.values() for rows in s.values() for r in rows):
         return []
-    lines = [
-        "The search's own cost: proposal wait per round (seconds the loop waited for the next round's candidates) / seconds per candidate",
-        "(merge + evaluation) / the wait's share of the search time; mean over seeds.",
-        "",
-        "| search | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
-    ]
+    lines = table_head(
+        ["The search's own cost: proposal wait per round (seconds the loop waited for the next round's candidates) / seconds per candidate",
+         "(merge + evaluation) / the wait's share of the search time; mean over seeds."],
+        [f"budget {b}" for b in budgets],
+    )
 
     def cost(rows: list[dict]) -> list[str]:
         per_round = np.mean([r["time_s"]["proposal_wait_s"] / max(1.0, r["evals"] / (r.get("pop_size") or 1)) for r in rows])
