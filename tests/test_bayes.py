@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.search.bayes import BayesStrategy, noise_variances
+from evomerge.search.bayes import BayesStrategy, baseline_fraction, noise_variances
 from evomerge.search.blocks import adaptive_blocks, brute_force_segments, layer_features, segment_layers, total_cost
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.surrogate import QuadraticSurrogateStrategy, fit_ridge, quadratic_features
@@ -153,6 +153,51 @@ def test_bo_steady_state_keeps_running_candidates_pending():
     assert not np.allclose(a, b)
     s.tell_one(a, two_bowls(a[None])[0])
     assert len(s.pending) == 1 and len(s.X) == 3
+
+
+@pytest.mark.parametrize("n_told", [1, 7, 63, 64, 65, 100, 144, 333, 480, 1999])
+def test_baseline_fraction_keeps_exactly_the_cap_as_botorch_counts_it(n_told):
+    import math
+
+    kept = math.ceil(baseline_fraction(n_told, 64) * n_told)  # BoTorch keeps ceil(max_frac * n)
+    assert kept == min(n_told, 64)
+    assert baseline_fraction(n_told, None) == 1.0
+
+
+def _noisy_strategy(max_baseline: int | None) -> BayesStrategy:
+    """Past its design, told 30 noisy points of a flat problem: most are non-dominated in some sample."""
+    s = BayesStrategy(pop_size=2, n_init=0, raw_samples=32, num_restarts=1, max_baseline=max_baseline)
+    s.setup(2, 2, 60, seed=3)
+    rng = np.random.default_rng(3)
+    X = rng.random((30, 2))
+    s.tell(X, 0.5 + 0.05 * rng.standard_normal((30, 2)), np.full((30, 2), 0.05))
+    return s
+
+
+def test_bo_baseline_cap_bounds_the_noisy_front_and_is_a_no_op_above_the_points_told(monkeypatch):
+    import botorch.acquisition.multi_objective.utils as botorch_utils
+
+    sizes: list[int] = []
+    prune = botorch_utils.prune_inferior_points_multi_objective
+
+    def recording(*args, **kwargs):
+        kept = prune(*args, **kwargs)
+        sizes.append(len(kept))
+        return kept
+
+    monkeypatch.setattr(botorch_utils, "prune_inferior_points_multi_objective", recording)
+    uncapped = _noisy_strategy(None).ask()
+    loose = _noisy_strategy(30).ask()  # a cap at the points told changes nothing
+    capped = _noisy_strategy(5).ask()
+    assert sizes[0] > 5 and sizes[1] == sizes[0] and sizes[2] == 5
+    assert np.array_equal(uncapped, loose)
+    assert capped.shape == (2, 2) and np.all((capped >= 0) & (capped <= 1))
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_bo_refuses_a_baseline_cap_below_one(value):
+    with pytest.raises(ConfigError, match="max_baseline"):
+        BayesStrategy(max_baseline=value)
 
 
 # ---------------------------------------------------------------- overlapped rounds (evomerge/search/proposals.py)

@@ -56,6 +56,16 @@ def noise_variances(S: np.ndarray) -> np.ndarray | None:
 PRUNE_SAMPLES = 256
 
 
+def baseline_fraction(n_told: int, max_baseline: int | None) -> float:
+    """BoTorch's ``max_frac`` that keeps at most ``max_baseline`` of ``n_told`` points (it keeps
+    ``ceil(max_frac * n)``; the half keeps float rounding from adding one); 1 = every point.
+    On noisy scores most told points are non-dominated in some posterior sample, so without a
+    cap the noisy-front integral, and a round's cost, grows with the budget."""
+    if max_baseline is None or n_told <= max_baseline:
+        return 1.0
+    return (max_baseline - 0.5) / n_told
+
+
 class BayesStrategy(DesignThenModel):
     name = "bo"
     supports_async = True
@@ -74,6 +84,7 @@ class BayesStrategy(DesignThenModel):
         partitioning_alpha: float | None = None,
         overlap: bool = False,
         ftol: float = 0.0,
+        max_baseline: int | None = None,
     ):
         if acquisition not in ACQUISITIONS:
             raise ConfigError(f"algorithm.acquisition must be one of {', '.join(ACQUISITIONS)}, got {acquisition!r}")
@@ -94,6 +105,9 @@ class BayesStrategy(DesignThenModel):
         if not 0.0 <= float(ftol) < 1.0:
             raise ConfigError(f"algorithm.ftol must be in [0, 1), got {ftol}")
         self.ftol = float(ftol)
+        if max_baseline is not None and int(max_baseline) < 1:
+            raise ConfigError(f"algorithm.max_baseline must be at least 1 or null, got {max_baseline}")
+        self.max_baseline = None if max_baseline is None else int(max_baseline)
 
     def setup(self, n_var: int, n_obj: int, max_evals: int, seed: int, initial: np.ndarray | None = None) -> None:
         self._start(n_var, n_obj, seed, initial, self.n_init)
@@ -265,6 +279,7 @@ class BayesStrategy(DesignThenModel):
         # 2048: its pairwise dominance check is a third of a second at 100 points otherwise
         baseline = prune_inferior_points_multi_objective(
             model, torch.as_tensor(X_told, dtype=torch.double), self._ref(), num_samples=PRUNE_SAMPLES,
+            max_frac=baseline_fraction(len(X_told), getattr(self, "max_baseline", None)),
         )
         acq = qLogNoisyExpectedHypervolumeImprovement(
             model=model, ref_point=self._ref(), X_baseline=baseline,
@@ -339,6 +354,7 @@ class _torch_seed:
 
 def bo(space=None, pop_size: int = 8, n_init: int = 8, acquisition: str = "qlognehvi", ref_point=None,
        num_restarts: int = 2, raw_samples: int = 128, mc_samples: int = 32, maxiter: int = 50,
-       partitioning_alpha: float | None = None, overlap: bool = False, ftol: float = 0.0) -> Strategy:
+       partitioning_alpha: float | None = None, overlap: bool = False, ftol: float = 0.0, max_baseline: int | None = None) -> Strategy:
     """Hydra target of ``configs/algorithm/bo.yaml``."""
-    return BayesStrategy(space, pop_size, n_init, acquisition, ref_point, num_restarts, raw_samples, mc_samples, maxiter, partitioning_alpha, overlap, ftol)
+    return BayesStrategy(space, pop_size, n_init, acquisition, ref_point, num_restarts, raw_samples, mc_samples, maxiter, partitioning_alpha,
+                         overlap, ftol, max_baseline)

@@ -80,6 +80,9 @@ LEVERS: dict[str, list[str]] = {
     # scored, with L-BFGS stopped at 1e-6; and the tolerance alone. Both lost at toy 48: options
     "bo_overlap": ["algorithm.overlap=true", "algorithm.ftol=1e-6"],
     "ftol_only": ["algorithm.overlap=false", "algorithm.ftol=1e-6"],
+    # issues 34/36 (PROTOCOL.md, 2026-12-07): the noisy-front integral keeps at most 64 told points,
+    # so a round's cost stops growing with the budget's front-relevant points
+    "bo_capped": ["algorithm.max_baseline=64"],
 }
 SETTINGS: dict[str, dict[str, Any]] = {
     # the stretch objective only on the test re-score (PROTOCOL.md 2026-12-07: a cost cut, no measure changes)
@@ -100,7 +103,7 @@ SEEDS = [0, 1, 2, 3, 4]
 # continues a copy of the finished smaller-budget run (``resume=`` with a larger
 # ``search.max_evals``) instead of repeating its evaluations. Checked on the toy zoo: the
 # fresh budget-48 archives of both are exact prefixes of the fresh budget-144 ones.
-EXTENDABLE = {"default", "bo_overlap", "ftol_only", "nsga3_k3", "random", "default_mf", "modelwise_nsga", "bo", "bo_blocks", "map", "nsga2", "sakana_cmaes", "mergenetic_nsga2", "sobol_ta"}
+EXTENDABLE = {"default", "bo_overlap", "ftol_only", "bo_capped", "bo_uncapped", "nsga3_k3", "random", "default_mf", "modelwise_nsga", "bo", "bo_blocks", "map", "nsga2", "sakana_cmaes", "mergenetic_nsga2", "sobol_ta"}
 # the searches each setting runs by default (the 2026-12 protocol: random and ties_default
 # are left out on smollm2 to buy the five seeds; see PROTOCOL.md). Since 2026-12-05 the
 # default search of toy and smollm2 is bo_blocks's configuration, and nsga2 the former default;
@@ -190,6 +193,8 @@ def search_label(target: Path) -> str:
     rounds = ", overlapped rounds" if OmegaConf.select(cfg, "algorithm.overlap") is True else ""
     ftol = OmegaConf.select(cfg, "algorithm.ftol")
     rounds += f", ftol {ftol:g}" if isinstance(ftol, (int, float)) and ftol > 0 else ""
+    cap = OmegaConf.select(cfg, "algorithm.max_baseline")
+    rounds += f", baseline <= {cap}" if isinstance(cap, int) else ""
     return f"{algo} ({population}{rounds}) over {methods}, {layout}, {warm}, final front: {final}"
 
 
