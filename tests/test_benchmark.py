@@ -116,3 +116,24 @@ def test_report_drops_rows_of_a_search_rerun_under_its_name_and_keeps_others(tmp
     got = bench.collect(tmp_path, ["smollm2"], ["default", "random"], {"smollm2": [24, 48]}, [0, 1], earlier)
     assert got["smollm2"]["default"] == {"24": [{"seed": 0}]}  # 24: no directory here, kept; 48: dropped
     assert got["smollm2"]["random"] == {"48": [{"seed": 1}]}
+
+
+def test_extension_continues_the_largest_finished_smaller_budget(tmp_path):
+    """``--budgets 480`` alone must still continue a finished 144 run (it used to start from
+    scratch: the same archive, 144 evaluations more); unfinished runs are not continued."""
+    bench = load_script()
+
+    def finished(budget: int) -> None:
+        folder = bench.run_dir(tmp_path, "toy", "default", budget, 0)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text("{}")
+
+    assert bench.extension_base(tmp_path, "toy", "default", 480, 0, {48, 144, 480}) is None
+    finished(48)
+    assert bench.extension_base(tmp_path, "toy", "default", 480, 0, {48, 144, 480}) == bench.run_dir(tmp_path, "toy", "default", 48, 0)
+    bench.run_dir(tmp_path, "toy", "default", 144, 0).mkdir(parents=True)  # started, not finished
+    assert bench.extension_base(tmp_path, "toy", "default", 480, 0, {48, 144, 480}) == bench.run_dir(tmp_path, "toy", "default", 48, 0)
+    finished(144)
+    assert bench.extension_base(tmp_path, "toy", "default", 480, 0, {48, 144, 480}) == bench.run_dir(tmp_path, "toy", "default", 144, 0)
+    assert bench.extension_base(tmp_path, "toy", "default", 144, 0, {48, 144, 480}) == bench.run_dir(tmp_path, "toy", "default", 48, 0)
+    assert bench.extension_base(tmp_path, "toy", "default", 48, 0, {48, 144, 480}) is None

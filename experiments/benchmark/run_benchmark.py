@@ -123,6 +123,16 @@ def run_dir(root: Path, setting: str, search: str, budget: int, seed: int) -> Pa
     return root / setting / search / str(budget) / f"seed-{seed}"
 
 
+def extension_base(root: Path, setting: str, search: str, budget: int, seed: int, budgets: set[int]) -> Path | None:
+    """The run an anytime search at ``budget`` continues: the finished run of the largest smaller
+    budget (runs of this invocation's smaller budgets are made first; ``--budgets 480`` alone
+    still extends a finished 144 run); None when there is none (the run starts from scratch)."""
+    for smaller in sorted((b for b in budgets if b < budget), reverse=True):
+        if (run_dir(root, setting, search, smaller, seed) / "summary.json").is_file():
+            return run_dir(root, setting, search, smaller, seed)
+    return None
+
+
 def run_one(root: Path, setting: str, search: str, budget: int, seed: int, extra: list[str], smaller: Path | None = None) -> Path:
     """Run (or resume, or skip when finished) one search; returns its run directory.
     ``smaller``: a finished run of the same anytime search at a smaller budget to extend."""
@@ -508,8 +518,9 @@ def main(argv: list[str] | None = None) -> None:
                         if not explicit and search not in DEFAULT_SEARCHES[setting]:
                             continue
                         smaller = None
-                        if search in EXTENDABLE and i > 0 and not args.no_extend:
-                            smaller = run_dir(args.root, setting, search, budgets[setting][i - 1], seed)
+                        if search in EXTENDABLE and not args.no_extend:
+                            known = {*SETTINGS[setting]["budgets"], *budgets[setting][:i]}
+                            smaller = extension_base(args.root, setting, search, budget, seed, known)
                         run_one(args.root, setting, search, budget, seed, args.override, smaller)
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
