@@ -338,13 +338,14 @@ def test_map_proposes_points_on_the_surrogate_front():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["bo", "bo_overlap", "map"])
+@pytest.mark.parametrize("algorithm", ["bo", "bo_overlap", "bo_ehvi", "map"])
 def test_model_based_search_resumes_exactly_after_a_kill(test_zoo, tmp_path, algorithm):
     from tests.test_cli import _search_keys, cli, kill_mid_run, pool_args
 
-    # bo_overlap: the next round proposed in the worker while a batch is scored, killed mid-round
-    overlap = ["algorithm.overlap=true"] if algorithm == "bo_overlap" else []
-    algorithm = algorithm.removesuffix("_overlap")
+    # bo_overlap: the next round proposed in the worker while a batch is scored, killed mid-round;
+    # bo_ehvi: analytic EHVI, whose memoised hyperparameter fits a resumed process recomputes
+    overlap = {"bo_overlap": ["algorithm.overlap=true"], "bo_ehvi": ["algorithm.acquisition=ehvi"]}.get(algorithm, [])
+    algorithm = algorithm.removesuffix("_overlap").removesuffix("_ehvi")
     args = [
         *pool_args(test_zoo), f"algorithm={algorithm}", *overlap, "genome=blocks_ta", "genome.n_blocks=2", "algorithm.pop_size=4",
         "search.max_evals=16", "fitness.test_rescore=false", "report.plots=false", "report.html=false",

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError
-from evomerge.search import proposals
+from evomerge.search import ehvi, proposals
 from evomerge.search.algorithms import Strategy
 from evomerge.search.design import DesignThenModel, require_continuous, sobol_design
 from evomerge.search.proposals import NextRound
 
-ACQUISITIONS = ("qlognehvi", "qlognparego")
+ACQUISITIONS = ("qlognehvi", "qlognparego", "ehvi")
 NOISE_FLOOR = 1e-6  # variance: a score with SE 0 (every item agrees) is still not exact
 
 
@@ -215,9 +215,11 @@ class BayesStrategy(DesignThenModel):
         if len(np.unique(np.round(X, 9), axis=0)) < 2:
             return sobol_design(q, self.n_var, round_seed)
         with _torch_seed(round_seed), _one_thread(), _quiet_numerics():
+            X_pending = None if pending is None or not len(pending) else torch.as_tensor(np.asarray(pending), dtype=torch.double)
+            if self.acquisition == "ehvi":
+                return np.clip(self._ehvi(q, X, F, S, X_pending, round_seed).numpy().astype(float), 0.0, 1.0)
             model = self._fit(X, F, S)
             bounds = torch.stack([torch.zeros(self.n_var, dtype=torch.double), torch.ones(self.n_var, dtype=torch.double)])
-            X_pending = None if pending is None or not len(pending) else torch.as_tensor(np.asarray(pending), dtype=torch.double)
             if self.acquisition == "qlognehvi":
                 candidates = self._nehvi(model, bounds, q, X_pending, X)
             else:
@@ -286,6 +288,29 @@ class BayesStrategy(DesignThenModel):
             sampler=self._sampler(), prune_baseline=False, X_pending=X_pending, alpha=self._alpha(),
         )
         return self._optimize(acq, bounds, q)
+
+    def _ehvi(self, q: int, X: np.ndarray, F: np.ndarray, S: np.ndarray, X_pending, round_seed: int):
+        """Analytic EHVI on the lean posterior (``evomerge/search/ehvi.py``): hyperparameters
+        fitted on the ladder's first points (seeded by their number: a pure function of the
+        data, whichever round fits them first), the posterior conditioned on every told point."""
+        import torch
+
+        n_fit = ehvi.fit_size(len(X))
+
+        def fit(Xf, Ff, Sf):
+            with _torch_seed(n_fit):
+                return self._fit(Xf, Ff, Sf)
+
+        model = ehvi.fitted_model(fit, X[:n_fit], F[:n_fit], S[:n_fit])
+        Y = torch.as_tensor(1.0 - F, dtype=torch.double)
+        var = [noise_variances(S[:, j]) for j in range(self.n_obj)]
+        if any(v is None for v in var):  # noise inferred by the fit (one level per objective)
+            level = model.likelihood.noise.detach().reshape(self.n_obj, -1)[:, 0] * model.outcome_transform.stdvs.reshape(-1) ** 2
+            noise = level.expand(len(X), self.n_obj).clone()
+        else:
+            noise = torch.as_tensor(np.stack(var, axis=1), dtype=torch.double)
+        with torch.no_grad():
+            return ehvi.propose(model, torch.as_tensor(X, dtype=torch.double), Y, noise, q, self._ref(), round_seed, X_pending, self._alpha())
 
     def _parego(self, model, bounds, q: int, X_pending, X_told: np.ndarray):
         import torch
