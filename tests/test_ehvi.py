@@ -46,8 +46,12 @@ def test_a_believed_point_has_no_variance_left_and_keeps_its_mean():
 
 @pytest.mark.parametrize("m", [2, 3])
 def test_ehvi_equals_botorchs_analytic_ehvi(m):
-    from botorch.acquisition.multi_objective.analytic import ExpectedHypervolumeImprovement
-    from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
+    from botorch.acquisition.multi_objective.analytic import (
+        ExpectedHypervolumeImprovement,
+    )
+    from botorch.utils.multi_objective.box_decompositions.non_dominated import (
+        FastNondominatedPartitioning,
+    )
     from botorch.utils.multi_objective.pareto import is_non_dominated
 
     _, model, X, F, S = _fitted(m=m)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -93,7 +94,7 @@ class LeanPosterior:
     alpha: Any  # m x n x 1
 
     @classmethod
-    def build(cls, model: Any, X: Any, Y: Any, noise: Any) -> "LeanPosterior":
+    def build(cls, model: Any, X: Any, Y: Any, noise: Any) -> LeanPosterior:
         """``model``'s hyperparameters, conditioned on scores ``Y`` (n x m, score space) with
         observation variances ``noise`` (n x m, score space)."""
         tf = model.outcome_transform
@@ -124,7 +125,7 @@ class LeanPosterior:
         var = (prior - (v * v).sum(-2)).clamp_min(0.0)
         return (mean * self.y_std.reshape(-1, 1) + self.y_mean.reshape(-1, 1)).T, (var * self.y_std.reshape(-1, 1) ** 2).T
 
-    def believe(self, x: Any, y: Any) -> "LeanPosterior":
+    def believe(self, x: Any, y: Any) -> LeanPosterior:
         """The posterior with ``x`` (k x d) observed at ``y`` (k x m) without noise (a fantasy)."""
         import torch
 
@@ -167,7 +168,10 @@ def expected_improvement_volume(mu: Any, sigma: Any, lower: Any, upper: Any) -> 
 def improvement_cells(front: Any, ref: Any, alpha: float = 0.0) -> tuple[Any, Any]:
     """Lower and upper bounds of the boxes partitioning what ``front`` (maximised) leaves
     undominated above ``ref`` (BoTorch's box decompositions: exact, or approximate at ``alpha``)."""
-    from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning, NondominatedPartitioning
+    from botorch.utils.multi_objective.box_decompositions.non_dominated import (
+        FastNondominatedPartitioning,
+        NondominatedPartitioning,
+    )
 
     if alpha > 0:
         part = NondominatedPartitioning(ref_point=ref, Y=front, alpha=alpha)
@@ -196,11 +200,15 @@ def maximise(score, n_var: int, seed: int) -> Any:
     return pool[int(torch.argmax(values))].unsqueeze(0)
 
 
+def _ehvi_at(posterior: LeanPosterior, lower: Any, upper: Any, points: Any) -> Any:
+    mean, var = posterior.predict(points)
+    return expected_improvement_volume(mean, var.sqrt(), lower, upper)
+
+
 def propose(model: Any, X: Any, Y: Any, noise: Any, q: int, ref: Any, seed: int, pending: Any = None, alpha: float = 0.0) -> Any:
     """``q`` points (q x d), greedy under the kriging believer, from the posterior of ``model``'s
     hyperparameters conditioned on told scores ``Y`` (n x m) with variances ``noise``."""
     import torch
-
     from botorch.utils.multi_objective.pareto import is_non_dominated
 
     posterior = LeanPosterior.build(model, X, Y, noise)
@@ -214,12 +222,7 @@ def propose(model: Any, X: Any, Y: Any, noise: Any, q: int, ref: Any, seed: int,
     for k in range(q):
         front = front[is_non_dominated(front)]
         lower, upper = improvement_cells(front, ref, alpha)
-
-        def score(points):
-            mean, var = posterior.predict(points)
-            return expected_improvement_volume(mean, var.sqrt(), lower, upper)
-
-        x = maximise(score, X.shape[-1], seed * 31 + k)
+        x = maximise(partial(_ehvi_at, posterior, lower, upper), X.shape[-1], seed * 31 + k)
         chosen.append(x)
         if k < q - 1:
             mean, _ = posterior.predict(x)

@@ -11,7 +11,7 @@ known standard error, as a fitness with 40-item subsets would give.
 ``--replay RUN_DIR`` instead times one ``bo`` round on a finished run's own data (its checkpoint's
 told points, scores and standard errors) at the first N of them, as configured and with the
 noisy-front baseline capped (``--caps``), side by side in one process: what a round costs as a
-run's budget grows, and what ``algorithm.max_baseline`` saves.
+run's budget grows, and what ``algorithm.max_baseline`` saves; ``--ehvi`` adds ``acquisition=ehvi``.
 
     python experiments/benchmark/proposal_time.py --replay runs/benchmark/toy/default/480/seed-0 --points 64 144 300 480
 """
@@ -75,24 +75,38 @@ def told_data(run_dir: Path) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     return strategy, strategy.X, strategy.F, strategy.S
 
 
-def replay(run_dir: Path, points: list[int], caps: list[int | None], reps: int) -> None:
-    """One round of q candidates at each size, per cap, interleaved; prints the ratio to uncapped."""
+def replay(run_dir: Path, points: list[int], caps: list[int | None], reps: int, ehvi: bool = False) -> None:
+    """One round of q candidates at each size, per cap (and with ``acquisition=ehvi``), interleaved;
+    prints the ratio to the first cap. An ehvi round's median is a round between refits (its
+    hyperparameter fit is memoised after the first repetition); its max includes the fit."""
+    from evomerge.search import ehvi as ehvi_module
+
     strategy, X, F, S = told_data(run_dir)
     strategy._proposal(strategy.pop_size, X[:16], F[:16], S[:16], None, 0)  # noqa: SLF001 -- imports and first-call costs, untimed
+    configured = strategy.acquisition
+    variants = [str(cap) for cap in caps] + (["ehvi"] if ehvi else [])
     for n in points:
         if n > len(X):
             print(json.dumps({"points": n, "skipped": f"the run told {len(X)} points"}))
             continue
-        times: dict[str, list[float]] = {str(cap): [] for cap in caps}
+        ehvi_module._FITS.clear()  # noqa: SLF001 -- the first ehvi repetition fits, as a round at a ladder step does
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for rep in range(reps):
-            for cap in caps:  # interleaved: a busy machine slows every variant alike
-                strategy.max_baseline = cap
+            for variant in variants:  # interleaved: a busy machine slows every variant alike
+                if variant == "ehvi":
+                    strategy.acquisition = "ehvi"
+                else:
+                    strategy.acquisition, strategy.max_baseline = configured, None if variant == "None" else int(variant)
                 started = time.perf_counter()
                 strategy._proposal(strategy.pop_size, X[:n], F[:n], S[:n], None, 1_000 + rep)  # noqa: SLF001
-                times[str(cap)].append(time.perf_counter() - started)
-        base = statistics.median(times[str(caps[0])])
-        print(json.dumps({"points": n, "q": strategy.pop_size, **{f"max_baseline={cap}": round(statistics.median(times[str(cap)]), 2) for cap in caps},
-                          **{f"ratio {caps[0]}/{cap}": round(base / statistics.median(times[str(cap)]), 2) for cap in caps[1:]}}), flush=True)
+                times[variant].append(time.perf_counter() - started)
+        base = statistics.median(times[variants[0]])
+        row: dict[str, Any] = {"points": n, "q": strategy.pop_size}
+        row.update({f"max_baseline={v}": round(statistics.median(times[v]), 2) for v in variants if v != "ehvi"})
+        if ehvi:
+            row.update({"ehvi": round(statistics.median(times["ehvi"]), 3), "ehvi with its fit": round(max(times["ehvi"]), 2)})
+        row.update({f"ratio {variants[0]}/{v}": round(base / statistics.median(times[v]), 2) for v in variants[1:]})
+        print(json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -102,13 +116,15 @@ def main() -> None:
     ap.add_argument("--points", type=int, nargs="+", default=[64, 144, 300, 480])
     ap.add_argument("--caps", type=lambda v: None if v == "none" else int(v), nargs="+", default=[None, 64],
                     help="max_baseline values to compare (none = every point); the first is the reference")
+    ap.add_argument("--ehvi", action="store_true", help="also time acquisition=ehvi rounds on the same data")
     args = ap.parse_args()
     if args.replay is not None:
-        replay(args.replay, args.points, args.caps, args.reps)
+        replay(args.replay, args.points, args.caps, args.reps, args.ehvi)
         return
     makers = {
         "bo qlognehvi": lambda q: BayesStrategy(pop_size=q, n_init=1),
         "bo qlognparego": lambda q: BayesStrategy(pop_size=q, n_init=1, acquisition="qlognparego"),
+        "bo ehvi": lambda q: BayesStrategy(pop_size=q, n_init=1, acquisition="ehvi"),
         "map": lambda q: QuadraticSurrogateStrategy(pop_size=q),
     }
     for n_var, n_points, q in CASES:
