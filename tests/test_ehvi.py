@@ -145,3 +145,23 @@ def test_ehvi_works_without_standard_errors():
         s.tell(X, two_bowls(X))
     X = s.ask()
     assert X.shape == (2, 2) and np.isfinite(X).all()
+
+
+def test_the_update_spread_vanishes_where_observing_again_cannot_move_the_mean():
+    var = torch.tensor([0.0, 1e-4, 1e-2, 1.0], dtype=torch.double)
+    spread = ehvi.update_spread(var, torch.tensor(0.01, dtype=torch.double))
+    assert spread[0] == 0 and torch.all(spread[1:] < var[1:].sqrt())  # never more than the latent spread
+    assert torch.all(spread[1:] > spread[:-1])  # grows with what is unknown
+    assert torch.allclose(ehvi.update_spread(var, torch.tensor(0.0, dtype=torch.double))[1:], var[1:].sqrt())  # no noise: the latent spread
+
+
+def test_ehvi_update_is_a_pure_round_too_and_differs_from_the_latent_form():
+    s = _ehvi_strategy()
+    s.acquisition = "ehvi_update"
+    clone = pickle.loads(pickle.dumps(s))
+    a = s.ask()
+    ehvi._FITS.clear()
+    assert np.array_equal(a, clone.ask())
+    update = s._proposal(4, s.X, s.F, s.S, None, 5)
+    s.acquisition = "ehvi"
+    assert not np.allclose(update, s._proposal(4, s.X, s.F, s.S, None, 5))  # the flag reaches the round

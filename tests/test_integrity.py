@@ -451,7 +451,7 @@ def cfg_with(**kw):
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": "x"}, "algorithm.n_init must be an integer, got 'x'"),
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": 2.5}, "algorithm.n_init must be an integer, got 2.5"),
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__n_init": -1}, "algorithm.n_init must be at least 0, got -1"),
-        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__acquisition": "ei"}, "algorithm.acquisition must be one of qlognehvi, qlognparego, ehvi, got 'ei'"),
+        ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__acquisition": "ei"}, "algorithm.acquisition must be one of qlognehvi, qlognparego, ehvi, ehvi_update, got 'ei'"),
         ({"algorithm___target_": "evomerge.search.bayes.bo", "algorithm__raw_samples": 0}, "algorithm.raw_samples must be at least 1, got 0"),
         ({"genome__n_blocks": "many"}, "genome.n_blocks must be auto or an integer, got 'many'"),
         ({"genome__n_blocks": 0}, "genome.n_blocks must be between 1 and the model's layer count, got 0"),

@@ -38,7 +38,7 @@ from evomerge.search.algorithms import Strategy
 from evomerge.search.design import DesignThenModel, require_continuous, sobol_design
 from evomerge.search.proposals import NextRound
 
-ACQUISITIONS = ("qlognehvi", "qlognparego", "ehvi")
+ACQUISITIONS = ("qlognehvi", "qlognparego", "ehvi", "ehvi_update")
 NOISE_FLOOR = 1e-6  # variance: a score with SE 0 (every item agrees) is still not exact
 
 
@@ -216,7 +216,7 @@ class BayesStrategy(DesignThenModel):
             return sobol_design(q, self.n_var, round_seed)
         with _torch_seed(round_seed), _one_thread(), _quiet_numerics():
             X_pending = None if pending is None or not len(pending) else torch.as_tensor(np.asarray(pending), dtype=torch.double)
-            if self.acquisition == "ehvi":
+            if self.acquisition in ("ehvi", "ehvi_update"):
                 return np.clip(self._ehvi(q, X, F, S, X_pending, round_seed).numpy().astype(float), 0.0, 1.0)
             model = self._fit(X, F, S)
             bounds = torch.stack([torch.zeros(self.n_var, dtype=torch.double), torch.ones(self.n_var, dtype=torch.double)])
@@ -310,7 +310,8 @@ class BayesStrategy(DesignThenModel):
         else:
             noise = torch.as_tensor(np.stack(var, axis=1), dtype=torch.double)
         with torch.no_grad():
-            return ehvi.propose(model, torch.as_tensor(X, dtype=torch.double), Y, noise, q, self._ref(), round_seed, X_pending, self._alpha())
+            return ehvi.propose(model, torch.as_tensor(X, dtype=torch.double), Y, noise, q, self._ref(), round_seed, X_pending, self._alpha(),
+                                mean_update=self.acquisition == "ehvi_update")
 
     def _parego(self, model, bounds, q: int, X_pending, X_told: np.ndarray):
         import torch

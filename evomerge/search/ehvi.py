@@ -200,18 +200,34 @@ def maximise(score, n_var: int, seed: int) -> Any:
     return pool[int(torch.argmax(values))].unsqueeze(0)
 
 
-def _ehvi_at(posterior: LeanPosterior, lower: Any, upper: Any, points: Any) -> Any:
+def update_spread(var: Any, noise: Any) -> Any:
+    """Standard deviation of the change of the posterior mean at a point once it is observed with
+    noise variance ``noise``: var / sqrt(var + noise). Near a point already scored many times it
+    vanishes, where the latent spread sqrt(var) stays at the noise level."""
+    return var / (var + noise).sqrt().clamp_min(1e-12)
+
+
+def _ehvi_at(posterior: LeanPosterior, lower: Any, upper: Any, noise: Any, points: Any) -> Any:
     mean, var = posterior.predict(points)
-    return expected_improvement_volume(mean, var.sqrt(), lower, upper)
+    spread = var.sqrt() if noise is None else update_spread(var, noise)
+    return expected_improvement_volume(mean, spread, lower, upper)
 
 
-def propose(model: Any, X: Any, Y: Any, noise: Any, q: int, ref: Any, seed: int, pending: Any = None, alpha: float = 0.0) -> Any:
+def propose(model: Any, X: Any, Y: Any, noise: Any, q: int, ref: Any, seed: int, pending: Any = None, alpha: float = 0.0,
+            mean_update: bool = False) -> Any:
     """``q`` points (q x d), greedy under the kriging believer, from the posterior of ``model``'s
-    hyperparameters conditioned on told scores ``Y`` (n x m) with variances ``noise``."""
+    hyperparameters conditioned on told scores ``Y`` (n x m) with variances ``noise``.
+
+    ``mean_update``: the gain is the expected improvement of the posterior-mean front by the
+    candidate's mean after observing it with the typical noise (the median told variance per
+    objective), not of its latent score: on noisy scores the latent form keeps re-proposing
+    points of the front, whose latent spread never falls below the noise, and the front then
+    fills with lucky re-samples (the winner's curse)."""
     import torch
     from botorch.utils.multi_objective.pareto import is_non_dominated
 
     posterior = LeanPosterior.build(model, X, Y, noise)
+    typical_noise = noise.median(0).values if mean_update else None
     told_mean, _ = posterior.predict(X)
     front = told_mean
     if pending is not None and len(pending):
@@ -222,7 +238,7 @@ def propose(model: Any, X: Any, Y: Any, noise: Any, q: int, ref: Any, seed: int,
     for k in range(q):
         front = front[is_non_dominated(front)]
         lower, upper = improvement_cells(front, ref, alpha)
-        x = maximise(partial(_ehvi_at, posterior, lower, upper), X.shape[-1], seed * 31 + k)
+        x = maximise(partial(_ehvi_at, posterior, lower, upper, typical_noise), X.shape[-1], seed * 31 + k)
         chosen.append(x)
         if k < q - 1:
             mean, _ = posterior.predict(x)

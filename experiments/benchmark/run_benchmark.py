@@ -86,6 +86,8 @@ LEVERS: dict[str, list[str]] = {
     # issues 34/36 (PROTOCOL.md, 2026-12-07 evening): analytic EHVI on a lean GP posterior, batches by
     # the kriging believer, hyperparameters refitted when the data grew by a quarter
     "bo_ehvi": ["algorithm.acquisition=ehvi"],
+    # the same, the gain measured on the posterior mean's update (noise-aware): PROTOCOL.md, declared after bo_ehvi's check
+    "bo_ehvi_update": ["algorithm.acquisition=ehvi_update"],
 }
 SETTINGS: dict[str, dict[str, Any]] = {
     # the stretch objective only on the test re-score (PROTOCOL.md 2026-12-07: a cost cut, no measure changes)
@@ -106,7 +108,7 @@ SEEDS = [0, 1, 2, 3, 4]
 # continues a copy of the finished smaller-budget run (``resume=`` with a larger
 # ``search.max_evals``) instead of repeating its evaluations. Checked on the toy zoo: the
 # fresh budget-48 archives of both are exact prefixes of the fresh budget-144 ones.
-EXTENDABLE = {"default", "bo_overlap", "ftol_only", "bo_capped", "bo_ehvi", "nsga3_k3", "random", "default_mf", "modelwise_nsga", "bo", "bo_blocks", "map", "nsga2", "sakana_cmaes", "mergenetic_nsga2", "sobol_ta"}
+EXTENDABLE = {"default", "bo_overlap", "ftol_only", "bo_capped", "bo_ehvi", "bo_ehvi_update", "nsga3_k3", "random", "default_mf", "modelwise_nsga", "bo", "bo_blocks", "map", "nsga2", "sakana_cmaes", "mergenetic_nsga2", "sobol_ta"}
 # the searches each setting runs by default (the 2026-12 protocol: random and ties_default
 # are left out on smollm2 to buy the five seeds; see PROTOCOL.md). Since 2026-12-05 the
 # default search of toy and smollm2 is bo_blocks's configuration, and nsga2 the former default;
