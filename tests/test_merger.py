@@ -108,6 +108,18 @@ def test_non_finite_merge_is_reported(tiny_models, tmp_path):
         m.apply(Recipe.uniform("task_arithmetic", {"weight": [1.0]}, m.n_layers))
 
 
+def test_finite_weights_whose_sum_overflows_are_not_reported(tiny_models, tmp_path):
+    """The finite check sums each unit first; a sum that overflows on finite weights must not fail the merge."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["a"]))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, :2] = 3e38  # finite; their float32 sum is inf
+    model.save_pretrained(str(tmp_path / "huge"))
+    m = Merger(ModelPool(tiny_models["base"], {"huge": tmp_path / "huge"}), device="cpu")
+    m.apply(Recipe.uniform("task_arithmetic", {"weight": [1.0]}, m.n_layers))
+    merged = m.model.model.layers[1].mlp.up_proj.weight
+    assert torch.isfinite(merged).all() and merged[0, 0] > 1e38 and merged[0, 1] > 1e38
+
+
 def test_recipe_must_cover_every_unit(merger):
     partial = Recipe(groups=[Group("l", "layers", "ties", {}, layers=(0, 1))])
     with pytest.raises(MergeError, match="recipe has no group for embed"):

@@ -313,7 +313,8 @@ class DeltaGroup:
     def chunks(self, size: int) -> list[tuple[int, int, "DeltaGroup"]]:
         """Views of at most ``size`` elements; magnitude statistics stay per whole tensor."""
         if size not in self._chunk_cache:
-            table = self.magnitudes  # build once on the full group
+            # no magnitude table here: chunks ask the parent for it (``magnitudes``), so it is
+            # built on the first threshold a method needs, never for methods without one
             bounds, start = [], 0
             for n in self.segments:
                 bounds.append((start, start + n))
@@ -328,7 +329,6 @@ class DeltaGroup:
                     segments=tuple(n for n, _ in pieces),
                     seed_offset=self.seed_offset * 1_000_003 + i,
                     table_size=self.table_size,
-                    _table=table,
                     _table_index=tuple(self._index()[j] for _, j in pieces),
                     _parent=self,
                     _span=(a, b),
