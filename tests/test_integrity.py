@@ -29,7 +29,7 @@ from evomerge.rundir import (
     fingerprints,
     load_subset,
 )
-from evomerge.search.algorithms import GridStrategy, nsga2, random_search
+from evomerge.search.algorithms import GridStrategy, cmaes, nsga2, random_search
 from evomerge.search.archive import Archive, ArchiveWriteError, Record, genome_key
 from evomerge.search.genome import GenomeSpace
 from evomerge.search.loop import SearchLoop
@@ -258,16 +258,19 @@ def test_budget_not_a_multiple_of_the_population_stops_at_the_budget(tmp_path, c
     assert counting.calls == 0 and len(Archive(run / "archive.jsonl").search_records()) == 20
 
 
-@pytest.mark.parametrize("make", [lambda: nsga2(pop_size=6), lambda: random_search(pop_size=6)])
-def test_budget_extension_on_resume_matches_a_longer_run(tmp_path, make):
+@pytest.mark.parametrize("make", [lambda: nsga2(pop_size=6), lambda: random_search(pop_size=6), lambda: cmaes(pop_size=6)],
+                         ids=["nsga2", "random", "cmaes"])
+@pytest.mark.parametrize("first", [18, 20], ids=["whole-generations", "cut-generation"])
+def test_budget_extension_on_resume_matches_a_longer_run(tmp_path, make, first):
     longer = tmp_path / "longer"
     loop(longer, max_evals=30, strategy=make()).run(Counting())
+    assert len(Archive(longer / "archive.jsonl").search_records()) == 30
     run = tmp_path / "run"
-    loop(run, max_evals=18, strategy=make()).run(Counting())
-    assert len(Archive(run / "archive.jsonl").search_records()) == 18
+    loop(run, max_evals=first, strategy=make()).run(Counting())
+    assert len(Archive(run / "archive.jsonl").search_records()) == first
     counting = Counting()
     loop(run, max_evals=30, strategy=make()).run(counting)
-    assert counting.calls == 12
+    assert counting.calls == 30 - first
     assert result(run) == result(longer)
 
 

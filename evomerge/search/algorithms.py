@@ -312,10 +312,10 @@ def de(pop_size: int = 16, objective_weights: Sequence[float] | None = None) -> 
 
 
 def cmaes(sigma: float = 1 / 6, pop_size: int | None = None, objective_weights: Sequence[float] | None = None) -> Strategy:
-    from pymoo.algorithms.soo.nonconvex.cmaes import CMAES
+    from evomerge.search.cmaes import ResumableCMAES
 
     def build(n_obj: int, n_var: int):
-        return CMAES(x0=np.full(n_var, 0.5), sigma=sigma, popsize=pop_size, restarts=0)
+        return ResumableCMAES(x0=np.full(n_var, 0.5), sigma=sigma, popsize=pop_size, restarts=0)
 
     return PymooStrategy("cmaes", build, False, objective_weights)
 
