@@ -53,3 +53,23 @@ def test_seed_zero_is_reproducible_and_other_seeds_are_passed_unchanged(monkeypa
     assert strategy.algorithm.options["seed"] == cmaes_module.SEED_FOR_ZERO
     strategy.setup(4, 2, max_evals=100, seed=5)
     assert strategy.algorithm.options["seed"] == 5
+
+
+def test_a_checkpoint_of_the_old_cmaes_is_replayed_from_the_archive(tmp_path, capsys):
+    """A cmaes checkpoint written before the fix (plain pymoo CMAES, state lost) is set aside and
+    the search replayed from the archive: extending it ends like one longer run."""
+    from pymoo.algorithms.soo.nonconvex.cmaes import CMAES
+    from test_integrity import Counting, loop, result
+
+    from evomerge.search.algorithms import PymooStrategy
+
+    old = PymooStrategy("cmaes", lambda n_obj, n_var: CMAES(x0=np.full(n_var, 0.5), sigma=1 / 6, popsize=6, restarts=0), False)
+    run = tmp_path / "run"
+    loop(run, max_evals=19, strategy=old).run(Counting())
+    longer = tmp_path / "longer"
+    loop(longer, max_evals=40, strategy=cmaes(pop_size=6)).run(Counting())
+    capsys.readouterr()
+    loop(run, max_evals=40, strategy=cmaes(pop_size=6)).run(Counting())
+    assert "cannot continue the search (it holds a CMA-ES written before 2026-12-08" in capsys.readouterr().err
+    assert (run / "checkpoint.pkl.stale").exists()
+    assert len(result(longer)) == 40 and result(run) == result(longer)

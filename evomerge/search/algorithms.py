@@ -48,6 +48,11 @@ class Strategy:
     def has_next(self) -> bool:
         raise NotImplementedError
 
+    def lost_state(self) -> str | None:
+        """Why this strategy, unpickled from a checkpoint, cannot continue exactly (the loop
+        then replays the search from the archive), or None."""
+        return None
+
     def ask(self) -> np.ndarray:
         raise NotImplementedError
 
@@ -152,6 +157,11 @@ class PymooStrategy(Strategy):
 
     def has_next(self) -> bool:
         return bool(self.algorithm.has_next())
+
+    def lost_state(self) -> str | None:
+        from evomerge.search.cmaes import lost_state
+
+        return lost_state(self.algorithm)
 
     def ask(self) -> np.ndarray:
         self._pop = self.algorithm.ask()

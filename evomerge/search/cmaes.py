@@ -82,3 +82,11 @@ class ResumableCMAES(CMAES):
             self.next_X = None
         if self.next_X is None:
             self.termination.force_termination = True
+
+
+def lost_state(algorithm: Any) -> str | None:
+    """Why an unpickled pymoo algorithm cannot continue: a plain ``CMAES`` (a checkpoint written
+    before 2026-12-08) lost its CMA-ES state unless its search had already ended."""
+    if type(algorithm) is CMAES and not algorithm.termination.force_termination:
+        return "it holds a CMA-ES written before 2026-12-08, whose state pymoo did not save"
+    return None

@@ -198,6 +198,12 @@ class SearchLoop:
             why = str(exc) if isinstance(exc, ChecksumError) else type(exc).__name__
             _warn(f"{self.checkpoint_path} is damaged ({why}); moved to {aside.name}; replaying the search from the archive (exact, only lost candidates are evaluated)")
             return None
+        lost = getattr(state.strategy, "lost_state", lambda: None)()
+        if lost:
+            aside = self.checkpoint_path.with_name(self.checkpoint_path.name + ".stale")
+            os.replace(self.checkpoint_path, aside)
+            _warn(f"{self.checkpoint_path} cannot continue the search ({lost}); moved to {aside.name}; replaying the search from the archive (only what is missing is evaluated)")
+            return None
         count, digest = getattr(state, "archive_count", None), getattr(state, "archive_digest", None)
         if count is not None and (len(self.archive.records) < count or self.archive.digest(count) != digest):
             _warn(
